@@ -1,0 +1,159 @@
+"""``cqpolicy``: one entry point for every pipeline stage."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+class CliError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def _add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="fmnist-dit",
+                   help="embedded name (fmnist-dit), local diffusers DiT directory or cached hub id")
+    p.add_argument("--policy", default="none", help="reuse policy spec NAME[:key=value,...] (default: none)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--num-samples", type=int, default=64, help="images to generate (default: 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = off (default: the model's, 3.0 for fmnist-dit)")
+    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim",
+                   help="ddim or dpm (DPM-Solver++ multistep); default ddim")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cqpolicy", description="Learn when a diffusion model may skip work.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sample", help="generate images and measure them",
+                       description="Generate images with a (cached) model; write grid.png, samples.npz and "
+                                   "metrics.json to --out and log an MLflow run.")
+    _add_sampling_args(p)
+    p.add_argument("--fid", action="store_true",
+                   help="compute FID (fmnist-dit: shipped classifier features vs the real test set)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local torch-fidelity Inception weights, for --fid on real checkpoints")
+    p.add_argument("--fid-reference", default=None,
+                   help="real images (.npz with uint8 'images' [N,C,H,W]) for --fid on real checkpoints")
+    p.add_argument("--compare", default=None,
+                   help="folder of an earlier run with the same seeds: adds PSNR / SSIM against its samples")
+    p.add_argument("--experiment", default="cqpolicy-sample", help="MLflow experiment name")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def _resolve_device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def _load_npz_images(path: str, key: str = "images"):
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: torch.from_numpy(data[k]) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from exc
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from cqpolicy.evaluation.evaluate import evaluate, save_grid
+    from cqpolicy.evaluation.quality import paired_fidelity
+    from cqpolicy.models import load_model
+    from cqpolicy.outputs import OutputDir
+    from cqpolicy.policies import parse_policy_spec
+    from cqpolicy.sampling import SampleSettings
+
+    policy = parse_policy_spec(args.policy)
+    settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
+                              else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
+    settings.validate()  # fail on bad numbers before loading anything
+    if args.num_samples < 1:
+        raise CliError(f"--num-samples must be at least 1, got {args.num_samples}")
+    compare = None
+    if args.compare:
+        compare = _load_npz_images(f"{args.compare}/samples.npz")
+    fid_reference = _load_npz_images(args.fid_reference)["images"] if args.fid_reference else None
+    out = OutputDir(args.out, overwrite=args.overwrite)  # checks --out before the long part
+    with out:
+        model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
+        if args.guidance_scale is None:
+            settings.guidance_scale = model.default_guidance_scale
+        result = evaluate(model, settings, args.num_samples, args.seed, fid=args.fid,
+                          inception_weights=args.inception_weights, fid_reference=fid_reference)
+        metrics = {"policy": str(policy), **result.metrics}
+        if compare is not None:
+            if compare["seeds"].tolist() != result.seeds:
+                raise CliError(f"--compare {args.compare} used other seeds; paired metrics need the same seeds")
+            metrics.update({f"{k}_vs_compare": v for k, v in
+                            paired_fidelity(result.images, compare["images"]).items()})
+        save_grid(result.images, out.file("grid.png"))
+        np.savez_compressed(out.file("samples.npz"), images=result.images.numpy(),
+                            labels=result.labels.numpy(), seeds=np.asarray(result.seeds))
+        out.file("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        final = out.commit()
+    _log_sample_run(args.experiment, metrics, final)
+    _print_metrics(metrics)
+    print(f"wrote {final}/grid.png, samples.npz, metrics.json")
+    return 0
+
+
+def _log_sample_run(experiment: str, metrics: dict, folder):
+    import mlflow
+
+    from cqpolicy.tracking import start_run
+
+    params = {k: metrics[k] for k in ("model", "policy", "steps", "num_samples", "guidance_scale",
+                                      "scheduler", "seed", "batch_size")}
+    numbers = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and k not in params and math.isfinite(float(v))}
+    with start_run(experiment, run_name=f"sample-{metrics['policy']}"):
+        mlflow.log_params(params)
+        mlflow.log_metrics(numbers)
+        for name in ("grid.png", "metrics.json"):
+            mlflow.log_artifact(str(folder / name))
+
+
+def _print_metrics(metrics: dict):
+    for key in ("class_accuracy", "fid", "psnr_vs_compare", "ssim_vs_compare", "macs_per_image", "wall_s",
+                "time_per_image_s", "peak_memory_bytes"):
+        value = metrics.get(key)
+        if value is not None:
+            print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from cqpolicy.data import DatasetMissingError
+    from cqpolicy.models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelLoadError,
+            DatasetMissingError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"cqpolicy {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

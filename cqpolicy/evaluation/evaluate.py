@@ -1,0 +1,91 @@
+"""Measure one sampling setting: images plus quality and cost metrics (DESIGN.md section 4)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cqpolicy.evaluation.cost import PeakMemory, count_macs, wall_timer
+from cqpolicy.evaluation.quality import images_to_uint8
+from cqpolicy.models.loading import LoadedModel
+from cqpolicy.sampling import SampleSettings, sample
+
+
+def is_fashion_mnist_like(model: LoadedModel) -> bool:
+    """The shipped classifier (accuracy, offline FID) applies to 10-class 1x28x28 pixel models."""
+    return model.vae is None and model.latent_shape == (1, 28, 28) and model.num_classes == 10
+
+
+def default_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(num_samples) % num_classes
+
+
+@dataclass
+class Evaluation:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor
+    seeds: list[int]
+    metrics: dict
+
+
+def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, seed: int,
+             fid: bool = False, count_cost: bool = True, progress: bool = True,
+             inception_weights: str | None = None, fid_reference: torch.Tensor | None = None) -> Evaluation:
+    """Sample ``num_samples`` images (sample i: class i mod classes, seed ``seed + i``) and measure them."""
+    settings.validate()
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
+    fmnist = is_fashion_mnist_like(model)
+    if fid and not fmnist and fid_reference is None:
+        raise ValueError("--fid on this model needs --fid-reference (real images .npz) and Inception weights")
+    labels = default_labels(num_samples, model.num_classes)
+    seeds = [seed + i for i in range(num_samples)]
+
+    with PeakMemory(model.device) as mem, wall_timer(model.device) as wall:
+        images = sample(model, labels, seeds, settings, progress=progress)
+    images_u8 = images_to_uint8(images)
+    metrics = {
+        "model": model.name, "num_samples": num_samples, "steps": settings.steps, "seed": seed,
+        "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
+        "batch_size": settings.batch_size, "wall_s": wall["seconds"],
+        "time_per_image_s": wall["seconds"] / num_samples, "peak_memory_bytes": mem.peak_bytes,
+    }
+    if count_cost:
+        # A second pass over the first batch under the FLOP counter (it slows what it counts).
+        n = min(settings.batch_size, num_samples)
+        macs, _ = count_macs(lambda: sample(model, labels[:n], seeds[:n], settings, progress=False))
+        metrics["macs_per_image"] = macs / n
+        metrics["macs"] = macs / n * num_samples
+    if fmnist:
+        from cqpolicy.evaluation.classifier import load_classifier
+        from cqpolicy.evaluation.quality import ClassifierFID, class_accuracy
+
+        classifier = load_classifier()
+        metrics["class_accuracy"] = class_accuracy(images_u8, labels, classifier)
+        if fid:
+            metrics["fid"] = ClassifierFID()(images_u8)
+            metrics["fid_features"] = "fmnist-classifier (128-d), reference: Fashion-MNIST test set (10k)"
+    else:
+        metrics["class_accuracy"] = None
+    if fid and not fmnist:
+        from cqpolicy.evaluation.quality import inception_metrics
+
+        metrics.update({f"inception_{k}": v for k, v in
+                        inception_metrics(images_u8, fid_reference, inception_weights).items()})
+    return Evaluation(images_u8, labels, seeds, metrics)
+
+
+def save_grid(images_u8: torch.Tensor, path, nrow: int | None = None, scale: int = 3):
+    """A PNG grid of uint8 images, upscaled (nearest) so small images stay readable."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images_u8)))))
+    grid = make_grid(images_u8, nrow=nrow, padding=2, pad_value=255)
+    array = grid.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    image = Image.fromarray(np.ascontiguousarray(array))
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)

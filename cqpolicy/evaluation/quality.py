@@ -1,0 +1,135 @@
+"""Quality metrics: FID against real data, class accuracy, and paired fidelity to a reference run.
+
+* ``ClassifierFID``: torchmetrics' ``FrechetInceptionDistance`` with the shipped Fashion-MNIST classifier
+  as feature extractor; its real statistics are those of the 10k real test images (loaded, not
+  recomputed, and kept across ``reset``).
+* ``paired_fidelity``: PSNR and SSIM (torchmetrics) of images against those of a reference run with the
+  same seeds; good for search, never a substitute for FID.
+* ``inception_metrics``: Inception FID / IS / KID / precision-recall through torch-fidelity, for real
+  checkpoints, from a local Inception weights file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (float64) of ``features`` [N, D]."""
+    features = features.double()
+    return features.mean(0), torch.cov(features.T)
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    from torchmetrics.image.fid import _compute_fid
+
+    return float(_compute_fid(mu1.double(), sigma1.double(), mu2.double(), sigma2.double()))
+
+
+def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model-space images in [-1, 1] -> uint8 [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class ClassifierFID:
+    """FID in the feature space of the shipped Fashion-MNIST classifier, against the real test set."""
+
+    def __init__(self, classifier_dir: str | Path | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        from cqpolicy.evaluation.classifier import SHIPPED_DIR, frozen, load_classifier, load_reference_stats
+
+        directory = classifier_dir or SHIPPED_DIR
+        self.classifier = load_classifier(directory)
+        stats = load_reference_stats(directory)
+        self.metric = FrechetInceptionDistance(feature=frozen(self.classifier), reset_real_features=False)
+        n = int(stats["num_samples"])
+        mean, cov = stats["mean"].double(), stats["cov"].double()
+        # torchmetrics keeps sums; rebuild them from the shipped mean / covariance.
+        self.metric.real_features_sum = mean * n
+        self.metric.real_features_cov_sum = cov * (n - 1) + n * torch.outer(mean, mean)
+        self.metric.real_features_num_samples = torch.tensor(n, dtype=torch.long)
+
+    def __call__(self, images_uint8: torch.Tensor) -> float:
+        self.metric.reset()
+        for i in range(0, len(images_uint8), 500):
+            self.metric.update(images_uint8[i:i + 500], real=False)
+        return float(self.metric.compute())
+
+
+def class_accuracy(images_uint8: torch.Tensor, labels: torch.Tensor, classifier=None) -> float:
+    from cqpolicy.evaluation.classifier import load_classifier
+
+    classifier = classifier or load_classifier()
+    with torch.no_grad():
+        preds = torch.cat([classifier.classify(images_uint8[i:i + 500]).argmax(1)
+                           for i in range(0, len(images_uint8), 500)])
+    return float((preds == labels).float().mean())
+
+
+def paired_fidelity(images_uint8: torch.Tensor, reference_uint8: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM of images against the reference run's images (same seeds, same noise)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    if images_uint8.shape != reference_uint8.shape:
+        raise ValueError(f"paired fidelity needs equal shapes, got {tuple(images_uint8.shape)} "
+                         f"and {tuple(reference_uint8.shape)}")
+    a, b = images_uint8.float() / 255.0, reference_uint8.float() / 255.0
+    if torch.equal(a, b):
+        psnr = float("inf")
+    else:
+        psnr = float(peak_signal_noise_ratio(a, b, data_range=1.0))
+    ssim = float(structural_similarity_index_measure(a, b, data_range=1.0))
+    return {"psnr": psnr, "ssim": ssim}
+
+
+INCEPTION_HINT = ("Inception FID needs local weights: pass --inception-weights FILE "
+                  "(torch-fidelity's pt_inception-2015-12-05 .pth) or put it in $TORCH_HOME/hub/checkpoints/")
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The local Inception weights file for torch-fidelity, or a clear error."""
+    if path:
+        candidate = Path(path)
+        if not candidate.is_file():
+            raise FileNotFoundError(f"Inception weights {candidate} not found; {INCEPTION_HINT}")
+        return candidate
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    found = sorted((torch_home / "hub" / "checkpoints").glob("pt_inception*.pth"))
+    if not found:
+        raise FileNotFoundError(INCEPTION_HINT)
+    return found[0]
+
+
+def inception_metrics(fake_uint8: torch.Tensor, real_uint8: torch.Tensor,
+                      weights_path: str | os.PathLike | None = None) -> dict[str, float]:
+    """Inception FID / IS / KID / precision-recall of uint8 [N, C, H, W] images via torch-fidelity.
+
+    torch-fidelity unpickles the weights file; we first load it with ``weights_only=True`` so a file that
+    holds anything but tensors is refused before it gets there.
+    """
+    import torch_fidelity
+
+    weights = find_inception_weights(weights_path)
+    torch.load(weights, map_location="cpu", weights_only=True)  # refuses pickled code
+
+    class _Images(torch.utils.data.Dataset):
+        def __init__(self, images):
+            self.images = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.images[i]
+
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_Images(fake_uint8), input2=_Images(real_uint8), cuda=torch.cuda.is_available(),
+        isc=True, fid=True, kid=True, prc=True, verbose=False, cache=False,
+        feature_extractor_weights_path=str(weights),
+        kid_subset_size=min(1000, len(fake_uint8), len(real_uint8)),
+    )
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}

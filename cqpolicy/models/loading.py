@@ -1,0 +1,119 @@
+"""Load a DiT-style diffusers model by embedded name, local directory or hub id.
+
+Accepted specs:
+* ``fmnist-dit``: the embedded Fashion-MNIST DiT shipped inside this package;
+* a directory holding a ``DiTPipeline`` (``model_index.json``), or ``transformer/`` (+ ``scheduler/``,
+  optional ``vae/``) folders, or a bare ``DiTTransformer2DModel`` (``config.json``);
+* a hub id such as ``facebook/DiT-XL-2-256``, read from the local Hugging Face cache only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cqpolicy.models import fmnist_dit
+
+EMBEDDED = {fmnist_dit.NAME: fmnist_dit.SHIPPED_DIR}
+
+
+class ModelLoadError(ValueError):
+    """A model spec that names nothing we can load."""
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser with what the sampler needs to drive it."""
+
+    name: str
+    transformer: torch.nn.Module
+    scheduler_config: dict
+    vae: torch.nn.Module | None = None
+    default_guidance_scale: float = 4.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_embeds_ada_norm)
+
+    @property
+    def null_class(self) -> int:
+        # diffusers' LabelEmbedding appends the CFG null row after the real classes (1000 for ImageNet DiT).
+        return self.num_classes
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.config.out_channels == 2 * self.config.in_channels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+
+def _load_components(root: Path, name: str, dtype) -> LoadedModel:
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel.from_pretrained(root / "transformer", dtype=dtype)
+    if (root / "scheduler").is_dir():
+        scheduler_config = dict(DDIMScheduler.load_config(root / "scheduler"))
+    else:
+        scheduler_config = dict(fmnist_dit.SCHEDULER_CONFIG)
+    vae = AutoencoderKL.from_pretrained(root / "vae", dtype=dtype) if (root / "vae").is_dir() else None
+    return LoadedModel(name, transformer, scheduler_config, vae)
+
+
+def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load ``spec`` (see module doc) in ``dtype`` onto ``device``, in eval mode."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    path = Path(spec)
+    if spec in EMBEDDED:
+        root = EMBEDDED[spec]
+        if not (root / "transformer" / "config.json").is_file():
+            raise ModelLoadError(f"the weights of embedded model {spec!r} are missing from {root}; "
+                                 f"reinstall cqpolicy or train them with scripts/train_fmnist_dit.py")
+        model = _load_components(root, spec, dtype)
+        model.default_guidance_scale = fmnist_dit.DEFAULT_GUIDANCE_SCALE
+    elif path.is_dir():
+        if (path / "model_index.json").is_file():
+            pipe = DiTPipeline.from_pretrained(path, dtype=dtype)
+            model = LoadedModel(str(path), pipe.transformer, dict(pipe.scheduler.config), pipe.vae)
+        elif (path / "transformer" / "config.json").is_file():
+            model = _load_components(path, str(path), dtype)
+        elif (path / "config.json").is_file():
+            transformer = DiTTransformer2DModel.from_pretrained(path, dtype=dtype)
+            model = LoadedModel(str(path), transformer, dict(fmnist_dit.SCHEDULER_CONFIG))
+        else:
+            raise ModelLoadError(f"{path} holds no diffusers DiT model (no model_index.json, transformer/ "
+                                 f"or config.json)")
+    elif "/" in spec and not path.exists() and not spec.startswith((".", "/")):
+        try:
+            pipe = DiTPipeline.from_pretrained(spec, dtype=dtype, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            raise ModelLoadError(f"hub model {spec!r} is not in the local Hugging Face cache and nothing can be "
+                                 f"downloaded here ({type(exc).__name__})") from exc
+        model = LoadedModel(spec, pipe.transformer, dict(pipe.scheduler.config), pipe.vae)
+    else:
+        known = ", ".join(sorted(EMBEDDED))
+        raise ModelLoadError(f"unknown model {spec!r}: use an embedded name ({known}), a local diffusers "
+                             f"directory or a cached hub id")
+    if not isinstance(model.transformer, DiTTransformer2DModel):
+        raise ModelLoadError(f"{spec!r} is a {type(model.transformer).__name__}, not a DiTTransformer2DModel")
+    model.transformer.to(device).eval().requires_grad_(False)
+    if model.vae is not None:
+        model.vae.to(device).eval().requires_grad_(False)
+    return model

@@ -1,0 +1,46 @@
+"""Output folders that are either complete or absent: files are staged, then moved in at the end."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class OutputDir:
+    """Stage files in a sibling temporary folder; ``commit`` moves them into ``path``.
+
+    An existing non-empty ``path`` is refused unless ``overwrite``. On any error the staging folder is
+    removed and ``path`` is left as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"--out {self.path} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise FileExistsError(f"--out {self.path} is not empty; choose a new folder or pass --overwrite")
+        parent = self.path.resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
+        except OSError as exc:
+            raise PermissionError(f"--out {self.path} is not writable ({exc.strerror})") from exc
+
+    def __enter__(self):
+        return self
+
+    def file(self, name: str) -> Path:
+        return self.staging / name
+
+    def commit(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for item in self.staging.iterdir():
+            os.replace(item, self.path / item.name)
+        self.staging.rmdir()
+        return self.path
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return False

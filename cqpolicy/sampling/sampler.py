@@ -1,0 +1,127 @@
+"""The one denoising loop: diffusers schedulers, batched classifier-free guidance, per-sample seeds.
+
+Every model run in cqpolicy (plain sampling, tracing, benchmarking) goes through ``sample``. Sample ``i``
+always starts from the noise of ``torch.Generator().manual_seed(seeds[i])``, so a sample is the same
+whatever batch it falls in. ``step_callback(step_index, num_steps, timestep)`` runs before every model
+call: the runtime uses it to learn the step it is in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from cqpolicy.models.loading import LoadedModel
+
+SCHEDULERS = ("ddim", "dpm")
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh scheduler of family ``name`` built from the model's scheduler config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """One independent noise tensor per seed, stacked: independent of the batch a sample lands in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+                       ).to(device=device, dtype=dtype)
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 50
+    guidance_scale: float = 3.0
+    scheduler: str = "ddim"
+    batch_size: int = 64
+
+    def validate(self):
+        if int(self.steps) < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"--guidance-scale must be non-negative, got {self.guidance_scale}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def uses_cfg(guidance_scale: float) -> bool:
+    return guidance_scale != 1.0
+
+
+@torch.no_grad()
+def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor, settings: SampleSettings,
+                  step_callback: Callable | None = None, progress: tqdm | None = None) -> torch.Tensor:
+    """Run the scheduler loop on one batch; returns final latents (before any VAE decode)."""
+    transformer = model.transformer
+    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(settings.steps, device=noise.device)
+    channels = model.latent_shape[0]
+    cfg = uses_cfg(settings.guidance_scale)
+    class_input = labels.to(noise.device)
+    if cfg:  # conditional half first, null-class half second (as DiTPipeline)
+        class_input = torch.cat([class_input, torch.full_like(class_input, model.null_class)])
+    x = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        if step_callback is not None:
+            step_callback(i, settings.steps, t)
+        x_in = torch.cat([x, x]) if cfg else x
+        x_in = scheduler.scale_model_input(x_in, t)
+        timesteps = t.reshape(1).to(x.device).expand(x_in.shape[0])
+        out = transformer(x_in, timestep=timesteps, class_labels=class_input).sample
+        eps = out[:, :channels]  # learned-sigma models predict [eps, variance]: keep eps
+        if cfg:
+            cond, uncond = eps.chunk(2)
+            eps = uncond + settings.guidance_scale * (cond - uncond)
+        x = scheduler.step(eps, t, x).prev_sample
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
+@torch.no_grad()
+def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (identity for pixel-space models)."""
+    if model.vae is None:
+        return latents.float()
+    return model.vae.decode(latents / model.vae.config.scaling_factor).sample.float()
+
+
+def sample(model: LoadedModel, labels, seeds, settings: SampleSettings, step_callback: Callable | None = None,
+           progress: bool = True, batch_callback: Callable | None = None) -> torch.Tensor:
+    """Generate one image per (label, seed); returns float images in [-1, 1], [N, C, H, W], on CPU.
+
+    ``batch_callback(start, end)`` runs before each batch (the runtime resets its cache state there).
+    """
+    settings.validate()
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    seeds = [int(s) for s in seeds]
+    if len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    if len(labels) == 0:
+        raise ValueError("nothing to sample: --num-samples must be at least 1")
+    if int(labels.min()) < 0 or int(labels.max()) >= model.num_classes:
+        raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
+    n_batches = (len(seeds) + settings.batch_size - 1) // settings.batch_size
+    bar = tqdm(total=n_batches * settings.steps, desc=f"sample {model.name}", unit="step",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    images = []
+    try:
+        for start in range(0, len(seeds), settings.batch_size):
+            end = min(start + settings.batch_size, len(seeds))
+            if batch_callback is not None:
+                batch_callback(start, end)
+            noise = initial_noise(seeds[start:end], model.latent_shape, model.dtype, model.device)
+            latents = denoise_batch(model, labels[start:end], noise, settings, step_callback, bar)
+            images.append(decode(model, latents).cpu())
+    finally:
+        bar.close()
+    return torch.cat(images)

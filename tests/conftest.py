@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random diffusers DiTs (as diffusers' own hook tests use) and an isolated MLflow."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+
+
+def tiny_fmnist_dit(num_layers: int = 2, seed: int = 0):
+    """fmnist-dit layout (1x28x28, 10 classes, patch 4), but narrow and shallow, randomly initialised."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                  num_layers=num_layers, sample_size=28, patch_size=4, num_embeds_ada_norm=10)
+    # adaLN-zero starts as identity blocks; perturb so every block matters in the tests
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_dit_dir(tmp_path):
+    """A tiny random fmnist-style DiT saved as transformer/ + scheduler/ (the shipped layout)."""
+    from cqpolicy.models import fmnist_dit
+
+    root = tmp_path / "tiny-dit"
+    tiny_fmnist_dit().save_pretrained(root / "transformer")
+    fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.fixture
+def tiny_xl_pipeline_dir(tmp_path):
+    """A random DiTPipeline of the DiT-XL-2-256 layout: 4 latent channels, learned sigma, patch 2, tiny VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    root = tmp_path / "tiny-xl-pipeline"
+    pipe.save_pretrained(root)
+    return root
