@@ -25,6 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--cache-dtype", default="fp16",
+                   help="how reused tensors are stored: fp32, fp16, bf16, int8, int4, optionally with a scale "
+                        "granularity suffix -tensor, -channel, -token or -head (default: fp16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +82,13 @@ def cmd_sample(args) -> int:
     from cqpolicy.evaluation.quality import paired_fidelity
     from cqpolicy.models import load_model
     from cqpolicy.outputs import OutputDir
-    from cqpolicy.policies import parse_policy_spec
+    from cqpolicy.policies import make_policy
     from cqpolicy.sampling import SampleSettings
 
-    policy = parse_policy_spec(args.policy)
+    from cqpolicy.runtime import CacheFormat
+
+    make_policy(args.policy)  # a bad spec or cache format fails before anything loads
+    CacheFormat.parse(args.cache_dtype, num_heads=1)
     settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
                               else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
     settings.validate()  # fail on bad numbers before loading anything
@@ -97,9 +103,10 @@ def cmd_sample(args) -> int:
         model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
         if args.guidance_scale is None:
             settings.guidance_scale = model.default_guidance_scale
-        result = evaluate(model, settings, args.num_samples, args.seed, fid=args.fid,
+        result = evaluate(model, settings, args.num_samples, args.seed, policy=args.policy,
+                          cache_format=args.cache_dtype, fid=args.fid,
                           inception_weights=args.inception_weights, fid_reference=fid_reference)
-        metrics = {"policy": str(policy), **result.metrics}
+        metrics = dict(result.metrics)
         if compare is not None:
             if compare["seeds"].tolist() != result.seeds:
                 raise CliError(f"--compare {args.compare} used other seeds; paired metrics need the same seeds")

@@ -31,9 +31,14 @@ class Evaluation:
 
 
 def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, seed: int,
+             policy: str = "none", cache_format: str = "fp16",
              fid: bool = False, count_cost: bool = True, progress: bool = True,
              inception_weights: str | None = None, fid_reference: torch.Tensor | None = None) -> Evaluation:
-    """Sample ``num_samples`` images (sample i: class i mod classes, seed ``seed + i``) and measure them."""
+    """Sample ``num_samples`` images (sample i: class i mod classes, seed ``seed + i``) under ``policy``
+    (a spec string, run in the cache runtime) and measure them."""
+    from cqpolicy.policies import make_policy, spec_string
+    from cqpolicy.runtime import enable
+
     settings.validate()
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
@@ -43,19 +48,25 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
     labels = default_labels(num_samples, model.num_classes)
     seeds = [seed + i for i in range(num_samples)]
 
-    with PeakMemory(model.device) as mem, wall_timer(model.device) as wall:
-        images = sample(model, labels, seeds, settings, progress=progress)
+    policy_obj = make_policy(policy)
+    with enable(model.transformer, policy_obj, cache_format) as runtime:
+        with PeakMemory(model.device) as mem, wall_timer(model.device) as wall:
+            images = sample(model, labels, seeds, settings, progress=progress)
+        reuse_ratio, cache_bytes = runtime.reuse_ratio, runtime.cache_bytes
+        if count_cost:
+            # A second pass over the first batch under the FLOP counter (it slows what it counts).
+            n = min(settings.batch_size, num_samples)
+            macs, _ = count_macs(lambda: sample(model, labels[:n], seeds[:n], settings, progress=False))
     images_u8 = images_to_uint8(images)
     metrics = {
+        "policy": spec_string(policy_obj), "cache_dtype": str(cache_format),
+        "reuse_ratio": reuse_ratio, "cache_bytes": cache_bytes,
         "model": model.name, "num_samples": num_samples, "steps": settings.steps, "seed": seed,
         "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
         "batch_size": settings.batch_size, "wall_s": wall["seconds"],
         "time_per_image_s": wall["seconds"] / num_samples, "peak_memory_bytes": mem.peak_bytes,
     }
     if count_cost:
-        # A second pass over the first batch under the FLOP counter (it slows what it counts).
-        n = min(settings.batch_size, num_samples)
-        macs, _ = count_macs(lambda: sample(model, labels[:n], seeds[:n], settings, progress=False))
         metrics["macs_per_image"] = macs / n
         metrics["macs"] = macs / n * num_samples
     if fmnist:

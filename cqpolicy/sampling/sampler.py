@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cqpolicy.models.loading import LoadedModel
+from cqpolicy.runtime.runtime import active_runtime
 
 SCHEDULERS = ("ddim", "dpm")
 
@@ -70,7 +71,12 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
     if cfg:  # conditional half first, null-class half second (as DiTPipeline)
         class_input = torch.cat([class_input, torch.full_like(class_input, model.null_class)])
     x = noise * scheduler.init_noise_sigma
+    runtime = active_runtime(transformer)
+    if runtime is not None:
+        runtime.begin_call(settings.steps)  # cache state belongs to this batch of this call only
     for i, t in enumerate(scheduler.timesteps):
+        if runtime is not None:
+            runtime.set_step(i, t)
         if step_callback is not None:
             step_callback(i, settings.steps, t)
         x_in = torch.cat([x, x]) if cfg else x
@@ -84,6 +90,8 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
         x = scheduler.step(eps, t, x).prev_sample
         if progress is not None:
             progress.update(1)
+    if runtime is not None:
+        runtime.end_call()
     return x
 
 

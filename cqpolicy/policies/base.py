@@ -1,0 +1,49 @@
+"""The one policy interface the runtime asks, per (step, block, unit), whether to compute or reuse.
+
+A policy sees a ``UnitQuery`` before the unit runs and answers ``True`` (compute), ``False`` (reuse the
+cache) or a bool tensor over the batch (compute only the rows marked True: per-sample decisions).
+After a unit computes, the runtime calls ``observe``; when it reuses, it calls ``reuse`` to get the
+tensor (plain cache read by default; forecasting policies such as TaylorSeer override it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class UnitQuery:
+    step: int  # 0-based step index within this sampling call
+    num_steps: int | None  # None when unknown (inferred steps inside an unmodified DiTPipeline call)
+    timestep: float
+    block: int
+    unit: str  # "attn1", "ff" or "block"
+    num_blocks: int
+    inputs: torch.Tensor  # the unit's (batched) input, before it executes
+    has_cache: bool  # whether a cached output exists for this unit in this call
+
+
+class Policy:
+    """Base class: compute everything. Subclasses set ``units`` and override ``decide``."""
+
+    name = "base"
+    units: tuple[str, ...] = ("attn1", "ff")
+
+    def reset(self, num_steps: int | None, num_blocks: int) -> None:
+        """A new sampling call (or batch) starts: drop all per-call state."""
+
+    def decide(self, query: UnitQuery) -> bool | torch.Tensor:
+        return True
+
+    def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
+        """The unit computed ``output`` (full batch, after any partial compute was merged)."""
+
+    def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
+        """The tensor used instead of computing; ``cached`` is the last stored output."""
+        return cached
+
+    @property
+    def caches(self) -> bool:
+        """Whether outputs must be stored at all (``none`` never reuses, so it stores nothing)."""
+        return True

@@ -1,0 +1,222 @@
+"""The wrapper runtime: diffusers ``ModelHook``s on a model's cache units, driven by one policy.
+
+Tracing, benchmarking and deployment all run the model through this one runtime.
+
+* **Step context.** Our sampler announces each call and step (``begin_call`` / ``set_step``). Inside an
+  unmodified ``DiTPipeline.__call__`` nobody does, so a hook on the top-level model infers it from the
+  ``timestep`` argument: a timestep that does not decrease starts a new call at step 0.
+* **State** (cache store, policy state, counters) belongs to one sampling call and is reset at every
+  call. With batched classifier-free guidance the conditional and unconditional halves are separate
+  rows of every cached tensor, so no branch ever reads the other's cache.
+* **Decisions** per (step, block, unit), optionally per sample: a bool mask makes only the marked rows
+  execute; the other rows take the cached output.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from cqpolicy.models.adapters import CacheUnit, find_cache_units, transformer_blocks
+from cqpolicy.policies.base import Policy, UnitQuery
+from cqpolicy.runtime.cache_store import CacheFormat, CacheStore
+
+STEP_HOOK = "cqpolicy_step"
+UNIT_HOOK = "cqpolicy_unit"
+
+
+class StepMismatchError(RuntimeError):
+    """A policy made for one number of steps was run with another."""
+
+
+def _timestep_value(args, kwargs) -> float:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        raise RuntimeError("cqpolicy runtime: the model was called without a timestep")
+    return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+
+
+class _StepHook(ModelHook):
+    """On the top-level model: infers the step from the timestep when the sampler did not set it."""
+
+    def __init__(self, runtime: "CacheRuntime"):
+        super().__init__()
+        self.runtime = runtime
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.runtime._on_model_call(_timestep_value(args, kwargs))
+        return args, kwargs
+
+
+def _take_rows(value, mask: torch.Tensor, batch: int):
+    return value[mask] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value
+
+
+class _UnitHook(ModelHook):
+    """On one cache unit: compute, reuse, or compute only some rows, as the policy says."""
+
+    def __init__(self, runtime: "CacheRuntime", unit: CacheUnit):
+        super().__init__()
+        self.runtime = runtime
+        self.unit = unit
+        self.key = (unit.block, unit.name)
+
+    def new_forward(self, module, *args, **kwargs):
+        rt, unit = self.runtime, self.unit
+        forward = self.fn_ref.original_forward
+        x = args[0] if args else kwargs["hidden_states"]
+        batch = x.shape[0]
+        has_cache = self.key in rt.store
+        query = UnitQuery(step=rt.step, num_steps=rt.num_steps, timestep=rt.timestep, block=unit.block,
+                          unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache)
+        decision = rt.policy.decide(query)
+        if torch.is_tensor(decision):
+            mask = decision.to(device=x.device, dtype=torch.bool).reshape(-1)
+            if mask.numel() != batch:
+                raise ValueError(f"policy {rt.policy.name!r} returned a mask of {mask.numel()} rows for a batch "
+                                 f"of {batch}")
+            compute_rows = int(mask.sum())
+        else:
+            mask = None
+            compute_rows = batch if decision else 0
+        if not has_cache:
+            mask, compute_rows = None, batch  # nothing to reuse yet: compute
+        if compute_rows == batch:
+            out = forward(*args, **kwargs)
+        else:
+            cached = rt.store.get(self.key)
+            if cached.shape[0] != batch:
+                raise RuntimeError(f"cached {unit.name} of block {unit.block} holds {cached.shape[0]} rows but the "
+                                   f"batch has {batch}: state leaked across calls")
+            value = rt.policy.reuse(query, cached)  # the output (or residual) used for reused rows
+            out = x + value if unit.residual else value
+            if compute_rows:
+                sub = forward(*(_take_rows(a, mask, batch) for a in args),
+                              **{k: _take_rows(v, mask, batch) for k, v in kwargs.items()})
+                out = out.clone()
+                out[mask] = sub
+        rt.counts[unit.name, "computed"] += compute_rows
+        rt.counts[unit.name, "reused"] += batch - compute_rows
+        if compute_rows:
+            stored = out - x if unit.residual else out
+            rt.policy.observe(query, stored)
+            if rt.policy.caches:
+                rt.store.put(self.key, stored)
+        return out
+
+
+class CacheRuntime:
+    """Hooks ``policy`` into ``model``'s cache units. Use ``enable`` to build one."""
+
+    def __init__(self, model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16"):
+        if getattr(model, "_cqpolicy_runtime", None) is not None:
+            raise RuntimeError("a cqpolicy runtime is already enabled on this model; disable it first")
+        self.num_blocks = len(transformer_blocks(model))
+        if isinstance(cache_format, str):
+            config = getattr(model, "config", None)
+            cache_format = CacheFormat.parse(cache_format, num_heads=getattr(config, "num_attention_heads", None))
+        self.model = model
+        self.policy = policy
+        self.units = find_cache_units(model, policy.units)
+        self.store = CacheStore(cache_format)
+        self.counts: Counter = Counter()
+        self.peak_cache_bytes = 0
+        self.calls = 0
+        self._explicit = False
+        self._steps_seen = 0
+        self._last_t: float | None = None
+        self.step, self.num_steps, self.timestep = -1, None, float("nan")
+        self._registries = []
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.register_hook(_StepHook(self), STEP_HOOK)
+        self._registries.append(registry)
+        for unit in self.units:
+            registry = HookRegistry.check_if_exists_or_initialize(unit.module)
+            registry.register_hook(_UnitHook(self, unit), UNIT_HOOK)
+            self._registries.append(registry)
+        model._cqpolicy_runtime = self
+
+    # -- call and step context ------------------------------------------------------------------------
+    def begin_call(self, num_steps: int | None) -> None:
+        """A sampling call (one batch of samples) starts: fresh cache and policy state."""
+        self._finish_call()
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.store.peak_nbytes)
+        self.store.clear()
+        self.policy.reset(num_steps, self.num_blocks)
+        self.step, self.num_steps, self.timestep = -1, num_steps, float("nan")
+        self._last_t = None
+        self.calls += 1
+
+    def set_step(self, step: int, timestep) -> None:
+        """Called by our sampler before each model call."""
+        self._explicit = True
+        if self.num_steps is not None and step >= self.num_steps:
+            raise StepMismatchError(f"step {step} in a call announced with {self.num_steps} steps")
+        self.step = step
+        self.timestep = float(timestep)
+        self._steps_seen = step + 1
+
+    def end_call(self) -> None:
+        self._finish_call()
+        self._explicit = False
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.store.peak_nbytes)
+
+    def _finish_call(self):
+        seen = self._steps_seen
+        if self.num_steps is not None and 0 < seen < self.num_steps:
+            raise StepMismatchError(f"the call ended after {seen} of its {self.num_steps} steps")
+        self._steps_seen = 0
+
+    def _on_model_call(self, t: float) -> None:
+        if self._explicit:
+            return
+        # Inferred context (unmodified pipelines): a non-decreasing timestep starts a new call.
+        if self._last_t is None or t >= self._last_t:
+            self.begin_call(None)
+            self.step = 0
+        else:
+            self.step += 1
+        self._last_t = t
+        self.timestep = t
+
+    # -- results --------------------------------------------------------------------------------------
+    @property
+    def reuse_ratio(self) -> float:
+        computed = sum(v for (_, kind), v in self.counts.items() if kind == "computed")
+        reused = sum(v for (_, kind), v in self.counts.items() if kind == "reused")
+        return reused / max(1, computed + reused)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Peak bytes the cache held in any call so far."""
+        return max(self.peak_cache_bytes, self.store.peak_nbytes)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def disable(self) -> None:
+        for registry in self._registries:
+            name = STEP_HOOK if registry._module_ref is self.model else UNIT_HOOK
+            registry.remove_hook(name, recurse=False)
+        self._registries.clear()
+        self.store.clear()
+        if getattr(self.model, "_cqpolicy_runtime", None) is self:
+            del self.model._cqpolicy_runtime
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.disable()
+        return False
+
+
+def enable(model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16") -> CacheRuntime:
+    """Hook ``policy`` into ``model`` (a diffusers DiT transformer); returns the handle.
+
+    ``handle.disable()`` removes every hook; ``with enable(...)`` does the same on exit.
+    """
+    return CacheRuntime(model, policy, cache_format)
+
+
+def active_runtime(model: torch.nn.Module) -> CacheRuntime | None:
+    return getattr(model, "_cqpolicy_runtime", None)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv/ in the project root and install cqpolicy with its test extras (idempotent).
+# torch 2.14.1 / torchvision 0.29.1 are pinned: pip takes both from this machine's disk.
+# As root, also installs Debian's Fashion-MNIST (needed only to retrain models and by one data test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && [ -z "${CQPOLICY_FASHION_MNIST:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+  else
+    echo "note: Fashion-MNIST not found; for training scripts run: sudo apt-get install -y dataset-fashion-mnist" >&2
+  fi
+fi
+if [ ! -x .venv/bin/python ]; then
+  python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
