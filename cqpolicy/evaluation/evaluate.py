@@ -49,6 +49,7 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
     seeds = [seed + i for i in range(num_samples)]
 
     policy_obj = make_policy(policy)
+    policy_obj.prepare(model, settings)  # calibrating policies calibrate here (uncached runs of their own)
     with enable(model.transformer, policy_obj, cache_format) as runtime:
         with PeakMemory(model.device) as mem, wall_timer(model.device) as wall:
             images = sample(model, labels, seeds, settings, progress=progress)

@@ -22,6 +22,8 @@ class UnitQuery:
     num_blocks: int
     inputs: torch.Tensor  # the unit's (batched) input, before it executes
     has_cache: bool  # whether a cached output exists for this unit in this call
+    module: torch.nn.Module | None = None  # the unit's module (e.g. to read attention weights)
+    log_snr: float | None = None  # log(alpha_bar / (1 - alpha_bar)) at this step; None if unknown
 
 
 class Policy:
@@ -29,6 +31,10 @@ class Policy:
 
     name = "base"
     units: tuple[str, ...] = ("attn1", "ff")
+
+    def prepare(self, model, settings) -> None:
+        """Called once before sampling with the LoadedModel and SampleSettings: calibrating policies
+        (SmoothCache, DPS, ReCaT) run their calibration here; a step-count mismatch raises here."""
 
     def reset(self, num_steps: int | None, num_blocks: int) -> None:
         """A new sampling call (or batch) starts: drop all per-call state."""

@@ -69,7 +69,8 @@ class _UnitHook(ModelHook):
         batch = x.shape[0]
         has_cache = self.key in rt.store
         query = UnitQuery(step=rt.step, num_steps=rt.num_steps, timestep=rt.timestep, block=unit.block,
-                          unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache)
+                          unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache,
+                          module=module, log_snr=rt.log_snr)
         decision = rt.policy.decide(query)
         if torch.is_tensor(decision):
             mask = decision.to(device=x.device, dtype=torch.bool).reshape(-1)
@@ -127,6 +128,7 @@ class CacheRuntime:
         self._steps_seen = 0
         self._last_t: float | None = None
         self.step, self.num_steps, self.timestep = -1, None, float("nan")
+        self.log_snr: float | None = None
         self._registries = []
         registry = HookRegistry.check_if_exists_or_initialize(model)
         registry.register_hook(_StepHook(self), STEP_HOOK)
@@ -145,16 +147,18 @@ class CacheRuntime:
         self.store.clear()
         self.policy.reset(num_steps, self.num_blocks)
         self.step, self.num_steps, self.timestep = -1, num_steps, float("nan")
+        self.log_snr = None
         self._last_t = None
         self.calls += 1
 
-    def set_step(self, step: int, timestep) -> None:
+    def set_step(self, step: int, timestep, log_snr: float | None = None) -> None:
         """Called by our sampler before each model call."""
         self._explicit = True
         if self.num_steps is not None and step >= self.num_steps:
             raise StepMismatchError(f"step {step} in a call announced with {self.num_steps} steps")
         self.step = step
         self.timestep = float(timestep)
+        self.log_snr = log_snr
         self._steps_seen = step + 1
 
     def end_call(self) -> None:

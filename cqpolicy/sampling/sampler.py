@@ -7,6 +7,7 @@ call: the runtime uses it to learn the step it is in.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,12 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype=torch.float32,
     """One independent noise tensor per seed, stacked: independent of the batch a sample lands in."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
                        ).to(device=device, dtype=dtype)
+
+
+def log_snr(scheduler, t) -> float:
+    """log(alpha_bar / (1 - alpha_bar)) of the training noise schedule at timestep ``t``."""
+    alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+    return math.log(alpha_bar / (1.0 - alpha_bar))
 
 
 @dataclass
@@ -76,7 +83,7 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
         runtime.begin_call(settings.steps)  # cache state belongs to this batch of this call only
     for i, t in enumerate(scheduler.timesteps):
         if runtime is not None:
-            runtime.set_step(i, t)
+            runtime.set_step(i, t, log_snr(scheduler, t))
         if step_callback is not None:
             step_callback(i, settings.steps, t)
         x_in = torch.cat([x, x]) if cfg else x

@@ -1,0 +1,50 @@
+"""Calibration runs for policies that derive a schedule from the model (SmoothCache, DPS, ReCaT).
+
+``record_unit_outputs`` runs the uncached model through the same sampler and runtime, with a recording
+policy that computes everything and keeps each unit's output at every step.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from cqpolicy.policies.base import Policy, UnitQuery
+
+CALIBRATION_SEED = 10_000_000  # far from the evaluation seeds (0 .. N), so calibration never sees test noise
+
+
+class _Recorder(Policy):
+    name = "recorder"
+
+    def __init__(self, units: tuple[str, ...]):
+        self.units = units
+        self.outputs: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
+
+    def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
+        self.outputs[query.block, query.unit].append(output.detach().float().cpu())
+
+    @property
+    def caches(self) -> bool:
+        return False
+
+
+@torch.no_grad()
+def record_unit_outputs(model, settings, units: tuple[str, ...] = ("attn1", "ff"), num_samples: int = 8,
+                        seed: int = CALIBRATION_SEED) -> dict[tuple[int, str], torch.Tensor]:
+    """Per (block, unit): the unit's outputs over the steps of an uncached run, ``[steps, rows, ...]``.
+
+    ``rows`` is ``2 * num_samples`` with classifier-free guidance (conditional rows first). Sample ``i`` has
+    class ``i mod num_classes`` and seed ``seed + i``.
+    """
+    from dataclasses import replace
+
+    from cqpolicy.runtime import enable
+    from cqpolicy.sampling import sample
+
+    recorder = _Recorder(tuple(units))
+    labels = torch.arange(num_samples) % model.num_classes
+    seeds = [seed + i for i in range(num_samples)]
+    with enable(model.transformer, recorder):
+        sample(model, labels, seeds, replace(settings, batch_size=num_samples), progress=False)
+    return {key: torch.stack(values) for key, values in recorder.outputs.items()}

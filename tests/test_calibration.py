@@ -1,0 +1,13 @@
+import torch
+
+from cqpolicy.models import load_model
+from cqpolicy.policies.calibration import record_unit_outputs
+from cqpolicy.sampling import SampleSettings
+
+
+def test_recorder_keeps_every_step_of_every_unit(tiny_dit_dir):
+    model = load_model(str(tiny_dit_dir))
+    outputs = record_unit_outputs(model, SampleSettings(steps=4, guidance_scale=2.0), num_samples=3)
+    assert set(outputs) == {(b, u) for b in range(2) for u in ("attn1", "ff")}
+    assert outputs[0, "ff"].shape == (4, 6, 49, 16)  # steps, 2 x 3 CFG rows, tokens, width
+    assert not torch.equal(outputs[0, "ff"][0], outputs[0, "ff"][1])  # features change across steps
