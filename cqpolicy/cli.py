@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bench", help="compare policies against the plain model, side by side",
+                       description="Run every policy and the plain model on the same seeds; write results.json "
+                                   "(one row per policy), print a markdown table, log one MLflow run per row.")
+    _add_sampling_args(p)
+    p.set_defaults(steps=50)
+    p.add_argument("--policies", nargs="+", required=True, help="policy specs, e.g. none fora:interval=2")
+    p.add_argument("--fid", action="store_true", help="FID against the real test set (fmnist models)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per method after a warm-up (default 3)")
+    p.add_argument("--experiment", default="cqpolicy-bench", help="MLflow experiment name")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -123,12 +136,62 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from cqpolicy.evaluation.bench import bench, markdown_table
+    from cqpolicy.models import load_model
+    from cqpolicy.outputs import OutputDir
+    from cqpolicy.policies import make_policy
+    from cqpolicy.runtime import CacheFormat
+    from cqpolicy.sampling import SampleSettings
+
+    for spec in args.policies:
+        make_policy(spec)
+    CacheFormat.parse(args.cache_dtype, num_heads=1)
+    settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
+                              else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
+    settings.validate()
+    if args.num_samples < 1:
+        raise CliError(f"--num-samples must be at least 1, got {args.num_samples}")
+    out = OutputDir(args.out, overwrite=args.overwrite)
+    with out:
+        model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
+        if args.guidance_scale is None:
+            settings.guidance_scale = model.default_guidance_scale
+        rows = bench(model, args.policies, settings, args.num_samples, seed=args.seed,
+                     cache_format=args.cache_dtype, fid=args.fid, repeats=args.repeats)
+        table = markdown_table(rows)
+        out.file("results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        out.file("results.md").write_text(table + "\n")
+        final = out.commit()
+    _log_bench_rows(args.experiment, rows, final)
+    print(table)
+    print(f"wrote {final}/results.json")
+    return 0
+
+
+def _log_bench_rows(experiment: str, rows: list[dict], folder):
+    import mlflow
+
+    from cqpolicy.tracking import start_run
+
+    param_keys = ("model", "policy", "policy_config", "cache_dtype", "steps", "num_samples", "seed", "batch_size", "guidance_scale",
+                  "scheduler", "repeats")
+    for row in rows:
+        with start_run(experiment, run_name=f"bench-{row['policy']}"):
+            mlflow.log_params({k: row[k] for k in param_keys})
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in param_keys
+                                and isinstance(v, (int, float)) and math.isfinite(float(v))})
+            mlflow.log_artifact(str(folder / "results.json"))
+
+
 def _log_sample_run(experiment: str, metrics: dict, folder):
     import mlflow
 
     from cqpolicy.tracking import start_run
 
-    params = {k: metrics[k] for k in ("model", "policy", "steps", "num_samples", "guidance_scale",
+    params = {k: metrics[k] for k in ("model", "policy", "policy_config", "steps", "num_samples", "guidance_scale",
                                       "scheduler", "seed", "batch_size")}
     numbers = {k: float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and k not in params and math.isfinite(float(v))}

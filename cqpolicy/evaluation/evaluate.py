@@ -60,7 +60,7 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
             macs, _ = count_macs(lambda: sample(model, labels[:n], seeds[:n], settings, progress=False))
     images_u8 = images_to_uint8(images)
     metrics = {
-        "policy": spec_string(policy_obj), "cache_dtype": str(cache_format),
+        "policy": policy, "policy_config": spec_string(policy_obj), "cache_dtype": str(cache_format),
         "reuse_ratio": reuse_ratio, "cache_bytes": cache_bytes,
         "model": model.name, "num_samples": num_samples, "steps": settings.steps, "seed": seed,
         "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,

@@ -76,13 +76,11 @@ def make_policy(spec: str | Policy) -> Policy:
 
 
 def spec_string(policy: Policy) -> str:
+    """The full spec of ``policy``, every config field spelled out (what actually ran)."""
     config = getattr(policy, "config", None)
     if config is None or not dataclasses.fields(config):
         return policy.name
-    defaults = type(config)()
-    changed = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
-               if getattr(config, f.name) != getattr(defaults, f.name)]
-    return policy.name + (":" + ",".join(changed) if changed else "")
+    return policy.name + ":" + ",".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config))
 
 
 def _load_families():

@@ -1,0 +1,115 @@
+"""``cqpolicy bench``: every policy against the plain model, measured side by side in one process.
+
+For each policy: the same labels and seeds as the baseline (the plain model, no hooks), so paired PSNR /
+SSIM and bit-identity are against the uncached images; MACs counted on the first batch under the FLOP
+counter; wall time measured on the first batch, **interleaved** with the baseline (one repeat runs every
+method once, in turn), median over repeats after a warm-up round; FID and class accuracy over all samples.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+from tqdm.auto import tqdm
+
+from cqpolicy.evaluation.cost import count_macs
+from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like
+from cqpolicy.evaluation.quality import images_to_uint8, paired_fidelity
+from cqpolicy.models.loading import LoadedModel
+from cqpolicy.policies import make_policy, spec_string
+from cqpolicy.runtime import enable
+from cqpolicy.sampling import SampleSettings, sample
+
+BASELINE = "baseline"
+
+
+def _run(model, policy, cache_format, labels, seeds, settings, measure_macs=False):
+    """Sample under ``policy`` (None = plain model, no hooks); returns images and runtime stats."""
+    stats = {"reuse_ratio": 0.0, "cache_bytes": 0}
+    run = lambda: sample(model, labels, seeds, settings, progress=False)  # noqa: E731
+    if policy is None:
+        return (count_macs(run) if measure_macs else (None, run())), stats
+    with enable(model.transformer, policy, cache_format) as handle:
+        result = count_macs(run) if measure_macs else (None, run())
+        stats = {"reuse_ratio": handle.reuse_ratio, "cache_bytes": handle.cache_bytes}
+    return result, stats
+
+
+def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num_samples: int, seed: int = 0,
+          cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True) -> list[dict]:
+    settings.validate()
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    objects = [make_policy(spec) for spec in policies]  # bad specs fail before any sampling
+    labels = default_labels(num_samples, model.num_classes)
+    seeds = [seed + i for i in range(num_samples)]
+    n_first = min(settings.batch_size, num_samples)
+    fmnist = is_fashion_mnist_like(model)
+    fid_metric = classifier = None
+    if fmnist:
+        from cqpolicy.evaluation.classifier import load_classifier
+        from cqpolicy.evaluation.quality import ClassifierFID, class_accuracy
+
+        classifier = load_classifier()
+        fid_metric = ClassifierFID() if fid else None
+    methods = [(BASELINE, None)] + list(zip(policies, objects))
+    bar = tqdm(total=len(methods) * (3 + repeats), desc="bench", disable=not progress, dynamic_ncols=True)
+    rows, reference = [], None
+    for name, policy in methods:
+        if policy is not None:
+            policy.prepare(model, settings)
+        (_, images), stats = _run(model, policy, cache_format, labels, seeds, settings)
+        bar.update(1)
+        (macs, _), _ = _run(model, policy, cache_format, labels[:n_first], seeds[:n_first], settings, True)
+        bar.update(1)
+        images_u8 = images_to_uint8(images)
+        row = {"policy": name, "policy_config": BASELINE if policy is None else spec_string(policy),
+               "cache_dtype": cache_format,
+               "macs_per_image": macs / n_first, **stats}
+        if reference is None:
+            reference = (images, images_u8)
+        row["bit_identical"] = bool(torch.equal(images, reference[0]))
+        fidelity = paired_fidelity(images_u8, reference[1])
+        row["psnr_vs_baseline"], row["ssim_vs_baseline"] = fidelity["psnr"], fidelity["ssim"]
+        row["class_accuracy"] = class_accuracy(images_u8, labels, classifier) if fmnist else None
+        if fid:
+            row["fid"] = fid_metric(images_u8) if fid_metric is not None else None
+        rows.append(row)
+    # Wall time: first batch, methods interleaved in every repeat, one warm-up round first.
+    first = (labels[:n_first], seeds[:n_first], replace(settings))
+    times = {i: [] for i in range(len(methods))}
+    for r in range(repeats + 1):
+        for i, (_, policy) in enumerate(methods):
+            start = time.perf_counter()
+            _run(model, policy, cache_format, *first)
+            if r > 0:
+                times[i].append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+    base_macs, base_wall = rows[0]["macs_per_image"], statistics.median(times[0])
+    for i, row in enumerate(rows):
+        wall = statistics.median(times[i])
+        row.update({"wall_s_per_batch": wall, "wall_times": times[i], "wall_speedup": base_wall / wall,
+                    "macs_speedup": base_macs / row["macs_per_image"], "num_samples": num_samples,
+                    "steps": settings.steps, "seed": seed, "batch_size": settings.batch_size,
+                    "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
+                    "repeats": repeats, "model": model.name})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| policy | MACs speedup | wall speedup | FID | PSNR vs baseline (dB) | SSIM | bit-identical | "
+              "reuse | cache MiB | class acc. |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    for r in rows:
+        lines.append(f"| `{r['policy']}` | {r['macs_speedup']:.2f}× | {r['wall_speedup']:.2f}× | "
+                     f"{fmt(r.get('fid'), '.2f')} | {fmt(r['psnr_vs_baseline'], '.1f')} | "
+                     f"{r['ssim_vs_baseline']:.4f} | {'yes' if r['bit_identical'] else 'no'} | "
+                     f"{r['reuse_ratio']:.2f} | {r['cache_bytes'] / 2**20:.1f} | {fmt(r['class_accuracy'], '.3f')} |")
+    return "\n".join(lines)
