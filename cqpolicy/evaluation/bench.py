@@ -111,5 +111,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| `{r['policy']}` | {r['macs_speedup']:.2f}× | {r['wall_speedup']:.2f}× | "
                      f"{fmt(r.get('fid'), '.2f')} | {fmt(r['psnr_vs_baseline'], '.1f')} | "
                      f"{r['ssim_vs_baseline']:.4f} | {'yes' if r['bit_identical'] else 'no'} | "
-                     f"{r['reuse_ratio']:.2f} | {r['cache_bytes'] / 2**20:.1f} | {fmt(r['class_accuracy'], '.3f')} |")
+                     f"{fmt(r['reuse_ratio'], '.2f')} | "
+                     f"{fmt(None if r['cache_bytes'] is None else r['cache_bytes'] / 2**20, '.2f')} | "
+                     f"{fmt(r['class_accuracy'], '.3f')} |")
     return "\n".join(lines)

@@ -36,6 +36,15 @@ class Policy:
         """Called once before sampling with the LoadedModel and SampleSettings: calibrating policies
         (SmoothCache, DPS, ReCaT) run their calibration here; a step-count mismatch raises here."""
 
+    def attach(self, model: torch.nn.Module) -> None:
+        """The runtime was enabled on ``model`` (peer adapters install their own hooks here)."""
+
+    def detach(self, model: torch.nn.Module) -> None:
+        """The runtime is being disabled: undo ``attach``."""
+
+    def begin_step(self, step: int, num_steps: int | None, timestep: float) -> None:
+        """A denoising step starts (before the model call)."""
+
     def reset(self, num_steps: int | None, num_blocks: int) -> None:
         """A new sampling call (or batch) starts: drop all per-call state."""
 
@@ -48,6 +57,9 @@ class Policy:
     def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
         """The tensor used instead of computing; ``cached`` is the last stored output."""
         return cached
+
+    # False for peer adapters whose hooks are not ours: the runtime cannot count their reuses.
+    reports_reuse = True
 
     @property
     def caches(self) -> bool:

@@ -138,6 +138,7 @@ class CacheRuntime:
             registry.register_hook(_UnitHook(self, unit), UNIT_HOOK)
             self._registries.append(registry)
         model._cqpolicy_runtime = self
+        policy.attach(model)
 
     # -- call and step context ------------------------------------------------------------------------
     def begin_call(self, num_steps: int | None) -> None:
@@ -160,6 +161,7 @@ class CacheRuntime:
         self.timestep = float(timestep)
         self.log_snr = log_snr
         self._steps_seen = step + 1
+        self.policy.begin_step(step, self.num_steps, self.timestep)
 
     def end_call(self) -> None:
         self._finish_call()
@@ -183,21 +185,29 @@ class CacheRuntime:
             self.step += 1
         self._last_t = t
         self.timestep = t
+        self.policy.begin_step(self.step, None, t)
 
     # -- results --------------------------------------------------------------------------------------
     @property
-    def reuse_ratio(self) -> float:
+    def reuse_ratio(self) -> float | None:
+        """Share of unit executions (rows) served from the cache; None when the policy's hooks are not ours."""
+        if not self.policy.reports_reuse:
+            return None
         computed = sum(v for (_, kind), v in self.counts.items() if kind == "computed")
         reused = sum(v for (_, kind), v in self.counts.items() if kind == "reused")
         return reused / max(1, computed + reused)
 
     @property
-    def cache_bytes(self) -> int:
-        """Peak bytes the cache held in any call so far."""
+    def cache_bytes(self) -> int | None:
+        """Peak bytes the cache held in any call so far; None when the policy's caches are not ours."""
+        if not self.policy.reports_reuse:
+            return None
         return max(self.peak_cache_bytes, self.store.peak_nbytes)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def disable(self) -> None:
+        if self._registries:
+            self.policy.detach(self.model)
         for registry in self._registries:
             name = STEP_HOOK if registry._module_ref is self.model else UNIT_HOOK
             registry.remove_hook(name, recurse=False)
