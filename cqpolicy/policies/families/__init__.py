@@ -1,2 +1,2 @@
 """One module per policy family; importing this package registers them all."""
-from cqpolicy.policies.families import fora, none, peers  # noqa: F401
+from cqpolicy.policies.families import dps, fora, none, peers, recat  # noqa: F401
