@@ -16,3 +16,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# Optional peer for side-by-side benches (its own deps would move torch: --no-deps).
+.venv/bin/python -m pip install -q --no-deps dit-smoothcache

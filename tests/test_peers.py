@@ -35,3 +35,21 @@ def test_fbc_threshold_zero_never_skips(tiny_dit_dir):
     with cqpolicy.enable(model.transformer, "diffusers-fbc:threshold=0"):
         macs, out = count_macs(lambda: run(model))
     assert macs == plain_macs and torch.equal(out, plain)
+
+
+def test_smoothcache_wheel_agrees_with_our_schedule_policy(tiny_dit_dir, tmp_path):
+    """The wheel's DiffuserCacheHelper and our `schedule` run the same attn1 schedule: same images."""
+    pytest.importorskip("SmoothCache")
+    import json
+
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"attn1": [1, 0, 1, 0, 0, 1, 0, 1]}))
+    model = load_model(str(tiny_dit_dir))
+    with cqpolicy.enable(model.transformer, f"schedule:path={path}", cache_format="fp32") as ours_handle:
+        ours = run(model)
+        assert ours_handle.reuse_ratio > 0
+    with cqpolicy.enable(model.transformer, f"smoothcache-wheel:path={path}"):
+        theirs = run(model)
+        theirs_again = run(model)  # the wheel alone would run uncached here; our adapter re-enables it
+    assert torch.equal(ours, theirs) and torch.equal(theirs, theirs_again)
+    assert not torch.allclose(ours, run(model))

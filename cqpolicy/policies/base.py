@@ -58,6 +58,11 @@ class Policy:
         """The tensor used instead of computing; ``cached`` is the last stored output."""
         return cached
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of tensors the policy holds itself beyond the runtime's cache (e.g. forecast history)."""
+        return 0
+
     # False for peer adapters whose hooks are not ours: the runtime cannot count their reuses.
     reports_reuse = True
 

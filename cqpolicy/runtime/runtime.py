@@ -104,6 +104,7 @@ class _UnitHook(ModelHook):
             rt.policy.observe(query, stored)
             if rt.policy.caches:
                 rt.store.put(self.key, stored)
+            rt.held_peak = max(rt.held_peak, rt.store.nbytes + rt.policy.state_nbytes)
         return out
 
 
@@ -122,7 +123,7 @@ class CacheRuntime:
         self.units = find_cache_units(model, policy.units)
         self.store = CacheStore(cache_format)
         self.counts: Counter = Counter()
-        self.peak_cache_bytes = 0
+        self.held_peak = 0  # peak of cache store + policy-held tensors, over all calls
         self.calls = 0
         self._explicit = False
         self._steps_seen = 0
@@ -144,7 +145,6 @@ class CacheRuntime:
     def begin_call(self, num_steps: int | None) -> None:
         """A sampling call (one batch of samples) starts: fresh cache and policy state."""
         self._finish_call()
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.store.peak_nbytes)
         self.store.clear()
         self.policy.reset(num_steps, self.num_blocks)
         self.step, self.num_steps, self.timestep = -1, num_steps, float("nan")
@@ -166,7 +166,6 @@ class CacheRuntime:
     def end_call(self) -> None:
         self._finish_call()
         self._explicit = False
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.store.peak_nbytes)
 
     def _finish_call(self):
         seen = self._steps_seen
@@ -199,10 +198,11 @@ class CacheRuntime:
 
     @property
     def cache_bytes(self) -> int | None:
-        """Peak bytes the cache held in any call so far; None when the policy's caches are not ours."""
+        """Peak bytes held in any call so far (cache store plus tensors the policy keeps, such as a forecast
+        history); None when the policy's caches are not ours."""
         if not self.policy.reports_reuse:
             return None
-        return max(self.peak_cache_bytes, self.store.peak_nbytes)
+        return self.held_peak
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def disable(self) -> None:

@@ -1,2 +1,14 @@
 """One module per policy family; importing this package registers them all."""
-from cqpolicy.policies.families import dps, fora, none, peers, recat  # noqa: F401
+from cqpolicy.policies.families import (  # noqa: F401
+    dps,
+    dqar,
+    fora,
+    none,
+    peers,
+    recat,
+    schedule,
+    smoothcache,
+    table,
+    taylorseer,
+    teacache,
+)
