@@ -11,3 +11,13 @@ def test_recorder_keeps_every_step_of_every_unit(tiny_dit_dir):
     assert set(outputs) == {(b, u) for b in range(2) for u in ("attn1", "ff")}
     assert outputs[0, "ff"].shape == (4, 6, 49, 16)  # steps, 2 x 3 CFG rows, tokens, width
     assert not torch.equal(outputs[0, "ff"][0], outputs[0, "ff"][1])  # features change across steps
+
+
+def test_recorder_subsamples_long_token_sequences(tiny_dit_dir):
+    model = load_model(str(tiny_dit_dir))
+    full = record_unit_outputs(model, SampleSettings(steps=2, guidance_scale=1.0), units=("ff",), num_samples=1)
+    short = record_unit_outputs(model, SampleSettings(steps=2, guidance_scale=1.0), units=("ff",), num_samples=1,
+                                max_tokens=5)
+    assert short[0, "ff"].shape == (2, 1, 5, 16)
+    assert torch.equal(short[0, "ff"][:, :, 0], full[0, "ff"][:, :, 0])  # first and last tokens kept
+    assert torch.equal(short[0, "ff"][:, :, -1], full[0, "ff"][:, :, -1])

@@ -40,8 +40,8 @@ def _run(model, policy, cache_format, labels, seeds, settings, measure_macs=Fals
 def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num_samples: int, seed: int = 0,
           cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True) -> list[dict]:
     settings.validate()
-    if repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    if repeats < 0:
+        raise ValueError(f"--repeats must be non-negative (0 skips wall timing), got {repeats}")
     objects = [make_policy(spec) for spec in policies]  # bad specs fail before any sampling
     labels = default_labels(num_samples, model.num_classes)
     seeds = [seed + i for i in range(num_samples)]
@@ -55,7 +55,7 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
         classifier = load_classifier()
         fid_metric = ClassifierFID() if fid else None
     methods = [(BASELINE, None)] + list(zip(policies, objects))
-    bar = tqdm(total=len(methods) * (3 + repeats), desc="bench", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(methods) * (2 + (repeats + 1 if repeats else 0)), desc="bench", disable=not progress, dynamic_ncols=True)
     rows, reference = [], None
     for name, policy in methods:
         if policy is not None:
@@ -80,7 +80,7 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
     # Wall time: first batch, methods interleaved in every repeat, one warm-up round first.
     first = (labels[:n_first], seeds[:n_first], replace(settings))
     times = {i: [] for i in range(len(methods))}
-    for r in range(repeats + 1):
+    for r in range(repeats + 1 if repeats else 0):
         for i, (_, policy) in enumerate(methods):
             start = time.perf_counter()
             _run(model, policy, cache_format, *first)
@@ -88,10 +88,12 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
                 times[i].append(time.perf_counter() - start)
             bar.update(1)
     bar.close()
-    base_macs, base_wall = rows[0]["macs_per_image"], statistics.median(times[0])
+    base_macs = rows[0]["macs_per_image"]
+    base_wall = statistics.median(times[0]) if repeats else None
     for i, row in enumerate(rows):
-        wall = statistics.median(times[i])
-        row.update({"wall_s_per_batch": wall, "wall_times": times[i], "wall_speedup": base_wall / wall,
+        wall = statistics.median(times[i]) if repeats else None
+        row.update({"wall_s_per_batch": wall, "wall_times": times[i],
+                    "wall_speedup": base_wall / wall if repeats else None,
                     "macs_speedup": base_macs / row["macs_per_image"], "num_samples": num_samples,
                     "steps": settings.steps, "seed": seed, "batch_size": settings.batch_size,
                     "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
@@ -108,7 +110,7 @@ def markdown_table(rows: list[dict]) -> str:
         return "–" if value is None else format(value, spec)
 
     for r in rows:
-        lines.append(f"| `{r['policy']}` | {r['macs_speedup']:.2f}× | {r['wall_speedup']:.2f}× | "
+        lines.append(f"| `{r['policy']}` | {r['macs_speedup']:.2f}× | {fmt(r['wall_speedup'], '.2f')}× | "
                      f"{fmt(r.get('fid'), '.2f')} | {fmt(r['psnr_vs_baseline'], '.1f')} | "
                      f"{r['ssim_vs_baseline']:.4f} | {'yes' if r['bit_identical'] else 'no'} | "
                      f"{fmt(r['reuse_ratio'], '.2f')} | "

@@ -32,7 +32,7 @@ class Evaluation:
 
 def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, seed: int,
              policy: str = "none", cache_format: str = "fp16",
-             fid: bool = False, count_cost: bool = True, progress: bool = True,
+             fid: bool = False, count_cost: bool = True, progress: bool = True, macs_samples: int = 16,
              inception_weights: str | None = None, fid_reference: torch.Tensor | None = None) -> Evaluation:
     """Sample ``num_samples`` images (sample i: class i mod classes, seed ``seed + i``) under ``policy``
     (a spec string, run in the cache runtime) and measure them."""
@@ -55,8 +55,9 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
             images = sample(model, labels, seeds, settings, progress=progress)
         reuse_ratio, cache_bytes = runtime.reuse_ratio, runtime.cache_bytes
         if count_cost:
-            # A second pass over the first batch under the FLOP counter (it slows what it counts).
-            n = min(settings.batch_size, num_samples)
+            # A second pass over the first samples under the FLOP counter (it slows what it counts);
+            # `bench` counts a whole batch, as batch-level policies may decide differently on other batches.
+            n = min(settings.batch_size, num_samples, macs_samples)
             macs, _ = count_macs(lambda: sample(model, labels[:n], seeds[:n], settings, progress=False))
     images_u8 = images_to_uint8(images)
     metrics = {
@@ -70,6 +71,7 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
     if count_cost:
         metrics["macs_per_image"] = macs / n
         metrics["macs"] = macs / n * num_samples
+        metrics["macs_counted_on"] = n
     if fmnist:
         from cqpolicy.evaluation.classifier import load_classifier
         from cqpolicy.evaluation.quality import ClassifierFID, class_accuracy
