@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 
 class CliError(Exception):
@@ -63,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("trace", help="record per-layer traces (signals and forced-reuse impact) as Parquet",
+                       description="Record per (sample, CFG branch, step, block, unit) signals and forced-reuse "
+                                   "impact labels into DIR (Parquet shards + manifest.json); resumable; heatmaps "
+                                   "in DIR/plots/; logs an MLflow run.")
+    _add_sampling_args(p)
+    p.add_argument("--probes", default="local", help="comma-separated: local, downstream (or none); default local")
+    p.add_argument("--experiment", default="cqpolicy-trace", help="MLflow experiment name")
+    p.add_argument("--out", required=True, help="trace run folder (e.g. traces/fmnist-none)")
+    p.set_defaults(func=cmd_trace)
     return parser
 
 
@@ -171,6 +182,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    import mlflow
+    import torch
+
+    from cqpolicy.models import load_model
+    from cqpolicy.policies import make_policy
+    from cqpolicy.sampling import SampleSettings
+    from cqpolicy.tracing.collect import collect, heatmaps, local_vs_downstream, parse_probes
+    from cqpolicy.tracing.store import TraceReader
+    from cqpolicy.tracking import start_run
+
+    probes = parse_probes(args.probes)
+    make_policy(args.policy)
+    settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
+                              else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
+    settings.validate()
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
+    if args.guidance_scale is None:
+        settings.guidance_scale = model.default_guidance_scale
+    summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
+                      probes=probes)
+    table = TraceReader([args.out]).table()
+    plots = Path(args.out) / "plots"
+    plots.mkdir(exist_ok=True)
+    heatmaps(table, plots / "heatmaps.png", summary["manifest"]["num_blocks"], settings.steps)
+    agreement = local_vs_downstream(table) if "downstream" in probes else {}
+    with start_run(args.experiment, run_name=f"trace-{args.policy}"):
+        mlflow.log_params({"model": model.name, "policy": args.policy, "steps": settings.steps,
+                           "num_samples": args.num_samples, "seed": args.seed, "probes": ",".join(probes),
+                           "run_dir": str(args.out), "model_hash": summary["manifest"]["model_hash"]})
+        mlflow.log_metrics({k: float(v) for k, v in {**summary, **agreement}.items()
+                            if isinstance(v, (int, float)) and math.isfinite(float(v))})
+        mlflow.log_artifact(str(plots / "heatmaps.png"))
+        mlflow.log_artifact(str(Path(args.out) / "manifest.json"))
+    print(f"{args.out}: {table.num_rows} rows in total, {summary['rows']} new from {summary['batches']} batches "
+          f"({summary['skipped_batches']} already done); record {summary['record_s']:.1f} s, downstream "
+          f"{summary['downstream_s']:.1f} s")
+    if agreement:
+        print("local impact vs downstream change:", json.dumps(agreement))
+    return 0
+
+
 def _log_bench_rows(experiment: str, rows: list[dict], folder):
     import mlflow
 
@@ -215,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from cqpolicy.data import DatasetMissingError
     from cqpolicy.models import ModelLoadError
+    from cqpolicy.tracing.store import TraceError
 
     try:
         return args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelLoadError,
-            DatasetMissingError) as exc:
+            DatasetMissingError, TraceError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"cqpolicy {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -50,3 +50,26 @@ def find_cache_units(model: torch.nn.Module, names: tuple[str, ...]) -> list[Cac
                 raise NoCacheUnitsError(f"block {i} ({type(block).__name__}) has no {name!r} submodule")
             units.append(CacheUnit(i, name, module, residual=False))
     return units
+
+
+def forward_from_block(model: torch.nn.Module, start: int, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                       class_labels: torch.Tensor) -> torch.Tensor:
+    """The rest of a DiT forward: blocks ``start..L-1`` on ``hidden_states`` (block ``start``'s input), then
+    the adaLN-zero output head and unpatchify; equals ``model(...).sample`` when fed block ``start``'s input.
+
+    Probes use it to re-run a step from one unit onward instead of the whole model.
+    """
+    import torch.nn.functional as F
+
+    for block in transformer_blocks(model)[start:]:
+        hidden_states = block(hidden_states, attention_mask=None, encoder_hidden_states=None,
+                              encoder_attention_mask=None, timestep=timestep, cross_attention_kwargs=None,
+                              class_labels=class_labels)
+    conditioning = model.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    shift, scale = model.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+    hidden_states = model.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+    hidden_states = model.proj_out_2(hidden_states)
+    p, c = model.patch_size, model.out_channels
+    side = int(hidden_states.shape[1] ** 0.5)
+    hidden_states = hidden_states.reshape(-1, side, side, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, c, side * p, side * p)

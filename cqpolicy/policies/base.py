@@ -70,3 +70,52 @@ class Policy:
     def caches(self) -> bool:
         """Whether outputs must be stored at all (``none`` never reuses, so it stores nothing)."""
         return True
+
+
+class DelegatingPolicy(Policy):
+    """A policy wrapping another (``inner``): every call passes through unless a subclass adds to it.
+
+    The trace recorder and the downstream probe are such wrappers, so traces are recorded under exactly
+    the decisions, cache state and forecasts of the policy being traced.
+    """
+
+    def __init__(self, inner: Policy):
+        self.inner = inner
+        self.units = inner.units
+
+    def prepare(self, model, settings) -> None:
+        self.inner.prepare(model, settings)
+
+    def attach(self, model) -> None:
+        self.inner.attach(model)
+
+    def detach(self, model) -> None:
+        self.inner.detach(model)
+
+    def begin_step(self, step, num_steps, timestep) -> None:
+        self.inner.begin_step(step, num_steps, timestep)
+
+    def reset(self, num_steps, num_blocks) -> None:
+        self.inner.reset(num_steps, num_blocks)
+
+    def decide(self, query: UnitQuery):
+        return self.inner.decide(query) if query.unit in self.inner.units else True
+
+    def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
+        if query.unit in self.inner.units:
+            self.inner.observe(query, output)
+
+    def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
+        return self.inner.reuse(query, cached) if query.unit in self.inner.units else cached
+
+    @property
+    def caches(self) -> bool:
+        return self.inner.caches
+
+    @property
+    def reports_reuse(self) -> bool:
+        return self.inner.reports_reuse
+
+    @property
+    def state_nbytes(self) -> int:
+        return self.inner.state_nbytes

@@ -14,6 +14,7 @@ Tracing, benchmarking and deployment all run the model through this one runtime.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -67,6 +68,8 @@ class _UnitHook(ModelHook):
         forward = self.fn_ref.original_forward
         x = args[0] if args else kwargs["hidden_states"]
         batch = x.shape[0]
+        if rt._overrides is not None:  # a probe pass: no policy, no cache writes, no counts
+            return self._probe_forward(forward, x, batch, args, kwargs)
         has_cache = self.key in rt.store
         query = UnitQuery(step=rt.step, num_steps=rt.num_steps, timestep=rt.timestep, block=unit.block,
                           unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache,
@@ -108,6 +111,20 @@ class _UnitHook(ModelHook):
         return out
 
 
+    def _probe_forward(self, forward, x, batch, args, kwargs):
+        override = self.runtime._overrides.get(self.key)
+        if override is None:
+            return forward(*args, **kwargs)
+        value, rows = override  # rows marked True take `value` (the unit's cached output or residual)
+        rows = rows.to(x.device)
+        out = x + value if self.unit.residual else value.clone()
+        keep = ~rows
+        if bool(keep.any()):
+            out[keep] = forward(*(_take_rows(a, keep, batch) for a in args),
+                                **{k: _take_rows(v, keep, batch) for k, v in kwargs.items()})
+        return out
+
+
 class CacheRuntime:
     """Hooks ``policy`` into ``model``'s cache units. Use ``enable`` to build one."""
 
@@ -130,6 +147,7 @@ class CacheRuntime:
         self._last_t: float | None = None
         self.step, self.num_steps, self.timestep = -1, None, float("nan")
         self.log_snr: float | None = None
+        self._overrides: dict | None = None
         self._registries = []
         registry = HookRegistry.check_if_exists_or_initialize(model)
         registry.register_hook(_StepHook(self), STEP_HOOK)
@@ -185,6 +203,17 @@ class CacheRuntime:
         self._last_t = t
         self.timestep = t
         self.policy.begin_step(self.step, None, t)
+
+    @contextmanager
+    def probing(self, overrides: dict):
+        """Inside: units listed in ``overrides`` ({(block, unit): (value, row_mask)}) return ``value`` for the
+        marked rows (forced reuse) and compute the others; every other unit computes. The policy, the cache
+        store and the counters are not touched, so probes leave the sampling run exactly as it was."""
+        previous, self._overrides = self._overrides, overrides
+        try:
+            yield
+        finally:
+            self._overrides = previous
 
     # -- results --------------------------------------------------------------------------------------
     @property

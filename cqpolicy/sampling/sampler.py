@@ -67,8 +67,13 @@ def uses_cfg(guidance_scale: float) -> bool:
 
 @torch.no_grad()
 def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor, settings: SampleSettings,
-                  step_callback: Callable | None = None, progress: tqdm | None = None) -> torch.Tensor:
-    """Run the scheduler loop on one batch; returns final latents (before any VAE decode)."""
+                  step_callback: Callable | None = None, progress: tqdm | None = None,
+                  output_callback: Callable | None = None) -> torch.Tensor:
+    """Run the scheduler loop on one batch; returns final latents (before any VAE decode).
+
+    ``output_callback(step_index, timestep, x_t, raw_output)`` runs after every model call with the
+    transformer's raw output (all CFG rows, all channels): the trace recorder probes from there.
+    """
     transformer = model.transformer
     scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
     scheduler.set_timesteps(settings.steps, device=noise.device)
@@ -90,6 +95,8 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
         x_in = scheduler.scale_model_input(x_in, t)
         timesteps = t.reshape(1).to(x.device).expand(x_in.shape[0])
         out = transformer(x_in, timestep=timesteps, class_labels=class_input).sample
+        if output_callback is not None:
+            output_callback(i, t, x_in, out)
         eps = out[:, :channels]  # learned-sigma models predict [eps, variance]: keep eps
         if cfg:
             cond, uncond = eps.chunk(2)
@@ -111,7 +118,8 @@ def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
 
 
 def sample(model: LoadedModel, labels, seeds, settings: SampleSettings, step_callback: Callable | None = None,
-           progress: bool = True, batch_callback: Callable | None = None) -> torch.Tensor:
+           progress: bool = True, batch_callback: Callable | None = None,
+           output_callback: Callable | None = None) -> torch.Tensor:
     """Generate one image per (label, seed); returns float images in [-1, 1], [N, C, H, W], on CPU.
 
     ``batch_callback(start, end)`` runs before each batch (the runtime resets its cache state there).
@@ -135,7 +143,7 @@ def sample(model: LoadedModel, labels, seeds, settings: SampleSettings, step_cal
             if batch_callback is not None:
                 batch_callback(start, end)
             noise = initial_noise(seeds[start:end], model.latent_shape, model.dtype, model.device)
-            latents = denoise_batch(model, labels[start:end], noise, settings, step_callback, bar)
+            latents = denoise_batch(model, labels[start:end], noise, settings, step_callback, bar, output_callback)
             images.append(decode(model, latents).cpu())
     finally:
         bar.close()

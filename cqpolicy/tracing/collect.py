@@ -1,0 +1,229 @@
+"""``cqpolicy trace``: record traces batch by batch into a Parquet run folder (resumable, shardable).
+
+One shard per batch of seeds. A killed run resumes at the first batch without a complete shard; workers
+on disjoint seed ranges (``--seed``) can write into one folder. Downstream probes run each batch a second
+time with, for every sample, one randomly chosen (step, block, unit) forced to reuse, and label that row
+with the change of the final sample (PSNR against the unforced sample, relative distance in the shipped
+classifier's feature space for Fashion-MNIST models).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from cqpolicy.models.adapters import transformer_blocks
+from cqpolicy.policies import make_policy
+from cqpolicy.policies.base import DelegatingPolicy, UnitQuery
+from cqpolicy.runtime import enable
+from cqpolicy.sampling import SampleSettings, sample
+from cqpolicy.sampling.sampler import uses_cfg
+from cqpolicy.tracing.recorder import LABEL_COLUMNS as LOCAL_LABELS
+from cqpolicy.tracing.recorder import POST_COLUMNS, PRE_COLUMNS, TraceRecorder, records_to_columns
+from cqpolicy.tracing.store import RunInfo, TraceWriter
+
+PROBES = ("local", "downstream")
+DOWNSTREAM_LABELS = ("downstream_psnr", "downstream_feature_distance")
+LABEL_COLUMNS = LOCAL_LABELS + DOWNSTREAM_LABELS
+CONTEXT_COLUMNS = ("class_label",)
+TRACE_SCHEMA = pa.schema(
+    [("seed", pa.int64()), ("cfg_branch", pa.int8()), ("step", pa.int16()), ("block", pa.int16()),
+     ("unit", pa.string()), ("class_label", pa.int16())]
+    + [(name, pa.float32()) for name in PRE_COLUMNS + POST_COLUMNS + LABEL_COLUMNS])
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the model's config and, per parameter, its name, shape, sum and sum of squares."""
+    digest = hashlib.sha256(json.dumps(dict(model.transformer.config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.transformer.state_dict().items():
+            p64 = p.detach().double()
+            digest.update(f"{name}:{tuple(p.shape)}:{float(p64.sum()):.10e}:{float(p64.pow(2).sum()):.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def parse_probes(text: str) -> tuple[str, ...]:
+    probes = tuple(p for p in (part.strip() for part in text.split(",")) if p and p != "none")
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        raise ValueError(f"unknown probe {unknown[0]!r}; use local, downstream, both comma-separated, or none")
+    return probes
+
+
+class _ForcedReuse(DelegatingPolicy):
+    """The traced policy, except that sample i's rows reuse at its one target (step, block, unit)."""
+
+    def __init__(self, inner, targets: list[tuple[int, int, str]], cfg: bool):
+        super().__init__(inner)
+        self.units = tuple(dict.fromkeys((*inner.units, "attn1", "ff")))
+        self.targets, self.cfg = targets, cfg
+
+    @property
+    def caches(self) -> bool:
+        return True  # the forced reuse needs the last computed output even when the traced policy stores none
+
+    def decide(self, query: UnitQuery):
+        decision = super().decide(query)
+        hit = torch.tensor([t == (query.step, query.block, query.unit) for t in self.targets])
+        if not bool(hit.any()):
+            return decision
+        forced = torch.cat([hit, hit]) if self.cfg else hit
+        base = decision.to("cpu", torch.bool).reshape(-1) if torch.is_tensor(decision) \
+            else torch.full_like(forced, bool(decision))
+        return base & ~forced
+
+
+def _downstream(model, policy: str, labels, seeds, settings, images, rng, num_blocks) -> dict:
+    """Per sample: a random (step >= 1, block, unit), and the final-sample change its forced reuse causes."""
+    from cqpolicy.evaluation.evaluate import is_fashion_mnist_like
+    from cqpolicy.evaluation.quality import images_to_uint8
+
+    targets = [(int(rng.integers(1, settings.steps)), int(rng.integers(num_blocks)),
+                ("attn1", "ff")[int(rng.integers(2))]) for _ in seeds]
+    forced = _ForcedReuse(make_policy(policy), targets, uses_cfg(settings.guidance_scale))
+    forced.prepare(model, settings)
+    with enable(model.transformer, forced, cache_format="fp32"):
+        changed = sample(model, labels, seeds, settings, progress=False)
+    a, b = images_to_uint8(changed).float() / 255, images_to_uint8(images).float() / 255
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    psnr = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
+    psnr = psnr.clamp(max=100.0)  # identical images: report 100 dB (finite, and beyond any real change)
+    if is_fashion_mnist_like(model):
+        from cqpolicy.evaluation.classifier import load_classifier
+
+        classifier = load_classifier()
+        with torch.no_grad():
+            fa, fb = classifier(images_to_uint8(changed)), classifier(images_to_uint8(images))
+        distance = (fa - fb).norm(dim=1) / fb.norm(dim=1).clamp_min(1e-12)
+    else:
+        distance = torch.full_like(psnr, math.nan)
+    return {"targets": targets, "psnr": psnr.numpy(), "feature_distance": distance.numpy()}
+
+
+def _attach_downstream(cols: dict, result: dict, seeds) -> None:
+    n = len(cols["seed"])
+    for name in DOWNSTREAM_LABELS:
+        cols[name] = np.full(n, np.nan, dtype=np.float32)
+    for i, (step, block, unit) in enumerate(result["targets"]):
+        rows = (cols["seed"] == seeds[i]) & (cols["step"] == step) & (cols["block"] == block) & (cols["unit"] == unit)
+        cols["downstream_psnr"][rows] = result["psnr"][i]
+        cols["downstream_feature_distance"][rows] = result["feature_distance"][i]
+
+
+def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: int = 0, policy: str = "none",
+            probes: tuple[str, ...] = ("local",), progress: bool = True) -> dict:
+    """Record traces of ``num_samples`` samples (seeds ``seed .. seed+num_samples-1``) into ``out_dir``."""
+    from cqpolicy import __version__
+
+    settings.validate()
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
+    make_policy(policy)  # a bad spec fails before any work
+    num_blocks = len(transformer_blocks(model.transformer))
+    info = RunInfo(model_id=model.name, model_hash=model_fingerprint(model), scheduler=settings.scheduler,
+                   steps=settings.steps, guidance_scale=settings.guidance_scale, policy=policy,
+                   extra={"package_version": __version__, "num_blocks": num_blocks, "probes": ",".join(probes),
+                          "batch_size": settings.batch_size})
+    labels_all = [i % model.num_classes for i in range(num_samples)]
+    writer = TraceWriter(out_dir, info, TRACE_SCHEMA, label_columns=LABEL_COLUMNS)
+    writer.remove_stale_temporaries()
+    done = writer.done_seeds()
+    cfg = uses_cfg(settings.guidance_scale)
+    channels = model.latent_shape[0]
+    timing = {"record_s": 0.0, "downstream_s": 0.0, "batches": 0, "rows": 0, "skipped_batches": 0}
+    batches = [(start, min(start + settings.batch_size, num_samples))
+               for start in range(0, num_samples, settings.batch_size)]
+    bar = tqdm(total=len(batches) * settings.steps, desc=f"trace {model.name}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for start, end in batches:
+            seeds = [seed + i for i in range(start, end)]
+            labels = labels_all[start:end]
+            present = [s for s in seeds if s in done]
+            if present:
+                if len(present) != len(seeds):
+                    raise ValueError(f"{out_dir} holds seeds {present[0]}..{present[-1]} but not the whole batch "
+                                     f"{seeds[0]}..{seeds[-1]}: resume with the --batch-size of the first run")
+                timing["skipped_batches"] += 1
+                bar.update(settings.steps)
+                continue
+            recorder = TraceRecorder(make_policy(policy), local_probes="local" in probes)
+            recorder.prepare(model, settings)
+            started = time.perf_counter()
+
+            def after(i, t, x, out):
+                recorder.after_step(i, x, out, channels)
+                bar.update(1)
+
+            with enable(model.transformer, recorder):
+                images = sample(model, labels, seeds, settings, progress=False, output_callback=after)
+            cols = records_to_columns(recorder.take_records(), seeds, labels, cfg)
+            timing["record_s"] += time.perf_counter() - started
+            if "downstream" in probes:
+                started = time.perf_counter()
+                rng = np.random.default_rng(seeds[0])
+                result = _downstream(model, policy, labels, seeds, settings, images, rng, num_blocks)
+                _attach_downstream(cols, result, seeds)
+                timing["downstream_s"] += time.perf_counter() - started
+            else:
+                for name in DOWNSTREAM_LABELS:
+                    cols[name] = np.full(len(cols["seed"]), np.nan, dtype=np.float32)
+            table = pa.table({name: pa.array(cols[name], type=TRACE_SCHEMA.field(name).type)
+                              for name in TRACE_SCHEMA.names}, schema=TRACE_SCHEMA)
+            writer.write_shard(table)
+            timing["batches"] += 1
+            timing["rows"] += table.num_rows
+    finally:
+        bar.close()
+    return {"run_dir": str(out_dir), "manifest": writer.manifest, **timing}
+
+
+def local_vs_downstream(table: pa.Table) -> dict:
+    """Spearman rank correlation between the local impact label and the downstream change, over probed rows."""
+    from scipy.stats import spearmanr
+
+    df = table.select(["cfg_branch", "impact_local", "downstream_psnr", "downstream_feature_distance"]).to_pandas()
+    df = df[(df["cfg_branch"] == 0) & df["downstream_psnr"].notna() & df["impact_local"].notna()]
+    if len(df) < 3:
+        return {"n": int(len(df))}
+    result = {"n": int(len(df)),
+              "spearman_local_vs_neg_psnr": float(spearmanr(df["impact_local"], -df["downstream_psnr"]).statistic)}
+    if df["downstream_feature_distance"].notna().all():
+        result["spearman_local_vs_feature_distance"] = float(
+            spearmanr(df["impact_local"], df["downstream_feature_distance"]).statistic)
+    return result
+
+
+def heatmaps(table: pa.Table, path, num_blocks: int, steps: int) -> None:
+    """PNG: step x block means of the main signals and of the impact label, one row of panels per unit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ("entropy", "out_rel_l1_prev", "cka_prev", "in_rel_l1_last", "impact_local")
+    df = table.select(["step", "block", "unit", *names]).to_pandas()
+    units = sorted(df["unit"].unique())
+    fig, axes = plt.subplots(len(units), len(names), figsize=(3.2 * len(names), 2.6 * len(units)), squeeze=False)
+    for r, unit in enumerate(units):
+        sub = df[df["unit"] == unit].groupby(["block", "step"])[list(names)].mean()
+        for c, name in enumerate(names):
+            grid = np.full((num_blocks, steps), np.nan)
+            for (block, step), value in sub[name].items():
+                grid[block, step] = value
+            ax = axes[r][c]
+            image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+            ax.set_title(f"{unit}: {name}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("block")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,276 @@
+"""The trace recorder: the cache runtime with a recording policy attached, not a second sampler loop.
+
+``TraceRecorder`` wraps the policy being traced (``none`` by default): it passes every decision through
+unchanged, so the cache state is exactly what that deployed policy sees, and records per (row, step, block,
+unit) signals around each unit. With local probes on, after every model call it re-runs the model **from
+each block onward** with one unit forced to reuse its last computed output (the two units of a block are
+stacked in one batch), and labels the row with the relative error of the model output that reuse causes.
+
+Signals (one row per CFG row x step x block x unit; ``*_prev`` compare with the previous step, ``*_last``
+with the unit's last computed step; at step 0 there is no previous value: changes are 0, cosines 1):
+
+* available before the unit runs: ``timestep``, ``log_snr`` (noise schedule), ``in_l1``, ``in_l2``,
+  ``in_rel_l1_prev``, ``in_cos_prev``, ``in_rel_l1_last``, ``entropy`` (attention entropy of the block's
+  ``attn1`` over ``log N``, measured on this step's input), ``steps_since_compute``;
+* known after it: ``computed`` (under the traced policy), ``out_l1``, ``out_l2``, ``out_rel_l1_prev``,
+  ``out_cos_prev``, ``out_rel_l1_last``, ``out_cos_last``, ``cka_prev`` (linear CKA with the previous
+  step's output over the batch), ``log_snr_x0`` (from the step's predicted x0 and noise);
+* label: ``impact_local`` (NaN where not probed: step 0, or probes off).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from cqpolicy.models.adapters import forward_from_block, transformer_blocks
+from cqpolicy.policies.base import DelegatingPolicy, Policy, UnitQuery
+from cqpolicy.policies.signals import self_attention_entropy
+
+CAPTURE_HOOK = "cqpolicy_capture"
+PRE_COLUMNS = ("timestep", "log_snr", "in_l1", "in_l2", "in_rel_l1_prev", "in_cos_prev", "in_rel_l1_last",
+               "entropy", "steps_since_compute")
+POST_COLUMNS = ("computed", "out_l1", "out_l2", "out_rel_l1_prev", "out_cos_prev", "out_rel_l1_last",
+                "out_cos_last", "cka_prev", "log_snr_x0")
+LABEL_COLUMNS = ("impact_local",)
+CKA_MAX_SAMPLES = 1024
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().reshape(x.shape[0], -1)
+
+
+def _rel_l1(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (x - ref).abs().mean(1) / ref.abs().mean(1).clamp_min(1e-12)
+
+
+def _cos(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(x, ref, dim=1, eps=1e-12)
+
+
+def _batch_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA between two [rows, tokens, width] outputs, tokens x rows as samples (subsampled)."""
+    a, b = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1])
+    if a.shape[0] > CKA_MAX_SAMPLES:
+        idx = torch.linspace(0, a.shape[0] - 1, CKA_MAX_SAMPLES, device=a.device).round().long()
+        a, b = a[idx], b[idx]
+    a, b = a - a.mean(0), b - b.mean(0)
+    cross = (a.T @ b).pow(2).sum()
+    norm = (a.T @ a).pow(2).sum().sqrt() * (b.T @ b).pow(2).sum().sqrt()
+    return float(cross / norm) if float(norm) > 0 else 0.0
+
+
+class _CaptureHook(ModelHook):
+    """Keeps each block's input of the current model call (probes restart from there)."""
+
+    def __init__(self, recorder: "TraceRecorder", block: int):
+        super().__init__()
+        self.recorder, self.block = recorder, block
+
+    def pre_forward(self, module, *args, **kwargs):
+        if not self.recorder._probing:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.recorder._block_inputs[self.block] = (hidden, kwargs.get("timestep"), kwargs.get("class_labels"))
+        return args, kwargs
+
+
+class TraceRecorder(DelegatingPolicy):
+    """Records signals (and local impact labels) around ``record_units`` while ``inner`` decides."""
+
+    name = "recorder"
+
+    def __init__(self, inner: Policy, local_probes: bool = True, record_units: tuple[str, ...] = ("attn1", "ff")):
+        if "attn1" not in record_units:
+            raise ValueError("the trace recorder needs attn1 among its units (entropy is measured there)")
+        super().__init__(inner)
+        self.record_units = tuple(record_units)
+        self.units = tuple(dict.fromkeys((*record_units, *inner.units)))
+        self.local_probes = local_probes
+        self.records: list[dict[str, torch.Tensor | int | str]] = []
+        self._probing = False
+        self._block_inputs: dict[int, tuple] = {}
+        self._registries: list = []
+        self.model = None
+        self._clear()
+
+    # -- hooks of our own, state per call -------------------------------------------------------------
+    def attach(self, model):
+        self.model = model
+        for i, block in enumerate(transformer_blocks(model)):
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            registry.register_hook(_CaptureHook(self, i), CAPTURE_HOOK)
+            self._registries.append(registry)
+        super().attach(model)
+
+    def detach(self, model):
+        super().detach(model)
+        for registry in self._registries:
+            registry.remove_hook(CAPTURE_HOOK, recurse=False)
+        self._registries.clear()
+
+    def reset(self, num_steps, num_blocks):
+        super().reset(num_steps, num_blocks)
+        self._clear()
+
+    def _clear(self):
+        self._prev_in: dict = {}
+        self._last_in: dict = {}
+        self._prev_out: dict = {}
+        self._last_out: dict = {}  # last computed output per key, row by row: what a reuse would return
+        self._since: dict = {}
+        self._entropy: dict[int, torch.Tensor] = {}
+        self._pending: dict = {}
+        self._block_inputs = {}
+
+    # -- the runtime's calls ---------------------------------------------------------------------------
+    def decide(self, query: UnitQuery):
+        decision = super().decide(query)
+        if query.unit not in self.record_units:
+            return decision
+        key = (query.block, query.unit)
+        x = _rows(query.inputs)
+        rows = x.shape[0]
+        if not query.has_cache:
+            computed = torch.ones(rows, dtype=torch.bool)
+        elif torch.is_tensor(decision):
+            computed = decision.detach().to("cpu", torch.bool).reshape(-1)
+        else:
+            computed = torch.full((rows,), bool(decision))
+        if query.unit == "attn1":
+            self._entropy[query.block] = self_attention_entropy(query.module, query.inputs).float().cpu()
+        prev, last = self._prev_in.get(key, x), self._last_in.get(key, x)
+        since = self._since.get(key, torch.zeros(rows))
+        self._pending[key] = {
+            "timestep": query.timestep, "log_snr": math.nan if query.log_snr is None else query.log_snr,
+            "in_l1": x.abs().mean(1), "in_l2": x.pow(2).mean(1).sqrt(),
+            "in_rel_l1_prev": _rel_l1(x, prev), "in_cos_prev": _cos(x, prev), "in_rel_l1_last": _rel_l1(x, last),
+            "entropy": self._entropy.get(query.block, torch.full((rows,), math.nan)),
+            "steps_since_compute": since.clone(), "computed": computed,
+            "candidate": self._last_out.get(key),  # the reuse a probe forces at this step
+        }
+        self._prev_in[key] = x
+        self._last_in[key] = torch.where(computed[:, None], x, last)
+        self._since[key] = torch.where(computed, torch.zeros_like(since), since + 1)
+        return decision
+
+    def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
+        super().observe(query, output)
+        if query.unit in self.record_units:
+            self._pending[query.block, query.unit]["out"] = output.detach()
+
+    def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
+        value = super().reuse(query, cached)
+        if query.unit in self.record_units:
+            self._pending[query.block, query.unit].setdefault("out", value.detach())
+        return value
+
+    # -- after each model call -------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, step: int, x_t: torch.Tensor, raw_output: torch.Tensor, channels: int) -> None:
+        """Finish this step's records: output signals, x0 SNR, local probes."""
+        eps = raw_output[:, :channels].float()
+        log_snr_x0 = self._log_snr_x0(x_t.float(), eps)
+        impacts = self._probe(step, raw_output[:, :channels].float(), channels) if self.local_probes else {}
+        for key, rec in self._pending.items():
+            out = rec.pop("out")
+            candidate = rec.pop("candidate")
+            flat = _rows(out)
+            prev = _rows(self._prev_out.get(key, out))
+            last = _rows(candidate) if candidate is not None else flat
+            cka = _batch_cka(out, self._prev_out[key]) if key in self._prev_out else 1.0
+            rows = flat.shape[0]
+            rec.update({
+                "out_l1": flat.abs().mean(1), "out_l2": flat.pow(2).mean(1).sqrt(),
+                "out_rel_l1_prev": _rel_l1(flat, prev), "out_cos_prev": _cos(flat, prev),
+                "out_rel_l1_last": _rel_l1(flat, last), "out_cos_last": _cos(flat, last),
+                "cka_prev": torch.full((rows,), cka), "log_snr_x0": log_snr_x0,
+                "impact_local": impacts.get(key, torch.full((rows,), math.nan)),
+                "step": step, "block": key[0], "unit": key[1],
+            })
+            self.records.append(rec)
+            self._prev_out[key] = out
+            computed = rec["computed"].to(out.device)
+            if key in self._last_out:
+                view = (-1,) + (1,) * (out.ndim - 1)
+                self._last_out[key] = torch.where(computed.view(view), out, self._last_out[key])
+            else:
+                self._last_out[key] = out
+        self._pending = {}
+
+    def _log_snr_x0(self, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """log(alpha_bar |x0_hat|^2 / ((1 - alpha_bar) |eps_hat|^2)) per row, from this step's prediction."""
+        from cqpolicy.runtime import active_runtime
+
+        log_snr = active_runtime(self.model).log_snr
+        if log_snr is None:
+            return torch.full((x_t.shape[0],), math.nan)
+        alpha_bar = 1.0 / (1.0 + math.exp(-log_snr))
+        x_t = x_t[:, :eps.shape[1]]
+        x0 = (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+        signal = alpha_bar * _rows(x0).pow(2).sum(1)
+        noise = (1 - alpha_bar) * _rows(eps).pow(2).sum(1)
+        return (signal.clamp_min(1e-20) / noise.clamp_min(1e-20)).log().cpu()
+
+    def _probe(self, step: int, reference: torch.Tensor, channels: int) -> dict:
+        """Per key: relative error of the model output when only that unit reuses (all rows at once)."""
+        from cqpolicy.runtime import active_runtime
+
+        runtime = active_runtime(self.model)
+        impacts = {}
+        ref = _rows(reference)
+        for block, (hidden, timestep, labels) in sorted(self._block_inputs.items()):
+            keys = [(block, u) for u in self.record_units
+                    if (block, u) in self._pending and self._pending[block, u]["candidate"] is not None]
+            if not keys:
+                continue
+            k, rows = len(keys), hidden.shape[0]
+            overrides = {}
+            for i, key in enumerate(keys):
+                mask = torch.zeros(k * rows, dtype=torch.bool)
+                mask[i * rows:(i + 1) * rows] = True
+                overrides[key] = (self._pending[key]["candidate"].repeat(k, *([1] * (hidden.ndim - 1))), mask)
+            self._probing = True
+            try:
+                with runtime.probing(overrides):
+                    out = forward_from_block(self.model, block, hidden.repeat(k, 1, 1), timestep.repeat(k),
+                                             labels.repeat(k))[:, :channels]
+            finally:
+                self._probing = False
+            errors = (_rows(out).view(k, rows, -1) - ref).norm(dim=2) / ref.norm(dim=1).clamp_min(1e-12)
+            for i, key in enumerate(keys):
+                impacts[key] = errors[i].cpu()
+        self._block_inputs = {}
+        return impacts
+
+    # -- results ---------------------------------------------------------------------------------------
+    def take_records(self) -> list[dict]:
+        records, self.records = self.records, []
+        return records
+
+
+def records_to_columns(records: list[dict], seeds: list[int], labels: list[int], cfg: bool) -> dict:
+    """Flatten recorder records (per step x block x unit, one tensor entry per CFG row) into columns."""
+    import numpy as np
+
+    batch = len(seeds)
+    branch_of = np.repeat([0, 1], batch) if cfg else np.zeros(batch, dtype=np.int64)
+    sample_of = np.tile(np.arange(batch), 2 if cfg else 1)
+    columns = defaultdict(list)
+    for rec in records:
+        rows = rec["in_l1"].shape[0]
+        if rows != len(sample_of):
+            raise ValueError(f"recorded {rows} rows for a batch of {batch} samples (cfg={cfg})")
+        columns["seed"].append(np.asarray(seeds, dtype=np.int64)[sample_of])
+        columns["cfg_branch"].append(branch_of.astype(np.int8))
+        columns["class_label"].append(np.asarray(labels, dtype=np.int16)[sample_of])
+        columns["step"].append(np.full(rows, rec["step"], dtype=np.int16))
+        columns["block"].append(np.full(rows, rec["block"], dtype=np.int16))
+        columns["unit"].append(np.full(rows, rec["unit"], dtype=object))
+        for name in PRE_COLUMNS + POST_COLUMNS + LABEL_COLUMNS:
+            value = rec[name]
+            if torch.is_tensor(value):
+                value = value.detach().float().cpu().numpy()
+            columns[name].append(np.broadcast_to(np.asarray(value, dtype=np.float32), (rows,)))
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
