@@ -70,3 +70,20 @@ def test_local_impact_equals_a_forced_reuse_run(tiny_dit_dir, target):
     got = cols["impact_local"][rows]  # rows are ordered as the batch: cond rows then uncond rows
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
     assert math.isfinite(got.sum()) and got.min() > 0
+
+
+def test_subsampled_entropy_on_a_long_sequence_is_close_to_exact():
+    """DiT-XL/2 has 256 tokens: 64 evenly spaced query rows estimate the mean row entropy."""
+    from diffusers.models.attention_processor import Attention
+
+    from cqpolicy.policies.signals import self_attention_entropy
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, heads=4, dim_head=16)
+    with torch.no_grad():
+        attn.to_q.weight.mul_(4)  # sharper than random init, so entropies spread below the maximum
+    x = torch.randn(3, 256, 64) + torch.linspace(-2, 2, 256)[None, :, None]
+    exact = self_attention_entropy(attn, x)
+    approx = self_attention_entropy(attn, x, max_queries=64)
+    assert (exact < 0.99).all()
+    assert (approx - exact).abs().max() < 0.01

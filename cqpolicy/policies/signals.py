@@ -79,14 +79,18 @@ def self_attention_qk(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Ten
 
 @torch.no_grad()
 def self_attention_entropy(attn: torch.nn.Module, x: torch.Tensor, normalized: bool = True,
-                           score_budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
+                           score_budget: int = DEFAULT_SCORE_BUDGET, max_queries: int | None = None) -> torch.Tensor:
     """Per-row attention entropy ``[B]`` of ``attn`` on input ``x``: mean over heads and query rows.
 
     With ``normalized`` the entropy is divided by its maximum ``log(N)``, so it lies in ``[0, 1]`` whatever
     the sequence length (a single token has entropy 0, reported as 0). Costs the ``to_q``/``to_k``
-    projections plus ``q k^T``: about ``2 N C^2 + N^2 C`` MACs per row.
+    projections plus ``q k^T``: about ``2 N C^2 + N^2 C`` MACs per row. With ``max_queries`` and longer
+    sequences, the mean runs over that many evenly spaced query rows (each row's entropy stays exact: all
+    keys are used), which cuts the ``N^2`` part on big models.
     """
     q, k = self_attention_qk(attn, x)
+    if max_queries is not None and q.shape[2] > max_queries:
+        q = q[:, :, torch.linspace(0, q.shape[2] - 1, max_queries, device=q.device).round().long()]
     entropy = attention_entropy(q, k, score_budget=score_budget).mean(dim=1)
     if normalized:
         top = max_entropy(k.shape[2])

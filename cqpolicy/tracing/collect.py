@@ -131,7 +131,8 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
                    steps=settings.steps, guidance_scale=settings.guidance_scale, policy=policy,
                    extra={"package_version": __version__, "num_blocks": num_blocks, "probes": ",".join(probes),
                           "batch_size": settings.batch_size})
-    labels_all = [i % model.num_classes for i in range(num_samples)]
+    # labels follow the absolute seed, so workers on disjoint seed ranges record what one run would
+    labels_all = [(seed + i) % model.num_classes for i in range(num_samples)]
     writer = TraceWriter(out_dir, info, TRACE_SCHEMA, label_columns=LABEL_COLUMNS)
     writer.remove_stale_temporaries()
     done = writer.done_seeds()

@@ -11,7 +11,9 @@ with the unit's last computed step; at step 0 there is no previous value: change
 
 * available before the unit runs: ``timestep``, ``log_snr`` (noise schedule), ``in_l1``, ``in_l2``,
   ``in_rel_l1_prev``, ``in_cos_prev``, ``in_rel_l1_last``, ``entropy`` (attention entropy of the block's
-  ``attn1`` over ``log N``, measured on this step's input), ``steps_since_compute``;
+  ``attn1`` over ``log N``, measured on this step's input; exact up to 64 tokens, else averaged over 64
+  evenly spaced query rows: see ``tests/test_recorder.py`` for its error on a 256-token model),
+  ``steps_since_compute``;
 * known after it: ``computed`` (under the traced policy), ``out_l1``, ``out_l2``, ``out_rel_l1_prev``,
   ``out_cos_prev``, ``out_rel_l1_last``, ``out_cos_last``, ``cka_prev`` (linear CKA with the previous
   step's output over the batch), ``log_snr_x0`` (from the step's predicted x0 and noise);
@@ -81,13 +83,15 @@ class TraceRecorder(DelegatingPolicy):
 
     name = "recorder"
 
-    def __init__(self, inner: Policy, local_probes: bool = True, record_units: tuple[str, ...] = ("attn1", "ff")):
+    def __init__(self, inner: Policy, local_probes: bool = True, record_units: tuple[str, ...] = ("attn1", "ff"),
+                 entropy_queries: int | None = 64):
         if "attn1" not in record_units:
             raise ValueError("the trace recorder needs attn1 among its units (entropy is measured there)")
         super().__init__(inner)
         self.record_units = tuple(record_units)
         self.units = tuple(dict.fromkeys((*record_units, *inner.units)))
         self.local_probes = local_probes
+        self.entropy_queries = entropy_queries  # exact up to 64 tokens (fmnist-dit: 49); subsampled beyond
         self.records: list[dict[str, torch.Tensor | int | str]] = []
         self._probing = False
         self._block_inputs: dict[int, tuple] = {}
@@ -139,7 +143,8 @@ class TraceRecorder(DelegatingPolicy):
         else:
             computed = torch.full((rows,), bool(decision))
         if query.unit == "attn1":
-            self._entropy[query.block] = self_attention_entropy(query.module, query.inputs).float().cpu()
+            self._entropy[query.block] = self_attention_entropy(
+                query.module, query.inputs, max_queries=self.entropy_queries).float().cpu()
         prev, last = self._prev_in.get(key, x), self._last_in.get(key, x)
         since = self._since.get(key, torch.zeros(rows))
         self._pending[key] = {
