@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="cqpolicy-trace", help="MLflow experiment name")
     p.add_argument("--out", required=True, help="trace run folder (e.g. traces/fmnist-none)")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("train", help="train a reuse policy (MLP) or a layer scheduler on traces",
+                       description="Train on one or more trace runs (split by seed) with Lightning; write a policy "
+                                   "artifact (policy.json + weights.safetensors) to --out. Deploy it with "
+                                   "--policy learned:path=DIR[,threshold=x] in sample and bench.")
+    p.add_argument("--traces", nargs="+", required=True, help="trace run folders")
+    p.add_argument("--kind", choices=["mlp", "scheduler"], default="mlp")
+    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--compute-budget", type=float, default=0.5,
+                   help="scheduler: fraction of units that compute (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
+    p.add_argument("--out", required=True, help="policy artifact folder")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -221,6 +235,20 @@ def cmd_trace(args) -> int:
           f"{summary['downstream_s']:.1f} s")
     if agreement:
         print("local impact vs downstream change:", json.dumps(agreement))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from cqpolicy.training.train import train_policy
+
+    if args.max_epochs < 1:
+        raise CliError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+    if not 0 < args.compute_budget <= 1:
+        raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
+    meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
+                        compute_budget=args.compute_budget, overwrite=args.overwrite)
+    print(json.dumps(meta.get("metrics", {}), indent=2))
+    print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
     return 0
 
 

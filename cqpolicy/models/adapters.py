@@ -73,3 +73,12 @@ def forward_from_block(model: torch.nn.Module, start: int, hidden_states: torch.
     side = int(hidden_states.shape[1] ** 0.5)
     hidden_states = hidden_states.reshape(-1, side, side, p, p, c)
     return torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, c, side * p, side * p)
+
+
+def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]:
+    """``'attn1+ff'`` -> ``('attn1', 'ff')``; one-line ValueError naming the policy family otherwise."""
+    parts = tuple(text.split("+"))
+    if any(p not in UNIT_NAMES for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"policy {family!r}: {field} must be distinct '+'-joined names from "
+                         f"{', '.join(UNIT_NAMES)}, got {text!r}")
+    return parts

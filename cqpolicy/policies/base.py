@@ -24,6 +24,7 @@ class UnitQuery:
     has_cache: bool  # whether a cached output exists for this unit in this call
     module: torch.nn.Module | None = None  # the unit's module (e.g. to read attention weights)
     log_snr: float | None = None  # log(alpha_bar / (1 - alpha_bar)) at this step; None if unknown
+    cfg_branch: torch.Tensor | None = None  # per row: 1 = unconditional (null-class) CFG row, 0 = conditional
 
 
 class Policy:

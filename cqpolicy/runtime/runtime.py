@@ -47,6 +47,11 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         self.runtime._on_model_call(_timestep_value(args, kwargs))
+        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        null_class = getattr(getattr(module, "config", None), "num_embeds_ada_norm", None)
+        # rows fed the null class are the unconditional CFG branch (works inside DiTPipeline too)
+        self.runtime.cfg_branch = (labels == null_class).to(torch.int8) \
+            if torch.is_tensor(labels) and null_class is not None else None
         return args, kwargs
 
 
@@ -73,7 +78,7 @@ class _UnitHook(ModelHook):
         has_cache = self.key in rt.store
         query = UnitQuery(step=rt.step, num_steps=rt.num_steps, timestep=rt.timestep, block=unit.block,
                           unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache,
-                          module=module, log_snr=rt.log_snr)
+                          module=module, log_snr=rt.log_snr, cfg_branch=rt.cfg_branch)
         decision = rt.policy.decide(query)
         if torch.is_tensor(decision):
             mask = decision.to(device=x.device, dtype=torch.bool).reshape(-1)
@@ -148,6 +153,7 @@ class CacheRuntime:
         self.step, self.num_steps, self.timestep = -1, None, float("nan")
         self.log_snr: float | None = None
         self._overrides: dict | None = None
+        self.cfg_branch: torch.Tensor | None = None  # per row of the current model call: 1 = unconditional
         self._registries = []
         registry = HookRegistry.check_if_exists_or_initialize(model)
         registry.register_hook(_StepHook(self), STEP_HOOK)

@@ -29,6 +29,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from cqpolicy.models.adapters import forward_from_block, transformer_blocks
 from cqpolicy.policies.base import DelegatingPolicy, Policy, UnitQuery
+from cqpolicy.policies.features import InputTracker, computed_rows, cos_rows, flat_rows, rel_l1_rows
 from cqpolicy.policies.signals import self_attention_entropy
 
 CAPTURE_HOOK = "cqpolicy_capture"
@@ -40,16 +41,6 @@ LABEL_COLUMNS = ("impact_local",)
 CKA_MAX_SAMPLES = 1024
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().float().reshape(x.shape[0], -1)
-
-
-def _rel_l1(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return (x - ref).abs().mean(1) / ref.abs().mean(1).clamp_min(1e-12)
-
-
-def _cos(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(x, ref, dim=1, eps=1e-12)
 
 
 def _batch_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -119,11 +110,9 @@ class TraceRecorder(DelegatingPolicy):
         self._clear()
 
     def _clear(self):
-        self._prev_in: dict = {}
-        self._last_in: dict = {}
+        self._inputs = InputTracker()
         self._prev_out: dict = {}
         self._last_out: dict = {}  # last computed output per key, row by row: what a reuse would return
-        self._since: dict = {}
         self._entropy: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
         self._block_inputs = {}
@@ -134,30 +123,18 @@ class TraceRecorder(DelegatingPolicy):
         if query.unit not in self.record_units:
             return decision
         key = (query.block, query.unit)
-        x = _rows(query.inputs)
-        rows = x.shape[0]
-        if not query.has_cache:
-            computed = torch.ones(rows, dtype=torch.bool)
-        elif torch.is_tensor(decision):
-            computed = decision.detach().to("cpu", torch.bool).reshape(-1)
-        else:
-            computed = torch.full((rows,), bool(decision))
+        rows = query.inputs.shape[0]
+        computed = computed_rows(decision, query.has_cache, rows)
         if query.unit == "attn1":
             self._entropy[query.block] = self_attention_entropy(
                 query.module, query.inputs, max_queries=self.entropy_queries).float().cpu()
-        prev, last = self._prev_in.get(key, x), self._last_in.get(key, x)
-        since = self._since.get(key, torch.zeros(rows))
         self._pending[key] = {
+            **{k: v.cpu() for k, v in self._inputs.before(key, query.inputs).items()},
             "timestep": query.timestep, "log_snr": math.nan if query.log_snr is None else query.log_snr,
-            "in_l1": x.abs().mean(1), "in_l2": x.pow(2).mean(1).sqrt(),
-            "in_rel_l1_prev": _rel_l1(x, prev), "in_cos_prev": _cos(x, prev), "in_rel_l1_last": _rel_l1(x, last),
             "entropy": self._entropy.get(query.block, torch.full((rows,), math.nan)),
-            "steps_since_compute": since.clone(), "computed": computed,
-            "candidate": self._last_out.get(key),  # the reuse a probe forces at this step
+            "computed": computed, "candidate": self._last_out.get(key),  # the reuse a probe forces here
         }
-        self._prev_in[key] = x
-        self._last_in[key] = torch.where(computed[:, None], x, last)
-        self._since[key] = torch.where(computed, torch.zeros_like(since), since + 1)
+        self._inputs.after(computed)
         return decision
 
     def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
@@ -181,15 +158,15 @@ class TraceRecorder(DelegatingPolicy):
         for key, rec in self._pending.items():
             out = rec.pop("out")
             candidate = rec.pop("candidate")
-            flat = _rows(out)
-            prev = _rows(self._prev_out.get(key, out))
-            last = _rows(candidate) if candidate is not None else flat
+            flat = flat_rows(out)
+            prev = flat_rows(self._prev_out.get(key, out))
+            last = flat_rows(candidate) if candidate is not None else flat
             cka = _batch_cka(out, self._prev_out[key]) if key in self._prev_out else 1.0
             rows = flat.shape[0]
             rec.update({
                 "out_l1": flat.abs().mean(1), "out_l2": flat.pow(2).mean(1).sqrt(),
-                "out_rel_l1_prev": _rel_l1(flat, prev), "out_cos_prev": _cos(flat, prev),
-                "out_rel_l1_last": _rel_l1(flat, last), "out_cos_last": _cos(flat, last),
+                "out_rel_l1_prev": rel_l1_rows(flat, prev), "out_cos_prev": cos_rows(flat, prev),
+                "out_rel_l1_last": rel_l1_rows(flat, last), "out_cos_last": cos_rows(flat, last),
                 "cka_prev": torch.full((rows,), cka), "log_snr_x0": log_snr_x0,
                 "impact_local": impacts.get(key, torch.full((rows,), math.nan)),
                 "step": step, "block": key[0], "unit": key[1],
@@ -214,8 +191,8 @@ class TraceRecorder(DelegatingPolicy):
         alpha_bar = 1.0 / (1.0 + math.exp(-log_snr))
         x_t = x_t[:, :eps.shape[1]]
         x0 = (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
-        signal = alpha_bar * _rows(x0).pow(2).sum(1)
-        noise = (1 - alpha_bar) * _rows(eps).pow(2).sum(1)
+        signal = alpha_bar * flat_rows(x0).pow(2).sum(1)
+        noise = (1 - alpha_bar) * flat_rows(eps).pow(2).sum(1)
         return (signal.clamp_min(1e-20) / noise.clamp_min(1e-20)).log().cpu()
 
     def _probe(self, step: int, reference: torch.Tensor, channels: int) -> dict:
@@ -224,7 +201,7 @@ class TraceRecorder(DelegatingPolicy):
 
         runtime = active_runtime(self.model)
         impacts = {}
-        ref = _rows(reference)
+        ref = flat_rows(reference)
         for block, (hidden, timestep, labels) in sorted(self._block_inputs.items()):
             keys = [(block, u) for u in self.record_units
                     if (block, u) in self._pending and self._pending[block, u]["candidate"] is not None]
@@ -243,7 +220,7 @@ class TraceRecorder(DelegatingPolicy):
                                              labels.repeat(k))[:, :channels]
             finally:
                 self._probing = False
-            errors = (_rows(out).view(k, rows, -1) - ref).norm(dim=2) / ref.norm(dim=1).clamp_min(1e-12)
+            errors = (flat_rows(out).view(k, rows, -1) - ref).norm(dim=2) / ref.norm(dim=1).clamp_min(1e-12)
             for i, key in enumerate(keys):
                 impacts[key] = errors[i].cpu()
         self._block_inputs = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cqpolicy.models.adapters import parse_units
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.registry import register
 
@@ -21,13 +22,14 @@ class ForaConfig:
             raise ValueError(f"policy 'fora': interval must be at least 1, got {self.interval}")
         if self.warmup < 0:
             raise ValueError(f"policy 'fora': warmup must be non-negative, got {self.warmup}")
+        parse_units(self.unit, "fora", "unit")
 
 
 @register("fora", ForaConfig)
 class ForaPolicy(Policy):
     def __init__(self, config: ForaConfig = ForaConfig()):
         self.config = config
-        self.units = tuple(config.unit.split("+"))
+        self.units = parse_units(config.unit, "fora", "unit")
 
     def decide(self, query: UnitQuery) -> bool:
         if query.step < self.config.warmup:

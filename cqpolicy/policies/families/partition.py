@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from cqpolicy.models.adapters import UNIT_NAMES
+from cqpolicy.models.adapters import parse_units
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.calibration import record_unit_outputs
 from cqpolicy.runtime import StepMismatchError
@@ -157,11 +157,7 @@ class PartitionConfig:
         if self.calibration_samples < 1:
             raise ValueError(f"policy {name!r}: calibration_samples must be at least 1, "
                              f"got {self.calibration_samples}")
-        parts = self.units.split("+")
-        bad = [p for p in parts if p not in UNIT_NAMES]
-        if bad or len(set(parts)) != len(parts):
-            raise ValueError(f"policy {name!r}: units={self.units!r} must be distinct '+'-joined names from "
-                             f"{', '.join(UNIT_NAMES)}")
+        parse_units(self.units, name)
 
 
 class PartitionPolicy(Policy):
@@ -174,7 +170,7 @@ class PartitionPolicy(Policy):
 
     def __init__(self, config: PartitionConfig):
         self.config = config
-        self.units = tuple(config.units.split("+"))
+        self.units = parse_units(config.units, self.name)
         self.starts: list[int] | None = None  # group start steps of the current schedule
         self.distance: torch.Tensor | None = None  # [S, S] step distances behind it
         self.calibrated_steps: int | None = None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cqpolicy.models.adapters import UNIT_NAMES
+from cqpolicy.models.adapters import parse_units
 from cqpolicy.policies import calibration
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.families.schedule import StaticSchedule, save_schedule
@@ -40,11 +40,7 @@ class SmoothCacheConfig:
         if self.calibration_samples < 1:
             raise ValueError(f"policy 'smoothcache': calibration_samples must be at least 1, "
                              f"got {self.calibration_samples}")
-        units = self.units.split("+")
-        bad = [u for u in units if u not in UNIT_NAMES]
-        if bad or len(set(units)) != len(units):
-            raise ValueError(f"policy 'smoothcache': units={self.units!r} must be distinct '+'-joined names from "
-                             f"{', '.join(UNIT_NAMES)}")
+        parse_units(self.units, "smoothcache")
 
 
 def relative_errors(outputs: dict, units: tuple[str, ...], lookahead: int) -> dict[str, torch.Tensor]:
@@ -90,7 +86,7 @@ def greedy_schedule(err: torch.Tensor, threshold: float, lookahead: int) -> tupl
 class SmoothCachePolicy(Policy):
     def __init__(self, config: SmoothCacheConfig = SmoothCacheConfig()):
         self.config = config
-        self.units = tuple(config.units.split("+"))
+        self.units = parse_units(config.units, self.name)
         self.errors: dict[str, torch.Tensor] | None = None  # the current calibration's error tables
         self.static: StaticSchedule | None = None  # the current calibrated schedule
         self._calibrated: dict[tuple, tuple[dict, StaticSchedule]] = {}

@@ -27,7 +27,7 @@ import torch
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.registry import register
 
-UNIT_NAMES = ("attn1", "ff", "block")
+from cqpolicy.models.adapters import parse_units
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,7 @@ class TaylorSeerConfig:
             raise ValueError(f"policy 'taylorseer': order must be 1 or 2, got {self.order}")
         if self.warmup < 0:
             raise ValueError(f"policy 'taylorseer': warmup must be non-negative, got {self.warmup}")
-        parts = self.units.split("+")
-        if any(p not in UNIT_NAMES for p in parts) or len(set(parts)) != len(parts):
-            raise ValueError(f"policy 'taylorseer': units must be '+'-joined distinct names from "
-                             f"{', '.join(UNIT_NAMES)}, got {self.units!r}")
+        parse_units(self.units, "taylorseer")
 
 
 def taylor_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: int,
@@ -78,7 +75,7 @@ def taylor_forecast(history: list[tuple[int, torch.Tensor]], step: int, order: i
 class TaylorSeerPolicy(Policy):
     def __init__(self, config: TaylorSeerConfig = TaylorSeerConfig()):
         self.config = config
-        self.units = tuple(config.units.split("+"))
+        self.units = parse_units(config.units, self.name)
         self.reset(None, 0)
 
     def reset(self, num_steps: int | None, num_blocks: int) -> None:

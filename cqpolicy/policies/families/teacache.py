@@ -29,7 +29,7 @@ from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.registry import register
 from cqpolicy.policies.signals import relative_l1
 
-UNIT_NAMES = ("attn1", "ff", "block")
+from cqpolicy.models.adapters import parse_units
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,14 @@ class TeaCacheConfig:
             raise ValueError(f"policy 'teacache': max_reuse must be non-negative, got {self.max_reuse}")
         if self.warmup < 0:
             raise ValueError(f"policy 'teacache': warmup must be non-negative, got {self.warmup}")
-        parts = self.unit.split("+")
-        if not parts or any(p not in UNIT_NAMES for p in parts) or len(set(parts)) != len(parts):
-            raise ValueError(f"policy 'teacache': unit must be '+'-joined distinct names from "
-                             f"{', '.join(UNIT_NAMES)}, got {self.unit!r}")
+        parse_units(self.unit, "teacache", "unit")
 
 
 @register("teacache", TeaCacheConfig)
 class TeaCachePolicy(Policy):
     def __init__(self, config: TeaCacheConfig = TeaCacheConfig()):
         self.config = config
-        self.units = tuple(config.unit.split("+"))
+        self.units = parse_units(config.unit, "teacache", "unit")
         self.reset(None, 0)
 
     def reset(self, num_steps: int | None, num_blocks: int) -> None:

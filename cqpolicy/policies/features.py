@@ -1,0 +1,85 @@
+"""Features of a cache unit that exist *before* it executes: what a deployed policy can decide from.
+
+The trace recorder and the learned policy both compute them with ``InputTracker``, so a policy is trained
+on exactly the numbers it will see at run time. Per row (CFG rows separately):
+
+``log_snr`` (noise schedule at this step), ``progress`` (step / (steps - 1)), ``depth`` (block /
+(blocks - 1)), ``is_attn1`` / ``is_ff`` / ``is_block``, ``cfg_branch`` (1 for null-class rows),
+``in_l1`` / ``in_l2`` (mean |x|, RMS of the unit's input), ``in_rel_l1_prev`` / ``in_cos_prev`` (input
+against the previous step's), ``in_rel_l1_last`` (input against the input at the unit's last compute),
+``steps_since_compute``. All are element-wise passes over the input: cheap next to the unit itself.
+At step 0 there is no previous input: changes are 0 and cosines 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+RUNTIME_FEATURES = ("log_snr", "progress", "depth", "is_attn1", "is_ff", "is_block", "cfg_branch", "in_l1",
+                    "in_l2", "in_rel_l1_prev", "in_cos_prev", "in_rel_l1_last", "steps_since_compute")
+TRACKED = ("in_l1", "in_l2", "in_rel_l1_prev", "in_cos_prev", "in_rel_l1_last", "steps_since_compute")
+
+
+def flat_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().reshape(x.shape[0], -1)
+
+
+def rel_l1_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (x - ref).abs().mean(1) / ref.abs().mean(1).clamp_min(1e-12)
+
+
+def cos_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(x, ref, dim=1, eps=1e-12)
+
+
+class InputTracker:
+    """Per (block, unit): the previous input, the input at the last compute, steps since that compute."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._prev: dict = {}
+        self._last: dict = {}
+        self._since: dict = {}
+
+    def before(self, key, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``TRACKED`` features of this input (per row); call ``after`` once the decision is known."""
+        x = flat_rows(inputs)
+        prev, last = self._prev.get(key, x), self._last.get(key, x)
+        since = self._since.get(key, torch.zeros(x.shape[0], device=x.device))
+        self._pending = (key, x, last, since)
+        return {"in_l1": x.abs().mean(1), "in_l2": x.pow(2).mean(1).sqrt(), "in_rel_l1_prev": rel_l1_rows(x, prev),
+                "in_cos_prev": cos_rows(x, prev), "in_rel_l1_last": rel_l1_rows(x, last),
+                "steps_since_compute": since.clone()}
+
+    def after(self, computed: torch.Tensor) -> None:
+        key, x, last, since = self._pending
+        computed = computed.to(x.device)
+        self._prev[key] = x
+        self._last[key] = torch.where(computed[:, None], x, last)
+        self._since[key] = torch.where(computed, torch.zeros_like(since), since + 1)
+
+
+def computed_rows(decision, has_cache: bool, rows: int) -> torch.Tensor:
+    """The rows a unit actually computes, given a policy decision (the runtime computes all without cache)."""
+    if not has_cache:
+        return torch.ones(rows, dtype=torch.bool)
+    if torch.is_tensor(decision):
+        return decision.detach().to("cpu", torch.bool).reshape(-1)
+    return torch.full((rows,), bool(decision))
+
+
+def context_features(query, rows: int, cfg_branch: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The features given by where the unit is (step, block, unit type, branch) rather than by its input."""
+    steps = query.num_steps
+    full = lambda v: torch.full((rows,), float(v))  # noqa: E731
+    return {
+        "log_snr": full(math.nan if query.log_snr is None else query.log_snr),
+        "progress": full(query.step / max(1, steps - 1) if steps else math.nan),
+        "depth": full(query.block / max(1, query.num_blocks - 1)),
+        "is_attn1": full(query.unit == "attn1"), "is_ff": full(query.unit == "ff"),
+        "is_block": full(query.unit == "block"),
+        "cfg_branch": cfg_branch.float().cpu() if cfg_branch is not None else torch.zeros(rows),
+    }
