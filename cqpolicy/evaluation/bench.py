@@ -38,7 +38,10 @@ def _run(model, policy, cache_format, labels, seeds, settings, measure_macs=Fals
 
 
 def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num_samples: int, seed: int = 0,
-          cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True) -> list[dict]:
+          cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True,
+          macs: bool = True) -> list[dict]:
+    """One row per method (the plain-model baseline first). ``repeats=0`` skips wall timing and
+    ``macs=False`` the FLOP-counted pass (for extra seeds of a table whose costs were measured once)."""
     settings.validate()
     if repeats < 0:
         raise ValueError(f"--repeats must be non-negative (0 skips wall timing), got {repeats}")
@@ -55,19 +58,21 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
         classifier = load_classifier()
         fid_metric = ClassifierFID() if fid else None
     methods = [(BASELINE, None)] + list(zip(policies, objects))
-    bar = tqdm(total=len(methods) * (2 + (repeats + 1 if repeats else 0)), desc="bench", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(methods) * (1 + macs + (repeats + 1 if repeats else 0)), desc="bench", disable=not progress, dynamic_ncols=True)
     rows, reference = [], None
     for name, policy in methods:
         if policy is not None:
             policy.prepare(model, settings)
         (_, images), stats = _run(model, policy, cache_format, labels, seeds, settings)
         bar.update(1)
-        (macs, _), _ = _run(model, policy, cache_format, labels[:n_first], seeds[:n_first], settings, True)
-        bar.update(1)
+        counted = None
+        if macs:
+            (counted, _), _ = _run(model, policy, cache_format, labels[:n_first], seeds[:n_first], settings, True)
+            bar.update(1)
         images_u8 = images_to_uint8(images)
         row = {"policy": name, "policy_config": BASELINE if policy is None else spec_string(policy),
                "cache_dtype": cache_format,
-               "macs_per_image": macs / n_first, **stats}
+               "macs_per_image": counted / n_first if macs else None, **stats}
         if reference is None:
             reference = (images, images_u8)
         row["bit_identical"] = bool(torch.equal(images, reference[0]))
@@ -94,7 +99,7 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
         wall = statistics.median(times[i]) if repeats else None
         row.update({"wall_s_per_batch": wall, "wall_times": times[i],
                     "wall_speedup": base_wall / wall if repeats else None,
-                    "macs_speedup": base_macs / row["macs_per_image"], "num_samples": num_samples,
+                    "macs_speedup": base_macs / row["macs_per_image"] if macs else None, "num_samples": num_samples,
                     "steps": settings.steps, "seed": seed, "batch_size": settings.batch_size,
                     "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
                     "repeats": repeats, "model": model.name})
@@ -110,7 +115,7 @@ def markdown_table(rows: list[dict]) -> str:
         return "–" if value is None else format(value, spec)
 
     for r in rows:
-        lines.append(f"| `{r['policy']}` | {r['macs_speedup']:.2f}× | {fmt(r['wall_speedup'], '.2f')}× | "
+        lines.append(f"| `{r['policy']}` | {fmt(r['macs_speedup'], '.2f')}× | {fmt(r['wall_speedup'], '.2f')}× | "
                      f"{fmt(r.get('fid'), '.2f')} | {fmt(r['psnr_vs_baseline'], '.1f')} | "
                      f"{r['ssim_vs_baseline']:.4f} | {'yes' if r['bit_identical'] else 'no'} | "
                      f"{fmt(r['reuse_ratio'], '.2f')} | "

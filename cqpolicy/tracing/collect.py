@@ -129,7 +129,8 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
     num_blocks = len(transformer_blocks(model.transformer))
     info = RunInfo(model_id=model.name, model_hash=model_fingerprint(model), scheduler=settings.scheduler,
                    steps=settings.steps, guidance_scale=settings.guidance_scale, policy=policy,
-                   extra={"package_version": __version__, "num_blocks": num_blocks, "probes": ",".join(probes),
+                   extra={"package_version": __version__, "num_blocks": num_blocks,
+                          "model_class": type(model.transformer).__name__, "probes": ",".join(probes),
                           "batch_size": settings.batch_size})
     # labels follow the absolute seed, so workers on disjoint seed ranges record what one run would
     labels_all = [(seed + i) % model.num_classes for i in range(num_samples)]

@@ -3,6 +3,7 @@ from cqpolicy.policies.families import (  # noqa: F401
     dps,
     dqar,
     fora,
+    learned,
     none,
     peers,
     recat,

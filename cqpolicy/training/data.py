@@ -1,0 +1,259 @@
+"""Trace rows as training data: runtime features, log-impact targets, a split by seed, train-only normalisation.
+
+``TraceDataModule`` reads every run through ``TraceReader`` (schema, model and step checks), derives the
+features a deployed policy computes from where a unit is (``progress``, ``depth``, ``is_attn1`` / ``is_ff`` /
+``is_block``, exactly as ``cqpolicy.policies.features.context_features`` does at run time), keeps only rows
+with a probed label (``impact_local`` is NaN at step 0 and wherever probes were off) and splits them **by
+seed**: every row of a sample lands on one side, so validation measures generalisation to unseen samples
+rather than to unseen steps of samples already trained on. Normalisation statistics come from the train
+split only.
+
+Loading is eager (in the constructor): bad trace folders fail before any model or logger is built.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from cqpolicy.models.adapters import UNIT_NAMES
+from cqpolicy.policies.features import RUNTIME_FEATURES
+from cqpolicy.tracing.store import TraceError, TraceReader
+
+LABEL = "impact_local"
+LOG_EPS = 1e-6  # target y = log(impact + LOG_EPS); the deployed policy uses the same offset
+DERIVED_FEATURES = ("progress", "depth", "is_attn1", "is_ff", "is_block")
+STD_FLOOR = 1e-6
+
+__all__ = ["LABEL", "LOG_EPS", "DERIVED_FEATURES", "TraceDataModule", "ImpactTableDataModule", "EpochSampler"]
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on ``(seed, epoch)``: a resumed run sees the same batches as an unbroken one.
+
+    Lightning calls ``set_epoch`` at the start of every training epoch (also after restoring a checkpoint).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _unit_order(found: Sequence[str]) -> list[str]:
+    """Known units in the runtime's order (attn1, ff, block), then any others sorted: stable codes across runs."""
+    found = set(found)
+    return [u for u in UNIT_NAMES if u in found] + sorted(found - set(UNIT_NAMES))
+
+
+class TraceDataModule(L.LightningDataModule):
+    """Rows of trace runs as ``(x, y, impact, step, block, unit)`` tensors, split by seed.
+
+    ``x``: the ``features`` normalised with train-split statistics; ``y``: ``log(impact + 1e-6)``; ``impact``:
+    the raw label (for metrics); ``step``, ``block``, ``unit`` (code into ``units``): where the row is.
+    """
+
+    def __init__(self, run_dirs: Sequence[str | os.PathLike], features: Sequence[str] = RUNTIME_FEATURES,
+                 val_fraction: float = 0.25, batch_size: int = 4096, seed: int = 0):
+        super().__init__()
+        if isinstance(run_dirs, (str, os.PathLike)):
+            run_dirs = [run_dirs]
+        self.run_dirs = [str(d) for d in run_dirs]
+        self.features = list(features)
+        if not self.run_dirs:
+            raise TraceError("no trace folders given: pass at least one run recorded by `cqpolicy trace`")
+        if not self.features:
+            raise TraceError("no features given")
+        if len(set(self.features)) != len(self.features):
+            raise TraceError(f"features repeat a name: {self.features}")
+        if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+            raise TraceError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TraceError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.val_fraction, self.batch_size, self.seed = float(val_fraction), batch_size, int(seed)
+        self._load()
+        self.save_hyperparameters({"traces": self.run_dirs, "features": self.features,
+                                   "val_fraction": self.val_fraction, "batch_size": self.batch_size,
+                                   "split_seed": self.seed, "train_seeds": self.train_seeds,
+                                   "val_seeds": self.val_seeds})
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        reader = TraceReader(self.run_dirs)
+        self.reader = reader
+        manifests = reader.manifests
+        self.manifest = reader.manifest
+        self.steps = int(self.manifest["steps"])
+        for key in ("num_blocks", "scheduler", "guidance_scale"):
+            values = {_comparable(m.get(key)) for m in manifests}
+            if len(values) > 1:
+                raise TraceError(f"cannot train on runs of different {key} together "
+                                 f"({', '.join(sorted(map(str, values)))}): one policy fits one sampling setup")
+        if not isinstance(self.manifest.get("num_blocks"), int) or self.manifest["num_blocks"] < 1:
+            raise TraceError(f"{self.run_dirs[0]}'s manifest lacks num_blocks (record it with `cqpolicy trace`)")
+        self.num_blocks = int(self.manifest["num_blocks"])
+
+        columns = reader.columns
+        if LABEL not in columns:
+            raise TraceError(f"the traces hold no {LABEL!r} label column; record them with --probes local")
+        derived = [f for f in self.features if f in DERIVED_FEATURES]
+        stored = [f for f in self.features if f not in DERIVED_FEATURES]
+        missing = [f for f in stored if f not in columns]
+        if missing:
+            raise TraceError(f"features missing from the traces: {', '.join(missing)} "
+                             f"(columns: {', '.join(columns)})")
+        read = list(dict.fromkeys(["seed", "step", "block", "unit", LABEL, *stored]))
+        table = reader.table(read)
+
+        impact = table[LABEL].to_numpy(zero_copy_only=False).astype(np.float64)
+        keep = ~np.isnan(impact)
+        if not keep.any():
+            raise TraceError(f"{', '.join(self.run_dirs)} hold no probed rows ({LABEL} is NaN everywhere): "
+                             f"record traces with --probes local")
+        impact = impact[keep]
+        if not np.isfinite(impact).all() or (impact < 0).any():
+            raise TraceError(f"{LABEL} holds infinite or negative values; it must be a relative error >= 0")
+
+        self.units = _unit_order(pc.unique(table["unit"]).to_pylist())
+        col = lambda name: table[name].to_numpy(zero_copy_only=False)[keep]  # noqa: E731
+        step, block, seed = col("step").astype(np.int64), col("block").astype(np.int64), col("seed").astype(np.int64)
+        unit_names = col("unit")
+        codes = pc.index_in(table["unit"], value_set=pa.array(self.units, type=pa.string()))
+        unit = np.asarray(codes.to_numpy())[keep].astype(np.int64)
+        if step.max() >= self.steps or block.max() >= self.num_blocks or min(step.min(), block.min()) < 0:
+            raise TraceError(f"trace rows lie outside {self.steps} steps x {self.num_blocks} blocks")
+
+        values = {}
+        for name in derived:
+            if name == "progress":
+                values[name] = step / max(1, self.steps - 1)
+            elif name == "depth":
+                values[name] = block / max(1, self.num_blocks - 1)
+            else:  # is_attn1 / is_ff / is_block
+                values[name] = (unit_names == name.removeprefix("is_")).astype(np.float64)
+        for name in stored:
+            values[name] = col(name).astype(np.float64)
+        x = np.stack([values[name] for name in self.features], axis=1)
+        if not np.isfinite(x).all():
+            bad = [name for name in self.features if not np.isfinite(values[name]).all()]
+            raise TraceError(f"features {', '.join(bad)} hold NaN/inf on probed rows")
+
+        # the split: a seeded permutation of the distinct seeds, never of rows
+        seeds = np.unique(seed)
+        if len(seeds) < 2:
+            raise TraceError(f"need at least 2 seeds to split into train and validation, the probed rows of "
+                             f"{', '.join(self.run_dirs)} hold {len(seeds)} (seed {seeds[0]})")
+        n_val = min(max(1, math.ceil(self.val_fraction * len(seeds))), len(seeds) - 1)
+        order = torch.randperm(len(seeds), generator=torch.Generator().manual_seed(self.seed)).numpy()
+        self.val_seeds = sorted(int(s) for s in seeds[order[:n_val]])
+        self.train_seeds = sorted(int(s) for s in seeds[order[n_val:]])
+        is_val = np.isin(seed, self.val_seeds)
+
+        train_x = x[~is_val]
+        mean = train_x.mean(0)
+        std = np.maximum(train_x.std(0), STD_FLOOR)
+        self.normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+        xn = torch.from_numpy(((x - mean) / std).astype(np.float32))
+        y = torch.from_numpy(np.log(impact + LOG_EPS).astype(np.float32))
+        raw = torch.from_numpy(impact.astype(np.float32))
+        where = [torch.from_numpy(a) for a in (step, block, unit, seed)]
+        split = {}
+        for name, mask in (("train", ~is_val), ("val", is_val)):
+            m = torch.from_numpy(mask)
+            split[name] = {"x": xn[m], "y": y[m], "impact": raw[m], "step": where[0][m], "block": where[1][m],
+                           "unit": where[2][m], "seed": where[3][m]}
+        self.split = split
+        self.train_impact = impact[~is_val]
+
+    # -- what the trainer and train.py use ------------------------------------------------------------------
+
+    @property
+    def in_features(self) -> int:
+        return len(self.features)
+
+    def tolerance(self, quantile: float = 0.5) -> float:
+        """The ``quantile`` of the train-split impacts: rows above it count as harmful reuses."""
+        return float(np.quantile(self.train_impact, quantile))
+
+    def dataset(self, name: str) -> TensorDataset:
+        s = self.split[name]
+        return TensorDataset(s["x"], s["y"], s["impact"], s["step"], s["block"], s["unit"])
+
+    def setup(self, stage: str | None = None) -> None:
+        pass  # loaded (and validated) in the constructor
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("val"), batch_size=self.batch_size, shuffle=False)
+
+    def impact_table(self, split: str = "train") -> torch.Tensor:
+        """Mean impact per (step, block, unit) over ``split`` rows: ``[steps, num_blocks, len(units)]``, NaN where
+        never probed (e.g. step 0)."""
+        s = self.split[split]
+        shape = (self.steps, self.num_blocks, len(self.units))
+        index = (s["step"] * shape[1] + s["block"]) * shape[2] + s["unit"]
+        total = torch.zeros(math.prod(shape), dtype=torch.float64).index_add_(0, index, s["impact"].double())
+        count = torch.zeros(math.prod(shape), dtype=torch.float64).index_add_(
+            0, index, torch.ones_like(index, dtype=torch.float64))
+        mean = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+        return mean.reshape(shape).float()
+
+    def model_meta(self) -> dict:
+        """The ``model`` entry of a policy artifact: what sampling setup the traces (and so the policy) fit."""
+        m = self.manifest
+        return {"class": m.get("model_class", "DiTTransformer2DModel"), "model_id": m["model_id"],
+                "model_hash": m["model_hash"], "num_blocks": self.num_blocks, "units": list(self.units),
+                "steps": self.steps, "scheduler": m["scheduler"], "guidance_scale": float(m["guidance_scale"])}
+
+    def fingerprint(self) -> dict:
+        """What the data is: runs, model, seeds of each side; a resumed training must see the same."""
+        return {"traces": [os.path.abspath(d) for d in self.run_dirs], "model_hash": self.manifest["model_hash"],
+                "steps": self.steps, "features": self.features, "train_seeds": self.train_seeds,
+                "val_seeds": self.val_seeds, "rows": {k: int(len(v["y"])) for k, v in self.split.items()}}
+
+
+def _comparable(value):
+    return value if isinstance(value, (str, int, float, type(None))) else repr(value)
+
+
+class _Repeat(Dataset):
+    def __init__(self, item: torch.Tensor, n: int):
+        self.item, self.n = item, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.item
+
+
+class ImpactTableDataModule(L.LightningDataModule):
+    """The one impact table, yielded ``steps_per_epoch`` times per epoch (the scheduler's whole data set)."""
+
+    def __init__(self, table: torch.Tensor, steps_per_epoch: int = 50):
+        super().__init__()
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self.table, self.steps_per_epoch = table, steps_per_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Repeat(self.table, self.steps_per_epoch), batch_size=None, shuffle=False)

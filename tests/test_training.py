@@ -1,0 +1,341 @@
+"""Training stage: seed split, train-only normalisation, a learnable MLP, determinism, resume, artifacts, scheduler.
+
+All data are tiny synthetic trace runs written with ``TraceWriter`` (no diffusion model runs); the label
+truly depends on the runtime features (``in_rel_l1_prev``, ``steps_since_compute``) and on where the unit
+is, so a model can learn it and a scheduler has cheap and expensive cells to choose between.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from itertools import product
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from cqpolicy.policies.base import UnitQuery
+from cqpolicy.policies.families.learned import LearnedConfig, LearnedPolicy
+from cqpolicy.policies.families.schedule import load_schedule
+from cqpolicy.policies.features import RUNTIME_FEATURES
+from cqpolicy.tracing import RunInfo, TraceError, TraceReader, TraceWriter
+from cqpolicy.tracing.collect import LABEL_COLUMNS, TRACE_SCHEMA
+from cqpolicy.training.artifact import ArtifactError, check_fits, load_artifact, save_artifact
+from cqpolicy.training.data import TraceDataModule
+from cqpolicy.training.modules import LayerSchedulerModule, ReuseMLP
+from cqpolicy.training.train import checkpoint_dir, train_policy
+
+STEPS, BLOCKS, UNITS = 10, 4, ("attn1", "ff")
+FAST = dict(hidden=32, batch_size=64, progress=False)
+
+
+def info(**over) -> RunInfo:
+    kw = dict(model_id="synthetic-dit", model_hash="feedbeef", scheduler="ddim", steps=STEPS, guidance_scale=3.0,
+              policy="none", extra={"num_blocks": BLOCKS, "probes": "local"})
+    kw.update(over)
+    return RunInfo(**kw)
+
+
+def cell_effect(step, block, unit_is_ff):
+    """A fixed per-(step, block, unit) part of the log impact: deep blocks and ff are costly to reuse."""
+    return 1.2 * block / (BLOCKS - 1) + 0.6 * unit_is_ff - 0.08 * step
+
+
+def seed_rows(seed: int, probed: bool = True) -> pa.Table:
+    keys = list(product([seed], (0, 1), range(STEPS), range(BLOCKS), UNITS))
+    n = len(keys)
+    cols = dict(zip(("seed", "cfg_branch", "step", "block", "unit"), map(np.array, zip(*keys))))
+    rng = np.random.default_rng(1000 + seed)
+    step, block, is_ff = cols["step"], cols["block"], (cols["unit"] == "ff").astype(float)
+    data = {name: rng.random(n).astype(np.float32) for name in TRACE_SCHEMA.names[6:]}
+    data["in_rel_l1_prev"] = rng.gamma(2.0, 0.1, n).astype(np.float32)
+    data["steps_since_compute"] = rng.integers(0, 3, n).astype(np.float32)
+    data["log_snr"] = (4.0 - step).astype(np.float32)
+    log_impact = (-5.0 + 6.0 * data["in_rel_l1_prev"] + 0.9 * data["steps_since_compute"]
+                  + cell_effect(step, block, is_ff) + 0.15 * rng.standard_normal(n))
+    impact = np.exp(log_impact).astype(np.float32)
+    impact[(step == 0) | (not probed)] = np.nan  # step 0 is never probed
+    data["impact_local"] = impact
+    for name in LABEL_COLUMNS[1:]:
+        data[name] = np.full(n, np.nan, np.float32)
+    return pa.table({"seed": cols["seed"].astype(np.int64), "cfg_branch": cols["cfg_branch"].astype(np.int8),
+                     "step": step.astype(np.int16), "block": block.astype(np.int16), "unit": cols["unit"].tolist(),
+                     "class_label": np.full(n, seed % 10, np.int16), **data}, schema=TRACE_SCHEMA)
+
+
+def make_run(path, seeds, probed: bool = True, **over):
+    w = TraceWriter(path, info(**over), TRACE_SCHEMA, label_columns=LABEL_COLUMNS)
+    for s in seeds:
+        w.write_shard(seed_rows(s, probed))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_db():
+    """One MLflow store for this module: creating a sqlite store costs seconds of fsyncs (tmpfs where there is one)."""
+    folder = tempfile.mkdtemp(prefix="cqpolicy-test-mlflow-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    yield f"sqlite:///{folder}/mlflow.db"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path, monkeypatch, mlflow_db):
+    """Overrides conftest's per-test store with the module's (still never the project's mlruns/)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Six seeds in two runs of the same model (a run folder per collection job)."""
+    root = tmp_path_factory.mktemp("traces")
+    return [str(make_run(root / "a", [0, 1, 2])), str(make_run(root / "b", [3, 4, 5]))]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def test_datamodule_splits_by_seed_and_normalises_on_train_only(runs):
+    dm = TraceDataModule(runs, batch_size=64, seed=0)
+    train, val = dm.split["train"], dm.split["val"]
+    assert len(dm.val_seeds) == 2 and len(dm.train_seeds) == 4  # ceil(0.25 * 6)
+    assert not set(dm.train_seeds) & set(dm.val_seeds) and sorted(dm.train_seeds + dm.val_seeds) == list(range(6))
+    assert set(train["seed"].tolist()) == set(dm.train_seeds) and set(val["seed"].tolist()) == set(dm.val_seeds)
+    assert dm.units == ["attn1", "ff"] and dm.features == list(RUNTIME_FEATURES)
+    assert (train["step"] > 0).all() and (val["step"] > 0).all()  # unprobed step-0 rows dropped
+    assert len(train["y"]) == 4 * 2 * (STEPS - 1) * BLOCKS * len(UNITS)
+    assert torch.allclose(train["y"], torch.log(train["impact"].double() + 1e-6).float())
+
+    # normalisation: the train split's own statistics, recomputed here from the raw trace table
+    t = TraceReader(runs).table()
+    keep = pc.and_(pc.is_in(t["seed"], pa.array(dm.train_seeds, pa.int64())), pc.greater(t["step"], 0))
+    raw = t.filter(keep)["in_rel_l1_prev"].to_numpy().astype(np.float64)
+    i = dm.features.index("in_rel_l1_prev")
+    assert dm.normalization["mean"][i] == pytest.approx(raw.mean(), rel=1e-6)
+    assert dm.normalization["std"][i] == pytest.approx(raw.std(), rel=1e-6)
+    j = dm.features.index("progress")  # derived: step / (steps - 1)
+    steps = t.filter(keep)["step"].to_numpy() / (STEPS - 1)
+    assert dm.normalization["mean"][j] == pytest.approx(steps.mean(), rel=1e-6)
+    every = t.filter(pc.greater(t["step"], 0))["in_rel_l1_prev"].to_numpy().astype(np.float64)
+    assert abs(every.mean() - raw.mean()) > 1e-4  # all-rows statistics differ: val rows did not leak in
+    assert min(dm.normalization["std"]) >= 1e-6  # constant features (is_block) are clamped, not divided by 0
+    assert torch.allclose(train["x"][:, i].mean(), torch.tensor(0.0), atol=1e-4)
+
+    table = dm.impact_table()
+    assert table.shape == (STEPS, BLOCKS, 2) and torch.isnan(table[0]).all() and not torch.isnan(table[1:]).any()
+    cell = (train["step"] == 3) & (train["block"] == 2) & (train["unit"] == 1)
+    assert table[3, 2, 1].item() == pytest.approx(train["impact"][cell].double().mean().item(), rel=1e-5)
+
+    a = next(iter(dm.train_dataloader()))[0]
+    b = next(iter(TraceDataModule(runs, batch_size=64, seed=0).train_dataloader()))[0]
+    assert torch.equal(a, b) and not torch.equal(a, train["x"][:64])  # shuffled, reproducibly
+    assert torch.equal(next(iter(dm.val_dataloader()))[0], val["x"][:64])  # validation is not shuffled
+    assert TraceDataModule(runs, seed=1).val_seeds != dm.val_seeds or TraceDataModule(runs, seed=2).val_seeds \
+        != dm.val_seeds
+
+
+def test_bad_trace_folders_refused(tmp_path, runs):
+    with pytest.raises(TraceError, match="no trace folders"):
+        TraceDataModule([])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceError, match="is not a trace run"):
+        TraceDataModule([tmp_path / "empty"])
+    one = make_run(tmp_path / "one", [7])
+    with pytest.raises(TraceError, match="need at least 2 seeds to split"):
+        TraceDataModule([one])
+    unprobed = make_run(tmp_path / "unprobed", [0, 1], probed=False)
+    with pytest.raises(TraceError, match="no probed rows"):
+        TraceDataModule([unprobed])
+    with pytest.raises(TraceError, match="features missing from the traces: nope"):
+        TraceDataModule(runs, features=["in_l1", "nope"])
+    other = make_run(tmp_path / "other", [8, 9], model_hash="0ther")
+    with pytest.raises(TraceError, match="different model_hash"):
+        TraceDataModule([runs[0], other])
+    for bad in (one, unprobed):  # and train_policy says the same before building anything
+        with pytest.raises(TraceError):
+            train_policy([bad], out_dir=tmp_path / "p", **FAST)
+    assert not (tmp_path / "p").exists() and not checkpoint_dir(tmp_path / "p").exists()
+
+
+# ------------------------------------------------------------------------------------------------- MLP
+
+def query(**over) -> UnitQuery:
+    kw = dict(step=3, num_steps=STEPS, timestep=500.0, block=1, unit="ff", num_blocks=BLOCKS,
+              inputs=torch.randn(2, 16, 8), has_cache=True, log_snr=1.0, cfg_branch=torch.tensor([0, 1]))
+    kw.update(over)
+    return UnitQuery(**kw)
+
+
+def _weights(path):
+    return load_artifact(path)[1]
+
+
+def test_mlp_learns_is_deterministic_and_resumes(tmp_path, runs):
+    epochs = 6
+    meta = train_policy(runs, out_dir=tmp_path / "a", max_epochs=epochs, seed=0, **FAST)
+    m = meta["metrics"]
+    assert m["val_auroc"] > 0.8 and m["val_ap"] > 0.7, m
+    assert m["val_seeds"] == 2 and m["val_rows"] == 2 * 2 * (STEPS - 1) * BLOCKS * 2
+    assert 0.3 < m["val_harmful_rate"] < 0.7  # tolerance = the train median
+    assert meta["default_threshold"] == meta["tolerance"] == m["tolerance"]
+    assert meta["training"]["epochs_run"] == epochs and meta["training"]["resumed_from_epoch"] is None
+
+    # the artifact is what `learned` deploys: rebuild the MLP exactly as it does and predict
+    saved, tensors = load_artifact(tmp_path / "a")
+    assert saved == meta and saved["kind"] == "mlp" and saved["model"]["units"] == ["attn1", "ff"]
+    assert saved["model"] == {"class": "DiTTransformer2DModel", "model_id": "synthetic-dit",
+                              "model_hash": "feedbeef", "num_blocks": BLOCKS, "units": ["attn1", "ff"],
+                              "steps": STEPS, "scheduler": "ddim", "guidance_scale": 3.0}
+    mlp = ReuseMLP(len(saved["features"]), int(saved["hidden"]))
+    mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
+    assert sum(p.numel() for p in ReuseMLP(len(RUNTIME_FEATURES)).parameters()) < 500_000
+    dm = TraceDataModule(runs, seed=0)
+    raw = dm.split["val"]["x"].double() * torch.tensor(dm.normalization["std"]) + torch.tensor(dm.normalization["mean"])
+    mean, std = (torch.tensor(saved["normalization"][k]) for k in ("mean", "std"))
+    with torch.no_grad():
+        pred = mlp(((raw - mean) / std).float()).squeeze(1)
+    harmful = (dm.split["val"]["impact"] > saved["default_threshold"]).long()
+    assert binary_auroc(pred, harmful).item() == pytest.approx(m["val_auroc"], abs=1e-6)
+    policy = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True))  # the deploying side
+    policy.reset(STEPS, BLOCKS)
+    decision = policy.decide(query(inputs=torch.randn(2, 16, 8)))
+    assert decision.dtype == torch.bool and decision.shape == (2,)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["policy.json", "weights.safetensors"]
+    assert (checkpoint_dir(tmp_path / "a") / "last.ckpt").is_file()  # checkpoints live beside the artifact
+
+    # deterministic: same seed, same weights
+    train_policy(runs, out_dir=tmp_path / "b", max_epochs=epochs, seed=0, **FAST)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # resume: 3 epochs, then the same call with max_epochs=6 continues from last.ckpt
+    first = train_policy(runs, out_dir=tmp_path / "c", max_epochs=epochs // 2, seed=0, **FAST)
+    last = checkpoint_dir(tmp_path / "c") / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == epochs // 2 - 1
+    with pytest.raises(ArtifactError, match="not empty"):  # an artifact is never replaced by accident
+        train_policy(runs, out_dir=tmp_path / "c", max_epochs=epochs, seed=0, **FAST)
+    with pytest.raises(ArtifactError, match="other data or settings.*hidden"):
+        train_policy(runs, out_dir=tmp_path / "c", max_epochs=epochs, seed=0, overwrite=True,
+                     **{**FAST, "hidden": 16})
+    again = train_policy(runs, out_dir=tmp_path / "c", max_epochs=epochs, seed=0, overwrite=True, **FAST)
+    assert torch.load(last, weights_only=True)["epoch"] == epochs - 1
+    assert again["training"]["resumed_from_epoch"] == epochs // 2
+    assert again["training"]["epochs_run"] == epochs - epochs // 2  # continued, not restarted
+    assert again["training"]["mlflow_run_id"] == first["training"]["mlflow_run_id"]
+    wc = _weights(tmp_path / "c")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)  # an interrupted run ends where an unbroken one does
+
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(again["training"]["mlflow_run_id"])
+    assert run.data.metrics["final_val_auroc"] == pytest.approx(again["metrics"]["val_auroc"])
+    assert "val_loss" in run.data.metrics and "train_loss_step" in run.data.metrics
+
+
+# -------------------------------------------------------------------------------------------- artifact
+
+def _meta(**over):
+    meta = {"kind": "mlp", "features": ["in_l1"], "normalization": {"mean": [0.0], "std": [1.0]},
+            "target": "log_impact", "tolerance": 0.1, "default_threshold": 0.1, "hidden": 4,
+            "model": {"class": "DiTTransformer2DModel", "model_id": "m", "model_hash": "h", "num_blocks": 12,
+                      "units": ["attn1", "ff"], "steps": 50, "scheduler": "ddim", "guidance_scale": 4.0},
+            "metrics": {"val_auroc": float("nan")}, "traces": ["traces/x"]}
+    meta.update(over)
+    return meta
+
+
+def test_artifact_round_trip_refusals_and_fit_check(tmp_path):
+    tensors = {"mlp.net.0.weight": torch.randn(4, 1), "mlp.net.0.bias": torch.zeros(4)}
+    out = tmp_path / "p"
+    written = save_artifact(out, _meta(), tensors)
+    meta, got = load_artifact(out)
+    assert meta == written and meta["format_version"] == 1 and len(meta["weights_sha256"]) == 64
+    assert meta["metrics"]["val_auroc"] is None  # NaN is not JSON: stored as null
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]  # no staging folder left behind
+
+    with pytest.raises(ArtifactError, match="not empty"):
+        save_artifact(out, _meta(), tensors)
+    save_artifact(out, _meta(tolerance=0.2), tensors, overwrite=True)
+    assert load_artifact(out)[0]["tolerance"] == 0.2 and [p.name for p in tmp_path.iterdir()] == ["p"]
+
+    data = bytearray((out / "weights.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (out / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"weights do not match policy.json \(tampered or partial copy\)"):
+        load_artifact(out)
+    (out / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="lacks weights.safetensors"):
+        load_artifact(out)
+    with pytest.raises(ArtifactError, match="no policy.json"):
+        load_artifact(tmp_path)
+    future = tmp_path / "future"
+    save_artifact(future, _meta(), tensors)
+    raw = json.loads((future / "policy.json").read_text())
+    (future / "policy.json").write_text(json.dumps({**raw, "format_version": 2}))
+    with pytest.raises(ArtifactError, match="format_version 2"):
+        load_artifact(future)
+
+    check_fits(meta, "DiTTransformer2DModel", 12, 50, "ddim")
+    with pytest.raises(ArtifactError, match="trained for 50 steps of ddim on a 12-block DiTTransformer2DModel; "
+                                            "this run has 30 steps of ddim.*step count"):
+        check_fits(meta, "DiTTransformer2DModel", 12, 30, "ddim")
+    with pytest.raises(ArtifactError, match="28-block.*block count"):
+        check_fits(meta, "DiTTransformer2DModel", 28, 50, "ddim")
+    with pytest.raises(ArtifactError, match="scheduler"):
+        check_fits(meta, "DiTTransformer2DModel", 12, 50, "dpm")
+    with pytest.raises(ArtifactError, match="model class"):
+        check_fits(meta, "PixArtTransformer2DModel", 12, 50, "ddim")
+
+
+# ------------------------------------------------------------------------------------------- scheduler
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_scheduler_meets_budget_and_reuses_cheap_cells(budget):
+    import lightning as L
+
+    from cqpolicy.training.data import ImpactTableDataModule
+
+    torch.manual_seed(0)
+    table = torch.rand(STEPS, BLOCKS, 2).pow(3) * 0.1  # heavy-tailed, like real impacts
+    table[0] = math.nan
+    module = LayerSchedulerModule(table, compute_budget=budget)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, deterministic=True, accelerator="cpu")
+    trainer.fit(module, datamodule=ImpactTableDataModule(table, steps_per_epoch=50))
+    compute = module.table()
+    assert compute.dtype == torch.bool and compute[0].all()
+    assert abs(compute.float().mean().item() - budget) <= 0.1
+    known = ~torch.isnan(table)
+    reused, computed = table[known & ~compute], table[known & compute]
+    assert reused.max() <= computed.min() + 1e-6  # it reuses exactly the cheapest cells
+
+
+def test_train_scheduler_writes_table_and_schedule(tmp_path, runs):
+    meta = train_policy(runs, kind="scheduler", out_dir=tmp_path / "s", max_epochs=3, compute_budget=0.5,
+                        progress=False)
+    m = meta["metrics"]
+    assert abs(m["compute_fraction"] - 0.5) <= 0.1
+    assert m["train_reused_impact_mean"] < m["train_known_impact_mean"] < m["train_computed_impact_mean"]
+    assert m["val_reused_impact_mean"] < m["val_computed_impact_mean"]  # holds on held-out seeds too
+    saved, tensors = load_artifact(tmp_path / "s")
+    table = tensors["table"]
+    assert saved["kind"] == "scheduler" and table.dtype == torch.uint8 and table.shape == (STEPS, BLOCKS, 2)
+    assert table[0].all() and abs(table.float().mean().item() - m["compute_fraction"]) < 1e-6
+    schedule = load_schedule(tmp_path / "s" / "schedule.json")
+    for (unit, block), entries in schedule.items():
+        blocks = range(BLOCKS) if block is None else [block]
+        for b in blocks:
+            own = schedule.get((unit, b), entries)
+            assert list(own) == table[:, b, saved["model"]["units"].index(unit)].tolist()
+    policy = LearnedPolicy(LearnedConfig(path=str(tmp_path / "s")))
+    for step, block, unit in product(range(STEPS), range(BLOCKS), range(2)):
+        q = query(step=step, block=block, unit=("attn1", "ff")[unit])
+        assert policy.decide(q) == bool(table[step, block, unit])
+    # deep blocks and ff are costly in the synthetic data: the table computes them more
+    assert table[1:, -1].float().mean() > table[1:, 0].float().mean()
