@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
     p.add_argument("--out", required=True, help="policy artifact folder")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="Optuna study over policy parameters and cache formats",
+                       description="Search a YAML space (configs/search/*.yaml) against MACs speedup and FID; "
+                                   "resumable; several workers share one storage; MLflow parent + nested runs.")
+    p.add_argument("--config", required=True, help="search space YAML")
+    p.add_argument("--n-trials", type=int, default=20)
+    p.add_argument("--storage", default=None,
+                   help="RDB URL (sqlite:///..., postgresql://...) or a journal file path; "
+                        "default sqlite:///mlruns/optuna.db")
+    p.add_argument("--study-name", default=None, help="default: the config file's name")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on the same storage")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--quick", action="store_true", help="the config's small setting (few steps and samples)")
+    p.add_argument("--experiment", default="cqpolicy-search", help="MLflow experiment name")
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -249,6 +264,27 @@ def cmd_train(args) -> int:
                         compute_budget=args.compute_budget, overwrite=args.overwrite)
     print(json.dumps(meta.get("metrics", {}), indent=2))
     print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from cqpolicy.search import load_space
+    from cqpolicy.search.study import make_storage, run_study
+
+    space = load_space(args.config)
+    if args.quick:
+        space = space.shrink()
+    if args.n_trials < 1 or args.workers < 1:
+        raise CliError("--n-trials and --workers must be at least 1")
+    make_storage(args.storage)  # an unreachable storage fails before any trial
+    summary = run_study(space, args.n_trials, storage=args.storage, study_name=args.study_name,
+                        workers=args.workers, experiment=args.experiment, seed=args.seed)
+    print(f"study {summary['study']}: {summary['trials']} trials {summary['states']}"
+          + (f", {summary['stale_marked_failed']} stale running trials marked failed"
+             if summary['stale_marked_failed'] else ""))
+    print("Pareto-optimal trials:")
+    for row in summary["pareto"]:
+        print("  " + json.dumps(row))
     return 0
 
 

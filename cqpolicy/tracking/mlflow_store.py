@@ -33,12 +33,17 @@ def _experiment_id(name: str) -> str:
 
 
 @contextmanager
-def start_run(experiment: str, run_name: str | None = None, run_id: str | None = None, nested: bool = False):
-    """Open an MLflow run in ``experiment`` (created on first use) on our tracking store."""
+def start_run(experiment: str, run_name: str | None = None, run_id: str | None = None, nested: bool = False,
+              parent_run_id: str | None = None):
+    """Open an MLflow run in ``experiment`` (created on first use) on our tracking store; with
+    ``parent_run_id`` it is nested under that run (also from another process)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(experiment)
+    if parent_run_id is not None:
+        nested = mlflow.active_run() is not None
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                          run_name=None if run_id else run_name, nested=nested) as run:
+                          run_name=None if run_id else run_name, nested=nested,
+                          parent_run_id=parent_run_id) as run:
         yield run

@@ -1,0 +1,200 @@
+"""Optuna studies over the speedup-quality frontier, logged to MLflow (a parent run, a nested run per trial).
+
+Every trial runs the chosen policy through the same runtime and sampler as ``bench``, on the same seeds as
+the uncached baseline that the worker measured once: MACs (FLOP counter, first batch), wall time (same
+process), FID (shipped classifier features vs the real test set) or, with ``proxy``, paired PSNR.
+
+Storages: ``--storage`` unset -> ``sqlite:///mlruns/optuna.db``; an RDB URL (``sqlite:///``,
+``postgresql://``, ``mysql://``) -> ``RDBStorage`` (several machines); any other value is a file path ->
+``JournalStorage(JournalFileBackend(path))`` (several local worker processes).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from cqpolicy.search.space import SearchSpace, suggest
+
+RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+
+
+def make_storage(storage: str | None):
+    """An Optuna storage for ``storage`` (see module doc); unreachable ones fail here, before any trial."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    url = storage or DEFAULT_STORAGE
+    try:
+        if url.startswith(RDB_PREFIXES):
+            if url.startswith("sqlite:///"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
+        raise ValueError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def make_sampler(space: SearchSpace, seed: int | None):
+    if space.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+
+class Evaluator:
+    """Holds the model and the uncached baseline of one worker; ``__call__`` measures one configuration."""
+
+    def __init__(self, space: SearchSpace):
+        from cqpolicy.evaluation.cost import count_macs
+        from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like
+        from cqpolicy.evaluation.quality import images_to_uint8
+        from cqpolicy.models import load_model
+        from cqpolicy.sampling import SampleSettings, sample
+
+        self.space = space
+        self.model = load_model(space.model)
+        g = self.model.default_guidance_scale if space.guidance_scale is None else float(space.guidance_scale)
+        self.settings = SampleSettings(steps=space.steps, guidance_scale=g, scheduler=space.scheduler,
+                                       batch_size=space.batch_size)
+        self.labels = default_labels(space.num_samples, self.model.num_classes)
+        self.seeds = [space.seed + i for i in range(space.num_samples)]
+        self.n_first = min(space.batch_size, space.num_samples)
+        self.fid = None
+        if "fid" in space.objectives and not space.proxy:
+            if not is_fashion_mnist_like(self.model):
+                raise ValueError("FID objective needs a Fashion-MNIST-like model here; set proxy: true")
+            from cqpolicy.evaluation.quality import ClassifierFID
+
+            self.fid = ClassifierFID()
+        start = time.perf_counter()
+        self.base_images = images_to_uint8(sample(self.model, self.labels, self.seeds, self.settings,
+                                                  progress=False))
+        self.base_wall = time.perf_counter() - start
+        self.base_macs, _ = count_macs(lambda: sample(self.model, self.labels[:self.n_first],
+                                                      self.seeds[:self.n_first], self.settings, progress=False))
+        self.base_fid = self.fid(self.base_images) if self.fid is not None else math.nan
+
+    def __call__(self, spec: str, cache_format: str) -> dict:
+        from cqpolicy.evaluation.cost import count_macs
+        from cqpolicy.evaluation.quality import images_to_uint8, paired_fidelity
+        from cqpolicy.policies import make_policy
+        from cqpolicy.runtime import enable
+        from cqpolicy.sampling import sample
+
+        policy = make_policy(spec)
+        policy.prepare(self.model, self.settings)
+        with enable(self.model.transformer, policy, cache_format) as handle:
+            start = time.perf_counter()
+            images = images_to_uint8(sample(self.model, self.labels, self.seeds, self.settings, progress=False))
+            wall = time.perf_counter() - start
+            macs, _ = count_macs(lambda: sample(self.model, self.labels[:self.n_first], self.seeds[:self.n_first],
+                                                self.settings, progress=False))
+            reuse, cache_bytes = handle.reuse_ratio, handle.cache_bytes
+        fidelity = paired_fidelity(images, self.base_images)
+        result = {"macs_speedup": self.base_macs / macs, "wall_speedup": self.base_wall / wall,
+                  "psnr_vs_baseline": fidelity["psnr"], "ssim_vs_baseline": fidelity["ssim"],
+                  "reuse_ratio": reuse if reuse is not None else math.nan,
+                  "cache_bytes": cache_bytes if cache_bytes is not None else math.nan,
+                  "baseline_fid": self.base_fid}
+        result["fid"] = self.fid(images) if self.fid is not None else -min(fidelity["psnr"], 100.0)
+        return result
+
+
+def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | None, experiment: str):
+    import mlflow
+
+    from cqpolicy.tracking import start_run
+
+    def objective(trial: optuna.Trial):
+        spec, cache_format = suggest(trial, space)
+        trial.set_user_attr("policy", spec)
+        trial.set_user_attr("cache_dtype", cache_format)
+        result = evaluator(spec, cache_format)
+        for key, value in result.items():
+            trial.set_user_attr(key, float(value))
+        if space.min_psnr is not None:
+            psnr = min(result["psnr_vs_baseline"], 1e6)
+            trial.set_constraint("min_psnr", float(space.min_psnr) - psnr)  # feasible when <= 0
+        with start_run(experiment, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id):
+            mlflow.log_params({"policy": spec, "policy_config": spec, "cache_dtype": cache_format,
+                               "model": space.model, "steps": space.steps, "num_samples": space.num_samples,
+                               "seed": space.seed, "trial": trial.number, "study": trial.study.study_name,
+                               **{f"p.{k}": v for k, v in trial.params.items()}})
+            mlflow.log_metrics({k: float(v) for k, v in result.items() if math.isfinite(float(v))})
+        return tuple(result[o] for o in space.objectives)
+
+    return objective
+
+
+def _mark_stale_running_trials_failed(study: optuna.Study) -> int:
+    """A killed worker leaves RUNNING trials behind: mark them FAIL (kept, not lost) when a study resumes."""
+    stale = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def run_worker(space: SearchSpace, storage: str | None, study_name: str, n_trials: int, experiment: str,
+               parent_run_id: str | None, seed: int | None, progress: bool = True) -> None:
+    """One worker process: its own model and baseline, trials drawn from the shared storage."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
+                              sampler=make_sampler(space, seed))
+    evaluator = Evaluator(space)
+    study.optimize(_objective(space, evaluator, parent_run_id, experiment), n_trials=n_trials,
+                   catch=(RuntimeError, ValueError), show_progress_bar=progress)
+
+
+def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, study_name: str | None = None,
+              workers: int = 1, experiment: str = "cqpolicy-search", seed: int = 0, progress: bool = True) -> dict:
+    """Create or resume ``study_name`` and run ``n_trials`` more trials over ``workers`` processes."""
+    import multiprocessing as mp
+
+    import mlflow
+
+    from cqpolicy.tracking import start_run
+
+    if n_trials < 1 or workers < 1:
+        raise ValueError("--n-trials and --workers must be at least 1")
+    study_name = study_name or Path(space.source).stem or "cqpolicy-search"
+    study = optuna.create_study(study_name=study_name, storage=make_storage(storage), directions=space.directions,
+                                sampler=make_sampler(space, seed), load_if_exists=True)
+    if study.directions != [optuna.study.StudyDirection[d.upper()] for d in space.directions]:
+        raise ValueError(f"study {study_name!r} exists with other objectives; choose another --study-name")
+    failed_stale = _mark_stale_running_trials_failed(study)
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    with start_run(experiment, run_name=f"study-{study_name}", run_id=parent_id) as parent:
+        if parent_id is None:
+            study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+            mlflow.log_params({"study": study_name, "space": space.source, "sampler": space.sampler,
+                               "objectives": ",".join(space.objectives), "steps": space.steps,
+                               "num_samples": space.num_samples, "model": space.model})
+        parent_id = parent.info.run_id
+        per_worker = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+        if workers == 1:
+            run_worker(space, storage, study_name, n_trials, experiment, parent_id, seed, progress)
+        else:
+            ctx = mp.get_context("spawn")
+            procs = [ctx.Process(target=run_worker, args=(space, storage, study_name, n, experiment, parent_id,
+                                                          seed + i, False)) for i, n in enumerate(per_worker) if n]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            if any(p.exitcode for p in procs):
+                raise RuntimeError(f"{sum(1 for p in procs if p.exitcode)} search worker(s) failed")
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+        trials = study.get_trials()
+        states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+        mlflow.log_metrics({f"trials_{k.lower()}": v for k, v in states.items()})
+    best = [{"number": t.number, "policy": t.user_attrs.get("policy"), "cache_dtype": t.user_attrs.get("cache_dtype"),
+             **dict(zip(space.objectives, t.values))} for t in study.best_trials]
+    return {"study": study_name, "trials": len(trials), "states": states, "stale_marked_failed": failed_stale,
+            "pareto": best, "parent_run_id": parent_id}
