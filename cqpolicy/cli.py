@@ -103,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the config's small setting (few steps and samples)")
     p.add_argument("--experiment", default="cqpolicy-search", help="MLflow experiment name")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("leaderboard", help="compare every bench row and search trial logged to MLflow",
+                       description="Write leaderboard.md, leaderboard.csv and pareto.png from MLflow runs "
+                                   "(MLFLOW_TRACKING_URI honoured).")
+    p.add_argument("--experiment", nargs="*", default=None,
+                   help="MLflow experiments (default: every cqpolicy-bench* and cqpolicy-search* experiment)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("run", help="the whole pipeline: traces, training, search, bench, leaderboard",
+                       description="Record traces, train the learned policy and scheduler (and retrain under the "
+                                   "learned policy), search its threshold and cache format, bench the Pareto points "
+                                   "against every baseline family over several seeds, and report. Re-running "
+                                   "resumes finished stages.")
+    p.add_argument("config", nargs="?", default="configs/fmnist-dit.yaml", help="pipeline config YAML")
+    p.add_argument("--quick", action="store_true", help="the config's quick setting (about 3 minutes)")
+    p.add_argument("--out", default=None, help="output folder (default out/run or out/run-quick)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -288,6 +307,26 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_leaderboard(args) -> int:
+    from cqpolicy.tracking.leaderboard import collect_rows, leaderboard, write_leaderboard
+
+    board = leaderboard(collect_rows(args.experiment or None))
+    paths = write_leaderboard(board, args.out, overwrite=args.overwrite)
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from cqpolicy.pipeline import load_config, run_pipeline
+
+    config = load_config(args.config, quick=args.quick)
+    out = args.out or ("out/run-quick" if args.quick else "out/run")
+    summary = run_pipeline(config, out)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _log_bench_rows(experiment: str, rows: list[dict], folder):
     import mlflow
 
@@ -332,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from cqpolicy.data import DatasetMissingError
     from cqpolicy.models import ModelLoadError
+    from cqpolicy.pipeline import PipelineError
     from cqpolicy.tracing.store import TraceError
 
     try:
         return args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelLoadError,
-            DatasetMissingError, TraceError) as exc:
+            DatasetMissingError, TraceError, PipelineError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"cqpolicy {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -41,8 +41,8 @@ def start_run(experiment: str, run_name: str | None = None, run_id: str | None =
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(experiment)
-    if parent_run_id is not None:
-        nested = mlflow.active_run() is not None
+    # inside another run (a pipeline stage, a study in this process) a run nests under it
+    nested = nested or (run_id is None and mlflow.active_run() is not None)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                           run_name=None if run_id else run_name, nested=nested,
                           parent_run_id=parent_run_id) as run:

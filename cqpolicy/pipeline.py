@@ -1,0 +1,311 @@
+"""``cqpolicy run``: the whole pipeline on one model, stage by stage, resumable.
+
+Stages (each writes ``OUT/<stage>/done.json`` when complete; a re-run skips completed stages):
+
+1. ``traces``    record traces under ``none`` (local impact labels)
+2. ``train``     train the MLP reuse policy and the layer scheduler on them
+3. ``retrain``   close the loop: record traces under the learned policy, retrain on both runs
+4. ``search``    an Optuna study over the learned policy's threshold and the cache format
+5. ``bench``     the study's Pareto points, the learned scheduler and every baseline family, side by side,
+                 at a larger sample count over several seeds (one MLflow run per row and seed)
+6. ``report``    leaderboard (md, csv), Pareto plot, heatmap of the learned policy's reuse decisions,
+                 sample grids (uncached vs the best policies), summary
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = "configs/fmnist-dit.yaml"
+STAGES = ("traces", "train", "retrain", "search", "bench", "report")
+
+
+class PipelineError(ValueError):
+    """A pipeline config that cannot run (one line)."""
+
+
+def load_config(path: str | Path, quick: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"pipeline config {path} not found")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise PipelineError(f"{path}: a pipeline config is a YAML mapping")
+    known = {"model", "steps", "guidance_scale", "trace", "train", "search", "bench", "quick", "retrain"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise PipelineError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    if quick:
+        for section, values in (config.get("quick") or {}).items():
+            if isinstance(values, dict):
+                config[section] = {**(config.get(section) or {}), **values}
+            else:
+                config[section] = values
+    config["source"] = str(path)
+    return config
+
+
+class Stage:
+    def __init__(self, out: Path, name: str):
+        self.dir = out / name
+        self.done_file = self.dir / "done.json"
+
+    @property
+    def done(self) -> bool:
+        return self.done_file.is_file()
+
+    def result(self) -> dict:
+        return json.loads(self.done_file.read_text())
+
+    def finish(self, result: dict) -> dict:
+        tmp = self.done_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        tmp.replace(self.done_file)
+        return result
+
+
+def run_pipeline(config: dict, out: str | Path, progress: bool = True) -> dict:
+    import mlflow
+
+    from cqpolicy.models import load_model
+    from cqpolicy.sampling import SampleSettings
+    from cqpolicy.tracking import start_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(config.get("model", "fmnist-dit"))
+    g = config.get("guidance_scale")
+    settings = SampleSettings(steps=int(config.get("steps", 50)),
+                              guidance_scale=model.default_guidance_scale if g is None else float(g))
+    timings, results = {}, {}
+    with start_run("cqpolicy-run", run_name=f"run-{out.name}"):
+        mlflow.log_params({"config": config["source"], "model": model.name, "steps": settings.steps})
+        for name in STAGES:
+            stage = Stage(out, name)
+            if stage.done:
+                results[name] = stage.result()
+                print(f"[{name}] done earlier: skipped", flush=True)
+                continue
+            stage.dir.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            print(f"[{name}] ...", flush=True)
+            results[name] = stage.finish(STAGE_FUNCS[name](config, model, settings, stage.dir, results, progress))
+            timings[name] = time.perf_counter() - started
+            mlflow.log_metric(f"stage_{name}_s", timings[name])
+            print(f"[{name}] {timings[name]:.0f} s", flush=True)
+        summary = results["report"]
+        mlflow.log_artifacts(str(out / "report"), artifact_path="report")
+    return {"timings": timings, **summary}
+
+
+def _trace(config, model, settings, stage_dir, results, progress, policy="none", name="none", seed_offset=0):
+    from cqpolicy.tracing.collect import collect
+
+    t = config.get("trace") or {}
+    s = replace(settings, batch_size=int(t.get("batch_size", 16)))
+    probes = tuple(p for p in str(t.get("probes", "local")).split(",") if p)
+    run_dir = stage_dir / name
+    summary = collect(model, s, run_dir, int(t.get("num_samples", 32)),
+                      seed=int(t.get("seed", 1_000_000)) + seed_offset,
+                      policy=policy, probes=probes, progress=progress)
+    return {"run_dir": str(run_dir), "rows": summary["rows"], "record_s": summary["record_s"]}
+
+
+def stage_traces(config, model, settings, stage_dir, results, progress):
+    return _trace(config, model, settings, stage_dir, results, progress)
+
+
+def _train_both(config, traces, stage_dir, progress):
+    from cqpolicy.training.train import train_policy
+
+    t = config.get("train") or {}
+    mlp = train_policy(traces, kind="mlp", out_dir=stage_dir / "mlp", max_epochs=int(t.get("max_epochs", 15)),
+                       seed=int(t.get("seed", 0)), overwrite=True, progress=progress)
+    sched = train_policy(traces, kind="scheduler", out_dir=stage_dir / "scheduler",
+                         max_epochs=int(t.get("scheduler_epochs", 40)),
+                         compute_budget=float(t.get("compute_budget", 0.4)), seed=int(t.get("seed", 0)),
+                         overwrite=True, progress=progress)
+    return {"mlp": str(stage_dir / "mlp"), "scheduler": str(stage_dir / "scheduler"),
+            "mlp_metrics": mlp.get("metrics", {}), "scheduler_metrics": sched.get("metrics", {})}
+
+
+def stage_train(config, model, settings, stage_dir, results, progress):
+    return _train_both(config, [results["traces"]["run_dir"]], stage_dir, progress)
+
+
+def stage_retrain(config, model, settings, stage_dir, results, progress):
+    if not config.get("retrain", True):
+        return {**results["train"], "retrained": False}
+    traced = _trace(config, model, settings, stage_dir, results, progress,
+                    policy=f"learned:path={results['train']['mlp']}", name="learned",
+                    seed_offset=500_000)  # new seeds: a run's rows are keyed by seed, and more seeds help
+    trained = _train_both(config, [results["traces"]["run_dir"], traced["run_dir"]], stage_dir, progress)
+    return {**trained, "retrained": True, "first_round": results["train"]}
+
+
+def stage_search(config, model, settings, stage_dir, results, progress):
+    from cqpolicy.search.space import parse_space
+    from cqpolicy.search.study import run_study
+
+    s = config.get("search") or {}
+    mlp = results["retrain"]["mlp"]
+    lo, hi = (float(v) for v in s.get("threshold", [1e-3, 0.5]))
+    space = parse_space({"model": config.get("model", "fmnist-dit"), "steps": settings.steps,
+                         "guidance_scale": settings.guidance_scale,
+                         "num_samples": int(s.get("num_samples", 64)), "batch_size": int(s.get("batch_size", 64)),
+                         "seed": int(s.get("seed", 2_000_000)), "objectives": ["macs_speedup", "fid"],
+                         "proxy": bool(s.get("proxy", False)), "min_psnr": s.get("min_psnr"),
+                         "cache": {"dtype": s.get("cache_dtypes", ["fp16", "int8"]), "granularity": ["token"]},
+                         "families": {"learned": {"path": {"fixed": mlp},
+                                                  "threshold": {"float": [lo, hi], "log": True}}}},
+                        source=str(stage_dir / "space"))
+    summary = run_study(space, int(s.get("n_trials", 12)), storage=str(stage_dir / "journal.log"),
+                        study_name=f"learned-{stage_dir.parent.name}", progress=progress)
+    return summary
+
+
+def stage_bench(config, model, settings, stage_dir, results, progress):
+    import mlflow
+
+    from cqpolicy.evaluation.bench import bench
+    from cqpolicy.tracking import start_run
+
+    b = config.get("bench") or {}
+    pareto = sorted(results["search"]["pareto"], key=lambda r: -r["macs_speedup"])[:int(b.get("max_pareto", 3))]
+    learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
+    learned.append((f"learned:path={results['retrain']['scheduler']}", "fp16"))
+    baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
+    s = replace(settings, batch_size=int(b.get("batch_size", 64)))
+    rows = []
+    by_format: dict[str, list[str]] = {}
+    for spec, fmt in learned + baselines:
+        by_format.setdefault(fmt, []).append(spec)
+    for i, seed in enumerate(b.get("seeds", [0, 1, 2])):
+        for fmt, specs in by_format.items():
+            for row in bench(model, specs, s, int(b.get("num_samples", 128)), seed=int(seed) * 1_000_000,
+                             cache_format=fmt, fid=True, repeats=int(b.get("repeats", 2)) if i == 0 else 0,
+                             macs=i == 0, progress=progress):
+                if row["policy"] == "baseline" and fmt != next(iter(by_format)):
+                    continue  # one baseline row per seed
+                rows.append(row)
+    # costs were measured on the first seed: carry them to the other seeds' rows
+    costs = {(r["policy"], r["cache_dtype"]): r for r in rows if r.get("macs_speedup") is not None}
+    for row in rows:
+        first = costs.get((row["policy"], row["cache_dtype"]))
+        for key in ("macs_speedup", "wall_speedup", "macs_per_image"):
+            if row.get(key) is None and first is not None:
+                row[key] = first[key]
+    param_keys = ("model", "policy", "policy_config", "cache_dtype", "steps", "num_samples", "seed")
+    for row in rows:
+        with start_run(f"cqpolicy-bench-{stage_dir.parent.name}", run_name=f"bench-{row['policy']}"):
+            mlflow.log_params({k: row[k] for k in param_keys})
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in param_keys
+                                and isinstance(v, (int, float)) and float(v) == float(v)
+                                and abs(float(v)) != float("inf")})
+    (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
+    return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows)}
+
+
+def stage_report(config, model, settings, stage_dir, results, progress):
+    from cqpolicy.tracking.leaderboard import collect_rows, leaderboard, write_leaderboard
+
+    board = leaderboard(collect_rows([f"cqpolicy-bench-{stage_dir.parent.name}"]))
+    paths = write_leaderboard(board, stage_dir / "leaderboard", overwrite=True)
+    _decision_heatmap(model, settings, results["retrain"]["mlp"], stage_dir / "learned-decisions.png")
+    best = board[(board["pareto"]) & (board["method"] != "baseline")].head(2)
+    _grids(model, settings, [(m, d) for m, d in zip(best["method"], best["cache_dtype"])], stage_dir / "grids.png")
+    base = board[board["method"] == "baseline"]
+    summary = {"leaderboard": str(paths["markdown"]), "pareto_plot": str(paths["plot"]),
+               "baseline_fid": float(base["fid_mean"].iloc[0]) if len(base) else None,
+               "best": best[["method", "cache_dtype", "macs_speedup", "wall_speedup", "fid_mean", "fid_std"]]
+               .to_dict("records")}
+    print(paths["markdown"].read_text())
+    return summary
+
+
+def _decision_heatmap(model, settings, artifact, path):
+    """Step x block share of rows the learned MLP policy reuses, per unit, on a fresh batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from cqpolicy.policies import make_policy
+    from cqpolicy.policies.base import DelegatingPolicy
+    from cqpolicy.runtime import enable
+    from cqpolicy.sampling import sample
+
+    class Watch(DelegatingPolicy):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.seen = {}
+
+        def decide(self, query):
+            decision = super().decide(query)
+            computed = decision.float().mean() if hasattr(decision, "float") else float(bool(decision))
+            self.seen[query.step, query.block, query.unit] = 1 - float(computed) if query.has_cache else 0.0
+            return decision
+
+    watch = Watch(make_policy(f"learned:path={artifact}"))
+    watch.prepare(model, settings)
+    with enable(model.transformer, watch):
+        sample(model, list(range(8)), list(range(3_000_000, 3_000_008)), replace(settings, batch_size=8),
+               progress=False)
+    units = sorted({u for _, _, u in watch.seen})
+    blocks = 1 + max(b for _, b, _ in watch.seen)
+    fig, axes = plt.subplots(1, len(units), figsize=(5 * len(units), 3.2), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        grid = np.zeros((blocks, settings.steps))
+        for (step, block, u), value in watch.seen.items():
+            if u == unit:
+                grid[block, step] = value
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1)
+        ax.set(title=f"learned policy: share reused ({unit})", xlabel="step", ylabel="block")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _grids(model, settings, methods, path):
+    """Sample grids side by side: uncached, then each given (policy, cache format), same seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    from cqpolicy.evaluation.quality import images_to_uint8
+    from cqpolicy.runtime import enable
+    from cqpolicy.sampling import sample
+
+    labels, seeds = [i % model.num_classes for i in range(20)], list(range(4_000_000, 4_000_020))
+    panels = [("uncached", images_to_uint8(sample(model, labels, seeds, settings, progress=False)))]
+    for spec, fmt in methods:
+        from cqpolicy.policies import make_policy
+
+        policy = make_policy(spec)
+        policy.prepare(model, settings)
+        with enable(model.transformer, policy, fmt):
+            panels.append((f"{spec.split(':')[0]} ({fmt})", images_to_uint8(sample(model, labels, seeds, settings,
+                                                                                    progress=False))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 2.6), squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels):
+        ax.imshow(make_grid(images, nrow=10, pad_value=255).permute(1, 2, 0).squeeze(-1), cmap="gray")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+STAGE_FUNCS = {"traces": stage_traces, "train": stage_train, "retrain": stage_retrain, "search": stage_search,
+               "bench": stage_bench, "report": stage_report}

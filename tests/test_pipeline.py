@@ -1,0 +1,41 @@
+"""`cqpolicy run --quick` end to end on a tiny model: every stage, resume, report files."""
+import json
+
+import yaml
+
+from cqpolicy.cli import main
+
+
+def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request):
+    from pathlib import Path
+
+    shipped = yaml.safe_load((Path(request.config.rootpath) / "configs/fmnist-dit.yaml").read_text())
+    shipped["model"] = str(tiny_dit_dir)
+    shipped["quick"]["steps"] = 6
+    shipped["quick"]["search"]["min_psnr"] = None
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--quick", "--out", str(out)]) == 0
+    for stage in ("traces", "train", "retrain", "search", "bench", "report"):
+        assert (out / stage / "done.json").is_file(), stage
+    report = out / "report"
+    for name in ("leaderboard/leaderboard.md", "leaderboard/leaderboard.csv", "leaderboard/pareto.png",
+                 "learned-decisions.png", "grids.png"):
+        assert (report / name).stat().st_size > 100, name
+    board = (report / "leaderboard" / "leaderboard.md").read_text()
+    assert "fora:interval=2" in board and "learned:path=" in board and "baseline" in board
+    rows = json.loads((out / "bench" / "rows.json").read_text())
+    assert {r["seed"] for r in rows} == {0, 1_000_000}
+    assert json.loads((out / "retrain" / "done.json").read_text())["retrained"] is True
+    capsys.readouterr()
+    assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier: skipped") == 6
+
+
+def test_run_rejects_a_bad_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: fmnist-dit\nspeed: 3\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key 'speed'" in capsys.readouterr().err
