@@ -31,6 +31,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dtype", default="fp16")
+    p.add_argument("--macs-samples", type=int, default=16, help="samples of the first batch the FLOP counter runs on")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -41,14 +42,15 @@ def main():
     for i, s in enumerate(args.seeds):
         rows = bench(model, args.policies, settings, args.num_samples, seed=s * 1_000_000,
                      cache_format=args.cache_dtype, fid=True, repeats=args.repeats if i == 0 else 0,
-                     macs=i == 0)  # costs measured once (first seed); quality on every seed
+                     macs=i == 0, macs_samples=args.macs_samples)  # costs once (first seed); quality every seed
         per_seed.append(rows)
         print(f"seed {s} done: " + ", ".join(f"{r['policy']} FID {r['fid']:.2f}" for r in rows), flush=True)
     first = per_seed[0]
     print()
     print(f"{args.model}, {args.steps} DDIM steps, guidance {settings.guidance_scale}, batch {args.batch_size}, "
           f"N = {args.num_samples} per seed, seeds {args.seeds}, cache {args.cache_dtype}; wall: median of "
-          f"{args.repeats} interleaved repeats (seed {args.seeds[0]}, first batch)")
+          f"{args.repeats} interleaved repeats (seed {args.seeds[0]}, first batch of {args.batch_size}); MACs "
+          f"counted on the first {args.macs_samples} samples")
     print()
     print("| policy | MACs speedup | wall speedup | FID (mean ± std) | ΔFID | PSNR (dB) | SSIM | reuse | "
           "cache MiB | class acc. |")

@@ -39,7 +39,7 @@ def _run(model, policy, cache_format, labels, seeds, settings, measure_macs=Fals
 
 def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num_samples: int, seed: int = 0,
           cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True,
-          macs: bool = True) -> list[dict]:
+          macs: bool = True, macs_samples: int | None = None) -> list[dict]:
     """One row per method (the plain-model baseline first). ``repeats=0`` skips wall timing and
     ``macs=False`` the FLOP-counted pass (for extra seeds of a table whose costs were measured once)."""
     settings.validate()
@@ -49,6 +49,7 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
     labels = default_labels(num_samples, model.num_classes)
     seeds = [seed + i for i in range(num_samples)]
     n_first = min(settings.batch_size, num_samples)
+    n_macs = min(n_first, macs_samples or n_first)  # the FLOP counter is slow: optionally fewer samples
     fmnist = is_fashion_mnist_like(model)
     fid_metric = classifier = None
     if fmnist:
@@ -67,12 +68,13 @@ def bench(model: LoadedModel, policies: list[str], settings: SampleSettings, num
         bar.update(1)
         counted = None
         if macs:
-            (counted, _), _ = _run(model, policy, cache_format, labels[:n_first], seeds[:n_first], settings, True)
+            (counted, _), _ = _run(model, policy, cache_format, labels[:n_macs], seeds[:n_macs], settings, True)
             bar.update(1)
         images_u8 = images_to_uint8(images)
         row = {"policy": name, "policy_config": BASELINE if policy is None else spec_string(policy),
                "cache_dtype": cache_format,
-               "macs_per_image": counted / n_first if macs else None, **stats}
+               "macs_per_image": counted / n_macs if macs else None, "macs_counted_on": n_macs if macs else 0,
+               **stats}
         if reference is None:
             reference = (images, images_u8)
         row["bit_identical"] = bool(torch.equal(images, reference[0]))

@@ -251,7 +251,7 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike) -> Path:
                 ax.plot(fx, fy, drawstyle="steps-pre", color=colour, lw=1.2, alpha=0.7)
         gx, gy = _frontier(x, y)
         if len(gx):
-            h = ax.plot(gx, gy, drawstyle="steps-pre", color="black", lw=2.2, ls="--", zorder=4,
+            h = ax.plot(gx, gy, drawstyle="steps-pre", color="black", lw=2.2, ls="--", zorder=1.5,
                         label="global Pareto frontier")[0]
             handles.setdefault("global Pareto frontier", h)
             h = ax.scatter(gx, gy, s=160, facecolors="none", edgecolors="black", lw=1.8, zorder=5,
