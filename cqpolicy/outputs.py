@@ -44,3 +44,30 @@ class OutputDir:
         if exc_type is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
         return False
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable; filesystems that cannot open a directory are fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_yaml(path: str | os.PathLike, error: type[Exception], what: str):
+    """``yaml.safe_load`` of ``path``; a missing or malformed file raises ``error`` in one line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None

@@ -18,8 +18,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 DEFAULT_CONFIG = "configs/fmnist-dit.yaml"
 STAGES = ("traces", "train", "retrain", "search", "bench", "report")
 
@@ -29,13 +27,10 @@ class PipelineError(ValueError):
 
 
 def load_config(path: str | Path, quick: bool = False) -> dict:
+    from cqpolicy.outputs import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"pipeline config {path} not found")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    config = read_yaml(path, PipelineError, "pipeline config")
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: a pipeline config is a YAML mapping")
     known = {"model", "steps", "guidance_scale", "trace", "train", "search", "bench", "quick", "retrain"}

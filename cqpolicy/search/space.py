@@ -33,7 +33,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 OBJECTIVES = {"macs_speedup": "maximize", "wall_speedup": "maximize", "fid": "minimize"}
 SAMPLERS = ("tpe", "nsga2")
@@ -165,14 +164,9 @@ def parse_space(data: dict, source: str = "") -> SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"search space {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_space(data, str(path))
+    from cqpolicy.outputs import read_yaml
+
+    return parse_space(read_yaml(path, SpaceError, "search space"), str(path))
 
 
 def suggest(trial, space: SearchSpace) -> tuple[str, str]:

@@ -130,18 +130,7 @@ def _check_key_schema(schema: pa.Schema, where: str) -> None:
             raise TraceError(f"{where}: key column {name!r} must be {typ}, got {schema.field(idx).type}")
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some platforms/filesystems cannot open a directory, which is harmless.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from cqpolicy.outputs import fsync_dir as _fsync_dir  # noqa: E402
 
 
 def _temp_path(final: Path) -> Path:

@@ -61,17 +61,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from cqpolicy.outputs import fsync_dir as _fsync_dir  # noqa: E402
 
 
 def table_to_schedule(table: torch.Tensor, units) -> dict:
