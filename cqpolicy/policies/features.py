@@ -26,7 +26,10 @@ def flat_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def rel_l1_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return (x - ref).abs().mean(1) / ref.abs().mean(1).clamp_min(1e-12)
+    """Per-row relative L1 change of flattened rows (TeaCache's indicator, one value per row)."""
+    from cqpolicy.policies.signals import relative_l1
+
+    return relative_l1(x, ref, dim=1)
 
 
 def cos_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from cqpolicy.models.adapters import forward_from_block, transformer_blocks
+from cqpolicy.policies.families.partition import linear_cka
 from cqpolicy.policies.base import DelegatingPolicy, Policy, UnitQuery
 from cqpolicy.policies.features import InputTracker, computed_rows, cos_rows, flat_rows, rel_l1_rows
 from cqpolicy.policies.signals import self_attention_entropy
@@ -49,10 +50,7 @@ def _batch_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     if a.shape[0] > CKA_MAX_SAMPLES:
         idx = torch.linspace(0, a.shape[0] - 1, CKA_MAX_SAMPLES, device=a.device).round().long()
         a, b = a[idx], b[idx]
-    a, b = a - a.mean(0), b - b.mean(0)
-    cross = (a.T @ b).pow(2).sum()
-    norm = (a.T @ a).pow(2).sum().sqrt() * (b.T @ b).pow(2).sum().sqrt()
-    return float(cross / norm) if float(norm) > 0 else 0.0
+    return linear_cka(a, b)
 
 
 class _CaptureHook(ModelHook):
