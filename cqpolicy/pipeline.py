@@ -186,7 +186,7 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
         for fmt, specs in by_format.items():
             for row in bench(model, specs, s, int(b.get("num_samples", 128)), seed=int(seed) * 1_000_000,
                              cache_format=fmt, fid=True, repeats=int(b.get("repeats", 2)) if i == 0 else 0,
-                             macs=i == 0, progress=progress):
+                             macs=i == 0, macs_samples=b.get("macs_samples"), progress=progress):
                 if row["policy"] == "baseline" and fmt != next(iter(by_format)):
                     continue  # one baseline row per seed
                 rows.append(row)

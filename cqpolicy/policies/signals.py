@@ -46,10 +46,10 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, scale: float | None = No
     for start in range(0, b * h, per_chunk):
         end = min(start + per_chunk, b * h)
         scores = torch.bmm(qf[start:end].float(), kf[start:end].float().transpose(1, 2)) * scale
-        logp = torch.log_softmax(scores, dim=-1)
-        # p * log p -> 0 where p underflows to 0 (logp = -inf would give nan through 0 * -inf)
-        plogp = torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp))
-        out[start:end] = -plogp.sum(-1).mean(-1)
+        # H = -sum p log p = logsumexp(s) - sum p s: finite even where p underflows to 0 (no 0 * -inf)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        entropy = lse.squeeze(-1) - ((scores - lse).exp_() * scores).sum(-1)
+        out[start:end] = entropy.mean(-1)
     return out.reshape(b, h)
 
 
