@@ -173,7 +173,7 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     from cqpolicy.tracking import start_run
 
     b = config.get("bench") or {}
-    pareto = sorted(results["search"]["pareto"], key=lambda r: -r["macs_speedup"])[:int(b.get("max_pareto", 3))]
+    pareto = _spread(sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"]), int(b.get("max_pareto", 3)))
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
     learned.append((f"learned:path={results['retrain']['scheduler']}", "fp16"))
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
@@ -206,6 +206,15 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
                                 and abs(float(v)) != float("inf")})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows)}
+
+
+def _spread(points: list, k: int) -> list:
+    """``k`` points evenly spaced along a sorted front, both ends included (all of them if there are fewer)."""
+    if len(points) <= k:
+        return list(points)
+    if k == 1:
+        return [points[-1]]
+    return [points[round(i * (len(points) - 1) / (k - 1))] for i in range(k)]
 
 
 def stage_report(config, model, settings, stage_dir, results, progress):
