@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(steps=50)
     p.add_argument("--policies", nargs="+", required=True, help="policy specs, e.g. none fora:interval=2")
     p.add_argument("--fid", action="store_true", help="FID against the real test set (fmnist models)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per method after a warm-up (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed interleaved repeats of the first batch per method after a warm-up (default 3); "
+                        "0 times each method's quality pass instead")
     p.add_argument("--experiment", default="cqpolicy-bench", help="MLflow experiment name")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--out", required=True, help="output folder")
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--compute-budget", type=float, default=0.5,
                    help="scheduler: fraction of units that compute (default 0.5)")
+    p.add_argument("--label", choices=["auto", "local", "downstream"], default="auto",
+                   help="training label: the local output error as recorded, or weighted per step by the "
+                        "downstream probes (an estimate of the final-sample change); auto uses downstream when "
+                        "the traces hold enough probes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
     p.add_argument("--out", required=True, help="policy artifact folder")
@@ -280,7 +286,7 @@ def cmd_train(args) -> int:
     if not 0 < args.compute_budget <= 1:
         raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
     meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
-                        compute_budget=args.compute_budget, overwrite=args.overwrite)
+                        compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label)
     print(json.dumps(meta.get("metrics", {}), indent=2))
     print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
     return 0

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/fmnist-dit.yaml"
 STAGES = ("traces", "train", "retrain", "search", "bench", "report")
+BENCH_TAG = "cqpolicy_bench_id"
 
 
 class PipelineError(ValueError):
@@ -122,11 +124,12 @@ def _train_both(config, traces, stage_dir, progress):
 
     t = config.get("train") or {}
     mlp = train_policy(traces, kind="mlp", out_dir=stage_dir / "mlp", max_epochs=int(t.get("max_epochs", 15)),
-                       seed=int(t.get("seed", 0)), overwrite=True, progress=progress)
+                       seed=int(t.get("seed", 0)), overwrite=True, progress=progress,
+                       label=str(t.get("label", "auto")))
     sched = train_policy(traces, kind="scheduler", out_dir=stage_dir / "scheduler",
                          max_epochs=int(t.get("scheduler_epochs", 40)),
                          compute_budget=float(t.get("compute_budget", 0.4)), seed=int(t.get("seed", 0)),
-                         overwrite=True, progress=progress)
+                         overwrite=True, progress=progress, label=str(t.get("label", "auto")))
     return {"mlp": str(stage_dir / "mlp"), "scheduler": str(stage_dir / "scheduler"),
             "mlp_metrics": mlp.get("metrics", {}), "scheduler_metrics": sched.get("metrics", {})}
 
@@ -151,7 +154,11 @@ def stage_search(config, model, settings, stage_dir, results, progress):
 
     s = config.get("search") or {}
     mlp = results["retrain"]["mlp"]
-    lo, hi = (float(v) for v in s.get("threshold", [1e-3, 0.5]))
+    # the learned threshold is searched around the artifact's default (its labels' median): label scales differ
+    from cqpolicy.training.artifact import load_artifact
+
+    default = float(load_artifact(mlp)[0]["default_threshold"])
+    lo, hi = (default * float(v) for v in s.get("threshold_factor", [0.05, 20.0]))
     space = parse_space({"model": config.get("model", "fmnist-dit"), "steps": settings.steps,
                          "guidance_scale": settings.guidance_scale,
                          "num_samples": int(s.get("num_samples", 64)), "batch_size": int(s.get("batch_size", 64)),
@@ -173,23 +180,17 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     from cqpolicy.tracking import start_run
 
     b = config.get("bench") or {}
-    pareto = _spread(sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"]), int(b.get("max_pareto", 3)))
+    front = sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"])
+    pareto = _spread(front, int(b.get("max_pareto", 3)))
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
     learned.append((f"learned:path={results['retrain']['scheduler']}", "fp16"))
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     s = replace(settings, batch_size=int(b.get("batch_size", 64)))
     rows = []
-    by_format: dict[str, list[str]] = {}
-    for spec, fmt in learned + baselines:
-        by_format.setdefault(fmt, []).append(spec)
     for i, seed in enumerate(b.get("seeds", [0, 1, 2])):
-        for fmt, specs in by_format.items():
-            for row in bench(model, specs, s, int(b.get("num_samples", 128)), seed=int(seed) * 1_000_000,
-                             cache_format=fmt, fid=True, repeats=int(b.get("repeats", 2)) if i == 0 else 0,
-                             macs=i == 0, macs_samples=b.get("macs_samples"), progress=progress):
-                if row["policy"] == "baseline" and fmt != next(iter(by_format)):
-                    continue  # one baseline row per seed
-                rows.append(row)
+        rows += bench(model, learned + baselines, s, int(b.get("num_samples", 128)), seed=int(seed) * 1_000_000,
+                      fid=True, repeats=int(b.get("repeats", 0)) if i == 0 else 0, macs=i == 0,
+                      macs_samples=b.get("macs_samples"), progress=progress)
     # costs were measured on the first seed: carry them to the other seeds' rows
     costs = {(r["policy"], r["cache_dtype"]): r for r in rows if r.get("macs_speedup") is not None}
     for row in rows:
@@ -198,14 +199,16 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
             if row.get(key) is None and first is not None:
                 row[key] = first[key]
     param_keys = ("model", "policy", "policy_config", "cache_dtype", "steps", "num_samples", "seed")
+    bench_id = uuid.uuid4().hex  # the report reads exactly these runs, not those of earlier runs into this --out
     for row in rows:
         with start_run(f"cqpolicy-bench-{stage_dir.parent.name}", run_name=f"bench-{row['policy']}"):
+            mlflow.set_tag(BENCH_TAG, bench_id)
             mlflow.log_params({k: row[k] for k in param_keys})
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in param_keys
                                 and isinstance(v, (int, float)) and float(v) == float(v)
                                 and abs(float(v)) != float("inf")})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
-    return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows)}
+    return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
 
 
 def _spread(points: list, k: int) -> list:
@@ -220,7 +223,8 @@ def _spread(points: list, k: int) -> list:
 def stage_report(config, model, settings, stage_dir, results, progress):
     from cqpolicy.tracking.leaderboard import collect_rows, leaderboard, write_leaderboard
 
-    board = leaderboard(collect_rows([f"cqpolicy-bench-{stage_dir.parent.name}"]))
+    board = leaderboard(collect_rows([f"cqpolicy-bench-{stage_dir.parent.name}"],
+                                     tags={BENCH_TAG: results["bench"]["bench_id"]}))
     paths = write_leaderboard(board, stage_dir / "leaderboard", overwrite=True)
     _decision_heatmap(model, settings, results["retrain"]["mlp"], stage_dir / "learned-decisions.png")
     best = board[(board["pareto"]) & (board["method"] != "baseline")].head(2)

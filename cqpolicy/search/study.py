@@ -65,7 +65,7 @@ class Evaluator:
                                        batch_size=space.batch_size)
         self.labels = default_labels(space.num_samples, self.model.num_classes)
         self.seeds = [space.seed + i for i in range(space.num_samples)]
-        self.n_first = min(space.batch_size, space.num_samples)
+        self.n_first = min(space.batch_size, space.num_samples, space.macs_samples)  # FLOP-counted samples
         self.fid = None
         if "fid" in space.objectives and not space.proxy:
             if not is_fashion_mnist_like(self.model):

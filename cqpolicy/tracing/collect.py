@@ -3,8 +3,8 @@
 One shard per batch of seeds. A killed run resumes at the first batch without a complete shard; workers
 on disjoint seed ranges (``--seed``) can write into one folder. Downstream probes run each batch a second
 time with, for every sample, one randomly chosen (step, block, unit) forced to reuse, and label that row
-with the change of the final sample (PSNR against the unforced sample, relative distance in the shipped
-classifier's feature space for Fashion-MNIST models).
+with the change of the final sample (relative L2 change before quantisation, PSNR against the unforced
+sample, relative distance in the shipped classifier's feature space for Fashion-MNIST models).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from cqpolicy.tracing.recorder import POST_COLUMNS, PRE_COLUMNS, TraceRecorder, 
 from cqpolicy.tracing.store import RunInfo, TraceWriter
 
 PROBES = ("local", "downstream")
-DOWNSTREAM_LABELS = ("downstream_psnr", "downstream_feature_distance")
+DOWNSTREAM_LABELS = ("downstream_psnr", "downstream_feature_distance", "downstream_rel")
 LABEL_COLUMNS = LOCAL_LABELS + DOWNSTREAM_LABELS
 CONTEXT_COLUMNS = ("class_label",)
 TRACE_SCHEMA = pa.schema(
@@ -91,6 +91,8 @@ def _downstream(model, policy: str, labels, seeds, settings, images, rng, num_bl
     forced.prepare(model, settings)
     with enable(model.transformer, forced, cache_format="fp32"):
         changed = sample(model, labels, seeds, settings, progress=False)
+    # unquantised relative L2 change of the final sample: resolves the tiny changes one reuse makes
+    rel = (changed - images).flatten(1).norm(dim=1) / images.flatten(1).norm(dim=1).clamp_min(1e-12)
     a, b = images_to_uint8(changed).float() / 255, images_to_uint8(images).float() / 255
     mse = (a - b).pow(2).flatten(1).mean(1)
     psnr = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
@@ -104,7 +106,7 @@ def _downstream(model, policy: str, labels, seeds, settings, images, rng, num_bl
         distance = (fa - fb).norm(dim=1) / fb.norm(dim=1).clamp_min(1e-12)
     else:
         distance = torch.full_like(psnr, math.nan)
-    return {"targets": targets, "psnr": psnr.numpy(), "feature_distance": distance.numpy()}
+    return {"targets": targets, "psnr": psnr.numpy(), "feature_distance": distance.numpy(), "rel": rel.float().numpy()}
 
 
 def _attach_downstream(cols: dict, result: dict, seeds) -> None:
@@ -115,6 +117,7 @@ def _attach_downstream(cols: dict, result: dict, seeds) -> None:
         rows = (cols["seed"] == seeds[i]) & (cols["step"] == step) & (cols["block"] == block) & (cols["unit"] == unit)
         cols["downstream_psnr"][rows] = result["psnr"][i]
         cols["downstream_feature_distance"][rows] = result["feature_distance"][i]
+        cols["downstream_rel"][rows] = result["rel"][i]
 
 
 def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: int = 0, policy: str = "none",

@@ -56,10 +56,10 @@ def _no_runs_error(uri: str) -> ValueError:
     return ValueError(f"no bench or search runs in MLflow at {uri}; run `cqpolicy bench` first")
 
 
-def collect_rows(experiments: list[str] | None = None) -> pd.DataFrame:
+def collect_rows(experiments: list[str] | None = None, tags: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per finished run of ``experiments`` (default: every experiment named ``cqpolicy-bench*`` or
-    ``cqpolicy-search*``): experiment, run_id, method, family, cache_dtype, model, steps, num_samples, seed
-    and the bench metrics (NaN where a run did not log one)."""
+    ``cqpolicy-search*``) carrying all of ``tags``: experiment, run_id, method, family, cache_dtype, model,
+    steps, num_samples, seed and the bench metrics (NaN where a run did not log one)."""
     import mlflow
 
     uri = tracking_uri()
@@ -75,7 +75,8 @@ def collect_rows(experiments: list[str] | None = None) -> pd.DataFrame:
                 raise ValueError(f"no MLflow experiment named {name!r} at {uri}; known: {listing}")
     if not names:
         raise _no_runs_error(uri)
-    runs = mlflow.search_runs(experiment_ids=[known[n] for n in names], filter_string="attributes.status = 'FINISHED'",
+    where = ["attributes.status = 'FINISHED'"] + [f"tags.{k} = '{v}'" for k, v in (tags or {}).items()]
+    runs = mlflow.search_runs(experiment_ids=[known[n] for n in names], filter_string=" and ".join(where),
                               output_format="pandas")
     if runs.empty:
         raise _no_runs_error(uri)

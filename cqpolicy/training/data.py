@@ -28,11 +28,15 @@ from cqpolicy.policies.features import RUNTIME_FEATURES
 from cqpolicy.tracing.store import TraceError, TraceReader
 
 LABEL = "impact_local"
+DOWNSTREAM = "downstream_rel"
+LABEL_KINDS = ("auto", "local", "downstream")
+MIN_DOWNSTREAM_PROBES = 8
+RATIO_FLOOR = 1e-4  # a reuse whose final-sample change rounds to 0 still counts as 1e-4 of its local error
 LOG_EPS = 1e-6  # target y = log(impact + LOG_EPS); the deployed policy uses the same offset
 DERIVED_FEATURES = ("progress", "depth", "is_attn1", "is_ff", "is_block")
 STD_FLOOR = 1e-6
 
-__all__ = ["LABEL", "LOG_EPS", "DERIVED_FEATURES", "TraceDataModule", "ImpactTableDataModule", "EpochSampler"]
+__all__ = ["LABEL", "LABEL_KINDS", "LOG_EPS", "fit_step_weight", "DERIVED_FEATURES", "TraceDataModule", "ImpactTableDataModule", "EpochSampler"]
 
 
 class EpochSampler(Sampler[int]):
@@ -55,6 +59,30 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def fit_step_weight(progress: np.ndarray, local: np.ndarray, downstream: np.ndarray, degree: int = 2) -> dict:
+    """How much of a reuse's local output error reaches the final sample, as a function of progress.
+
+    Fits ``log(downstream / local) ~ polynomial(progress)`` by least squares on the downstream probes.
+    On fmnist-dit the ratio falls from about 1 at the first steps to about 0.06 near the end: an error
+    injected early is carried through the whole trajectory, one injected late barely moves the sample. The
+    local label alone ranks late reuses as the most harmful, which is backwards for the final image.
+    """
+    ok = np.isfinite(progress) & np.isfinite(local) & np.isfinite(downstream) & (local > 1e-9) & (downstream >= 0)
+    n = int(ok.sum())
+    if n < MIN_DOWNSTREAM_PROBES:
+        raise TraceError(f"{n} downstream probes: at least {MIN_DOWNSTREAM_PROBES} are needed to fit the step "
+                         f"weight (record traces with --probes local,downstream and more samples)")
+    ratio = np.maximum(downstream[ok], RATIO_FLOOR * local[ok]) / local[ok]
+    coefficients = np.polyfit(progress[ok], np.log(ratio), degree)
+    residual = np.log(ratio) - np.polyval(coefficients, progress[ok])
+    return {"coefficients": [float(c) for c in coefficients], "probes": n,
+            "residual_std": float(residual.std()), "degree": degree}
+
+
+def step_weight(fit: dict, progress: np.ndarray) -> np.ndarray:
+    return np.exp(np.polyval(fit["coefficients"], progress))
+
+
 def _unit_order(found: Sequence[str]) -> list[str]:
     """Known units in the runtime's order (attn1, ff, block), then any others sorted: stable codes across runs."""
     found = set(found)
@@ -65,12 +93,19 @@ class TraceDataModule(L.LightningDataModule):
     """Rows of trace runs as ``(x, y, impact, step, block, unit)`` tensors, split by seed.
 
     ``x``: the ``features`` normalised with train-split statistics; ``y``: ``log(impact + 1e-6)``; ``impact``:
-    the raw label (for metrics); ``step``, ``block``, ``unit`` (code into ``units``): where the row is.
+    the label (for metrics); ``step``, ``block``, ``unit`` (code into ``units``): where the row is.
+
+    ``label``: ``local`` trains on ``impact_local`` as recorded; ``downstream`` on the local label times a
+    step weight fitted on the downstream probes (``fit_step_weight``), an estimate of the relative change
+    of the final sample; ``auto`` (default) is ``downstream`` when the runs hold enough downstream probes.
     """
 
     def __init__(self, run_dirs: Sequence[str | os.PathLike], features: Sequence[str] = RUNTIME_FEATURES,
-                 val_fraction: float = 0.25, batch_size: int = 4096, seed: int = 0):
+                 val_fraction: float = 0.25, batch_size: int = 4096, seed: int = 0, label: str = "auto"):
         super().__init__()
+        if label not in LABEL_KINDS:
+            raise TraceError(f"unknown label {label!r}; choose from {', '.join(LABEL_KINDS)}")
+        self.label = label
         if isinstance(run_dirs, (str, os.PathLike)):
             run_dirs = [run_dirs]
         self.run_dirs = [str(d) for d in run_dirs]
@@ -118,7 +153,12 @@ class TraceDataModule(L.LightningDataModule):
         if missing:
             raise TraceError(f"features missing from the traces: {', '.join(missing)} "
                              f"(columns: {', '.join(columns)})")
-        read = list(dict.fromkeys(["seed", "step", "block", "unit", LABEL, *stored]))
+        has_downstream = DOWNSTREAM in columns
+        if self.label == "downstream" and not has_downstream:
+            raise TraceError(f"--label downstream needs traces with the {DOWNSTREAM!r} column "
+                             f"(record them with --probes local,downstream)")
+        read = list(dict.fromkeys(["seed", "step", "block", "unit", "cfg_branch", LABEL, *stored]
+                                  + ([DOWNSTREAM] if has_downstream else [])))
         table = reader.table(read)
 
         impact = table[LABEL].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -138,6 +178,16 @@ class TraceDataModule(L.LightningDataModule):
         unit = np.asarray(codes.to_numpy())[keep].astype(np.int64)
         if step.max() >= self.steps or block.max() >= self.num_blocks or min(step.min(), block.min()) < 0:
             raise TraceError(f"trace rows lie outside {self.steps} steps x {self.num_blocks} blocks")
+
+        self.label_info = {"kind": "local"}
+        if self.label != "local" and has_downstream:
+            probes = col(DOWNSTREAM).astype(np.float64)
+            probes[col("cfg_branch") != 0] = np.nan  # one probe per sample: its conditional row
+            progress = step / max(1, self.steps - 1)
+            if self.label == "downstream" or np.isfinite(probes).sum() >= MIN_DOWNSTREAM_PROBES:
+                fit = fit_step_weight(progress, impact, probes)
+                impact = impact * step_weight(fit, progress)
+                self.label_info = {"kind": "downstream", **fit, **_rank_agreement(impact, probes, col("impact_local"))}
 
         values = {}
         for name in derived:
@@ -227,8 +277,18 @@ class TraceDataModule(L.LightningDataModule):
     def fingerprint(self) -> dict:
         """What the data is: runs, model, seeds of each side; a resumed training must see the same."""
         return {"traces": [os.path.abspath(d) for d in self.run_dirs], "model_hash": self.manifest["model_hash"],
+                "label": self.label_info["kind"],
                 "steps": self.steps, "features": self.features, "train_seeds": self.train_seeds,
                 "val_seeds": self.val_seeds, "rows": {k: int(len(v["y"])) for k, v in self.split.items()}}
+
+
+def _rank_agreement(weighted: np.ndarray, downstream: np.ndarray, local: np.ndarray) -> dict:
+    """Spearman correlation with the measured downstream change: of the raw local label and of the weighted one."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(downstream)
+    return {"spearman_local_vs_downstream": float(spearmanr(local[ok], downstream[ok]).statistic),
+            "spearman_weighted_vs_downstream": float(spearmanr(weighted[ok], downstream[ok]).statistic)}
 
 
 def _comparable(value):

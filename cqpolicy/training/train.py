@@ -127,11 +127,17 @@ def scheduler_metrics(compute: torch.Tensor, dm: TraceDataModule) -> dict:
     return out
 
 
+def _label_metrics(dm) -> dict:
+    info = dm.label_info
+    return {k: info[k] for k in ("probes", "residual_std", "spearman_local_vs_downstream",
+                                 "spearman_weighted_vs_downstream") if k in info}
+
+
 def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_dir: str | os.PathLike = "out/policy",
                  max_epochs: int = 20, seed: int = 0, hidden: int = 128, compute_budget: float = 0.5,
                  overwrite: bool = False, progress: bool = True, *, batch_size: int = 4096,
                  val_fraction: float = 0.25, harm_weight: float = 4.0, tolerance_quantile: float = 0.5,
-                 steps_per_epoch: int = 50) -> dict:
+                 steps_per_epoch: int = 50, label: str = "auto") -> dict:
     """Train a ``kind`` ("mlp" or "scheduler") policy on trace runs and write its artifact to ``out_dir``.
 
     Returns the artifact metadata (``policy.json``), including held-out ``metrics`` and a ``training`` record
@@ -157,7 +163,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     ckpt_dir = checkpoint_dir(out)
 
     L.seed_everything(seed, workers=True, verbose=False)
-    dm = TraceDataModule(run_dirs, val_fraction=val_fraction, batch_size=batch_size, seed=seed)
+    dm = TraceDataModule(run_dirs, val_fraction=val_fraction, batch_size=batch_size, seed=seed, label=label)
     tolerance = dm.tolerance(tolerance_quantile)
     config = {"kind": kind, "seed": seed, "data": dm.fingerprint(), "batch_size": batch_size,
               "val_fraction": val_fraction, "tolerance_quantile": tolerance_quantile}
@@ -213,7 +219,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
         if best and Path(best).is_file():
             module = ReusePolicyModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
         module = module.cpu().eval()
-        metrics = {"tolerance": tolerance, **mlp_metrics(module, dm, "val"),
+        metrics = {"tolerance": tolerance, **_label_metrics(dm), **mlp_metrics(module, dm, "val"),
                    "best_val_loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None
                    else math.nan, "train_rows": int(len(dm.split["train"]["y"])), "train_seeds": len(dm.train_seeds)}
         tensors = {k: v.detach().cpu() for k, v in module.state_dict().items() if k.startswith("mlp.")}
@@ -221,12 +227,12 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     else:
         module = module.cpu()
         compute = module.table()
-        metrics = {"compute_budget": compute_budget, **scheduler_metrics(compute, dm)}
+        metrics = {"compute_budget": compute_budget, **_label_metrics(dm), **scheduler_metrics(compute, dm)}
         tensors = {"table": compute.to(torch.uint8), "logits": module.logits.detach().cpu()}
         features, normalization, default_threshold = [], {"mean": [], "std": []}, 0.5
 
     meta = {"format_version": 1, "kind": kind, "features": list(features), "normalization": normalization,
-            "target": "log_impact", "tolerance": tolerance, "default_threshold": default_threshold,
+            "target": "log_impact", "label": dm.label_info, "tolerance": tolerance, "default_threshold": default_threshold,
             "hidden": hidden if kind == "mlp" else 0, "model": dm.model_meta(), "metrics": metrics,
             "traces": [str(d) for d in dm.run_dirs],
             "training": {"seed": seed, "max_epochs": max_epochs, "epochs": int(trainer.current_epoch),
