@@ -141,8 +141,9 @@ def stage_train(config, model, settings, stage_dir, results, progress):
 def stage_retrain(config, model, settings, stage_dir, results, progress):
     if not config.get("retrain", True):
         return {**results["train"], "retrained": False}
+    cap = int((config.get("train") or {}).get("max_reuse", 2))
     traced = _trace(config, model, settings, stage_dir, results, progress,
-                    policy=f"learned:path={results['train']['mlp']}", name="learned",
+                    policy=f"learned:path={results['train']['mlp']},max_reuse={cap}", name="learned",
                     seed_offset=500_000)  # new seeds: a run's rows are keyed by seed, and more seeds help
     trained = _train_both(config, [results["traces"]["run_dir"], traced["run_dir"]], stage_dir, progress)
     return {**trained, "retrained": True, "first_round": results["train"]}
@@ -166,7 +167,8 @@ def stage_search(config, model, settings, stage_dir, results, progress):
                          "proxy": bool(s.get("proxy", False)), "min_psnr": s.get("min_psnr"),
                          "cache": {"dtype": s.get("cache_dtypes", ["fp16", "int8"]), "granularity": ["token"]},
                          "families": {"learned": {"path": {"fixed": mlp},
-                                                  "threshold": {"float": [lo, hi], "log": True}}}},
+                                                  "threshold": {"float": [lo, hi], "log": True},
+                                                  "max_reuse": {"int": list(s.get("max_reuse", [1, 4]))}}}},
                         source=str(stage_dir / "space"))
     summary = run_study(space, int(s.get("n_trials", 12)), storage=str(stage_dir / "journal.log"),
                         study_name=f"learned-{stage_dir.parent.name}", progress=progress)
@@ -183,7 +185,8 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     front = sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"])
     pareto = _spread(front, int(b.get("max_pareto", 3)))
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
-    learned.append((f"learned:path={results['retrain']['scheduler']}", "fp16"))
+    cap = int((config.get("train") or {}).get("max_reuse", 2))
+    learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={cap}", "fp16"))
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     s = replace(settings, batch_size=int(b.get("batch_size", 64)))
     rows = []

@@ -33,3 +33,18 @@ def test_bench_rejects_a_bad_policy_before_running(tiny_dit_dir, tmp_path, capsy
                  "--out", str(tmp_path / "b")])
     assert code == 2 and "has no option 'every'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_takes_a_cache_format_per_method_and_times_quality_passes(tiny_dit_dir):
+    from cqpolicy.evaluation.bench import bench
+    from cqpolicy.models import load_model
+    from cqpolicy.sampling import SampleSettings
+
+    model = load_model(str(tiny_dit_dir))
+    rows = bench(model, ["fora:interval=2", ("fora:interval=2", "int8-token")], SampleSettings(steps=4, batch_size=2),
+                 num_samples=2, repeats=0, progress=False)
+    assert [r["cache_dtype"] for r in rows] == ["none", "fp16", "int8-token"]
+    fp16, int8 = rows[1], rows[2]
+    assert int8["cache_bytes"] < fp16["cache_bytes"]  # the int8 row really ran with an int8 cache
+    assert all(r["wall_speedup"] > 0 and r["quality_pass_s"] > 0 for r in rows)  # repeats=0: from quality passes
+    assert rows[0]["wall_speedup"] == 1.0 and "quality pass" in rows[0]["wall_measured_on"]

@@ -86,6 +86,8 @@ def logged(mlflow_db):
                     metrics["psnr_vs_baseline"] = psnr
                 mlflow.log_metrics(metrics)
                 ids[(method, seed)] = run.info.run_id
+                if method == FAST and seed == 0:
+                    mlflow.set_tag("cqpolicy_bench_id", "abc123")  # how a pipeline marks the runs of one bench
         # a search trial: the full spec in "policy", no policy_config; another setting (steps 10)
         with start_run("cqpolicy-search-demo", run_name="trial-0") as run:
             mlflow.log_params({"model": "fmnist-dit", "policy": FAST, "steps": 10, "num_samples": 64, "seed": 0})
@@ -107,6 +109,8 @@ def test_collect_rows_reads_bench_and_search_runs(logged):
     base = rows[(rows["method"] == "baseline") & (rows["seed"] == 1)].iloc[0]
     assert base["psnr_vs_baseline"] == math.inf and base["fid"] == 12.0
     assert len(collect_rows(["cqpolicy-bench"])) == len(ROWS)
+    tagged = collect_rows(["cqpolicy-bench"], tags={"cqpolicy_bench_id": "abc123"})
+    assert len(tagged) == 1 and tagged.iloc[0]["run_id"] == logged[(FAST, 0)]
 
 
 def test_leaderboard_and_files(logged, tmp_path):

@@ -162,6 +162,51 @@ def test_bad_trace_folders_refused(tmp_path, runs):
     assert not (tmp_path / "p").exists() and not checkpoint_dir(tmp_path / "p").exists()
 
 
+def with_downstream(table: pa.Table, coefficients, probes_per_seed: int = 6) -> pa.Table:
+    """Give ``probes_per_seed`` conditional rows of each seed a downstream change = local x exp(poly(progress))."""
+    cols = table.to_pydict()
+    rng = np.random.default_rng(7 + cols["seed"][0])
+    local = np.asarray(cols["impact_local"], dtype=np.float64)
+    down = np.full(len(local), np.nan)
+    for seed in set(cols["seed"]):
+        rows = [i for i, (s, b, st) in enumerate(zip(cols["seed"], cols["cfg_branch"], cols["step"]))
+                if s == seed and b == 0 and st > 0]
+        for i in rng.choice(rows, probes_per_seed, replace=False):
+            progress = cols["step"][i] / (STEPS - 1)
+            down[i] = local[i] * np.exp(np.polyval(coefficients, progress) + 0.01 * rng.standard_normal())
+    cols["downstream_rel"] = down.astype(np.float32)
+    return pa.table(cols, schema=TRACE_SCHEMA)
+
+
+def test_downstream_label_weights_local_impact_by_a_fitted_step_weight(tmp_path, runs):
+    truth = [-1.5, 0.4, -0.1]  # log(downstream / local) = -1.5 p^2 + 0.4 p - 0.1
+    w = TraceWriter(tmp_path / "d", info(extra={"num_blocks": BLOCKS, "probes": "local,downstream"}), TRACE_SCHEMA,
+                    label_columns=LABEL_COLUMNS)
+    for s in range(6):
+        w.write_shard(with_downstream(seed_rows(s), truth))
+    auto = TraceDataModule([tmp_path / "d"], batch_size=64, seed=0)
+    local = TraceDataModule([tmp_path / "d"], batch_size=64, seed=0, label="local")
+    assert auto.label_info["kind"] == "downstream" and auto.label_info["probes"] == 36
+    assert np.allclose(auto.label_info["coefficients"], truth, atol=0.05)
+    assert local.label_info == {"kind": "local"}
+    progress = auto.split["train"]["step"].double() / (STEPS - 1)
+    weight = torch.exp(-1.5 * progress ** 2 + 0.4 * progress - 0.1)
+    torch.testing.assert_close(auto.split["train"]["impact"].double(), local.split["train"]["impact"].double() * weight,
+                               rtol=0.02, atol=0)
+    # the weighted label ranks reuses like the measured downstream change does (the synthetic truth is exact)
+    assert auto.label_info["spearman_weighted_vs_downstream"] > 0.99
+    assert auto.label_info["spearman_weighted_vs_downstream"] >= auto.label_info["spearman_local_vs_downstream"]
+
+    # runs without downstream probes: auto falls back to the local label; asking for downstream is refused
+    assert TraceDataModule(runs, batch_size=64).label_info == {"kind": "local"}
+    with pytest.raises(TraceError, match="downstream probes: at least 8"):
+        TraceDataModule(runs, batch_size=64, label="downstream")
+    with pytest.raises(TraceError, match="unknown label"):
+        TraceDataModule(runs, label="global")
+    meta = train_policy([tmp_path / "d"], out_dir=tmp_path / "p", max_epochs=1, **FAST)
+    assert meta["label"]["kind"] == "downstream" and meta["metrics"]["probes"] == 36
+
+
 # ------------------------------------------------------------------------------------------------- MLP
 
 def query(**over) -> UnitQuery:

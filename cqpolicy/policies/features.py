@@ -7,11 +7,13 @@ on exactly the numbers it will see at run time. Per row (CFG rows separately):
 (blocks - 1)), ``is_attn1`` / ``is_ff`` / ``is_block``, ``cfg_branch`` (1 for null-class rows),
 ``in_l1`` / ``in_l2`` (mean |x|, RMS of the unit's input), ``in_rel_l1_prev`` / ``in_cos_prev`` (input
 against the previous step's), ``in_rel_l1_last`` (input against the input at the unit's last compute),
-``steps_since_compute``. All are element-wise passes over the input: cheap next to the unit itself.
+``steps_since_compute``. The input features are element-wise passes over 16 evenly spaced tokens of the
+input (all tokens on shorter sequences), so deciding stays cheap next to the unit itself.
 At step 0 there is no previous input: changes are 0 and cosines 1.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +38,21 @@ def cos_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x, ref, dim=1, eps=1e-12)
 
 
+FEATURE_TOKENS = 16  # input features are read from this many evenly spaced tokens: deciding must stay cheap
+
+
+def _token_subsample(inputs: torch.Tensor) -> torch.Tensor:
+    """``[rows, tokens, width]`` inputs reduced to ``FEATURE_TOKENS`` evenly spaced tokens (others unchanged)."""
+    if inputs.ndim != 3 or inputs.shape[1] <= FEATURE_TOKENS:
+        return inputs
+    return inputs[:, _token_index(inputs.shape[1], inputs.device)]
+
+
+@functools.lru_cache(maxsize=16)
+def _token_index(tokens: int, device: torch.device) -> torch.Tensor:
+    return torch.linspace(0, tokens - 1, FEATURE_TOKENS, device=device).round().long()
+
+
 class InputTracker:
     """Per (block, unit): the previous input, the input at the last compute, steps since that compute."""
 
@@ -49,7 +66,7 @@ class InputTracker:
 
     def before(self, key, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """The ``TRACKED`` features of this input (per row); call ``after`` once the decision is known."""
-        x = flat_rows(inputs)
+        x = flat_rows(_token_subsample(inputs))
         prev, last = self._prev.get(key, x), self._last.get(key, x)
         since = self._since.get(key, torch.zeros(x.shape[0], device=x.device))
         self._pending = (key, x, last, since)

@@ -194,12 +194,14 @@ def local_vs_downstream(table: pa.Table) -> dict:
     """Spearman rank correlation between the local impact label and the downstream change, over probed rows."""
     from scipy.stats import spearmanr
 
-    df = table.select(["cfg_branch", "impact_local", "downstream_psnr", "downstream_feature_distance"]).to_pandas()
+    names = ["cfg_branch", "impact_local", "downstream_psnr", "downstream_feature_distance", "downstream_rel"]
+    df = table.select(names).to_pandas()
     df = df[(df["cfg_branch"] == 0) & df["downstream_psnr"].notna() & df["impact_local"].notna()]
     if len(df) < 3:
         return {"n": int(len(df))}
     result = {"n": int(len(df)),
               "spearman_local_vs_neg_psnr": float(spearmanr(df["impact_local"], -df["downstream_psnr"]).statistic)}
+    result["spearman_local_vs_rel_change"] = float(spearmanr(df["impact_local"], df["downstream_rel"]).statistic)
     if df["downstream_feature_distance"].notna().all():
         result["spearman_local_vs_feature_distance"] = float(
             spearmanr(df["impact_local"], df["downstream_feature_distance"]).statistic)

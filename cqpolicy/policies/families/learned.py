@@ -1,11 +1,14 @@
 """``learned``: deploy a policy artifact trained by ``cqpolicy train`` into the runtime.
 
-* ``kind: mlp`` — the MLP predicts the harm (log relative output error) of reusing each unit from the
+* ``kind: mlp`` — the MLP predicts the harm of reusing each unit (log of the relative output error, weighted
+  per step by how much of it reaches the final sample when the traces held downstream probes) from the
   runtime features of ``cqpolicy.policies.features`` (computed exactly as the trace recorder computed
   them); the unit reuses where the predicted harm is below ``threshold`` (default: the artifact's).
   ``per_sample=true`` decides per CFG row (the unit then runs only for the rows that need it);
-  otherwise one decision per batch: reuse only if every row is predicted safe.
-* ``kind: scheduler`` — a learned static step x block x unit table (an L2C-style router).
+  otherwise one decision per batch: reuse only if every row is predicted safe. ``max_reuse=k`` makes a
+  unit compute after k consecutive reuses (as TeaCache's cap does), whatever the MLP predicts.
+* ``kind: scheduler`` — a learned static step x block x unit table (an L2C-style router); ``max_reuse``
+  caps its runs of consecutive reuses the same way.
 
 The artifact must fit the model: its class, block count, step count and scheduler are checked in
 ``prepare``; a tampered weights file is refused when loaded.
@@ -27,8 +30,11 @@ class LearnedConfig:
     path: str = ""  # policy artifact folder (policy.json + weights.safetensors)
     threshold: float = -1.0  # reuse where predicted impact < threshold; -1 = the artifact's default
     per_sample: bool = False  # decide per CFG row instead of per batch
+    max_reuse: int = -1  # compute after this many consecutive reuses of a unit (-1: no cap)
 
     def __post_init__(self):
+        if self.max_reuse < -1:
+            raise ValueError(f"policy 'learned': max_reuse must be -1 (no cap) or >= 0, got {self.max_reuse}")
         if self.threshold != -1.0 and not (self.threshold > 0 and math.isfinite(self.threshold)):
             raise ValueError(f"policy 'learned': threshold must be a positive number, got {self.threshold}")
 
@@ -60,6 +66,7 @@ class LearnedPolicy(Policy):
         else:
             raise ValueError(f"policy 'learned': unknown artifact kind {self.kind!r}")
         self.tracker = InputTracker()
+        self._run_length: dict = {}
 
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import transformer_blocks
@@ -76,6 +83,7 @@ class LearnedPolicy(Policy):
             raise StepMismatchError(f"policy artifact {self.config.path} was trained for {model['steps']} steps, "
                                     f"the run has {num_steps}")
         self.tracker.reset()
+        self._run_length: dict = {}  # scheduler: consecutive reuses per unit
 
     @torch.no_grad()
     def predict(self, query: UnitQuery) -> torch.Tensor:
@@ -84,12 +92,20 @@ class LearnedPolicy(Policy):
         values = {**context_features(query, rows, query.cfg_branch),
                   **{k: v.cpu() for k, v in self.tracker.before((query.block, query.unit), query.inputs).items()}}
         x = torch.stack([values[name] for name in self.features], dim=1)
+        self._since = values["steps_since_compute"]
         return self.mlp((x - self.mean) / self.std).squeeze(1)
 
     def decide(self, query: UnitQuery):
         if self.kind == "scheduler":
-            return bool(self.table[query.step, query.block, self.units.index(query.unit)])
+            key = (query.block, query.unit)
+            compute = bool(self.table[query.step, query.block, self.units.index(query.unit)])
+            if self.config.max_reuse >= 0 and self._run_length.get(key, 0) >= self.config.max_reuse:
+                compute = True
+            self._run_length[key] = 0 if compute or not query.has_cache else self._run_length.get(key, 0) + 1
+            return compute
         safe = self.predict(query) < self.log_threshold
+        if self.config.max_reuse >= 0:  # bound staleness: the labels measure reuses of a recent output
+            safe &= self._since < self.config.max_reuse
         decision = ~safe if self.config.per_sample else bool(not safe.all())
         self.tracker.after(computed_rows(decision, query.has_cache, len(safe)))
         return decision
