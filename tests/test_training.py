@@ -250,6 +250,18 @@ def test_mlp_learns_is_deterministic_and_resumes(tmp_path, runs):
     policy.reset(STEPS, BLOCKS)
     decision = policy.decide(query(inputs=torch.randn(2, 16, 8)))
     assert decision.dtype == torch.bool and decision.shape == (2,)
+    # a threshold nothing reaches: every row reuses, until max_reuse=1 forces every other step to compute
+    lenient = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True, threshold=1e9))
+    capped = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True, threshold=1e9, max_reuse=1))
+    for p in (lenient, capped):
+        p.reset(STEPS, BLOCKS)
+    x = torch.randn(2, 16, 8)
+    got = [(lenient.decide(query(step=s, inputs=x + 0.01 * s)).tolist(),
+            capped.decide(query(step=s, inputs=x + 0.01 * s)).tolist()) for s in range(1, 6)]
+    assert [g[0] for g in got] == [[False, False]] * 5
+    assert [g[1] for g in got] == [[False, False], [True, True]] * 2 + [[False, False]]
+    with pytest.raises(ValueError, match="max_reuse"):
+        LearnedConfig(path="x", max_reuse=-2)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["policy.json", "weights.safetensors"]
     assert (checkpoint_dir(tmp_path / "a") / "last.ckpt").is_file()  # checkpoints live beside the artifact
 
@@ -384,3 +396,15 @@ def test_train_scheduler_writes_table_and_schedule(tmp_path, runs):
         assert policy.decide(q) == bool(table[step, block, unit])
     # deep blocks and ff are costly in the synthetic data: the table computes them more
     assert table[1:, -1].float().mean() > table[1:, 0].float().mean()
+
+    # max_reuse caps runs of consecutive reuses: the table's own decision unless the cap forces a compute
+    for cap in (0, 1, 2):
+        capped = LearnedPolicy(LearnedConfig(path=str(tmp_path / "s"), max_reuse=cap))
+        capped.reset(STEPS, BLOCKS)
+        for block, unit in product(range(BLOCKS), range(2)):
+            run = 0
+            for step in range(STEPS):
+                got = capped.decide(query(step=step, block=block, unit=("attn1", "ff")[unit], has_cache=step > 0))
+                want = bool(table[step, block, unit]) or run >= cap or step == 0
+                assert got == want, (cap, block, unit, step)
+                run = 0 if want else run + 1
