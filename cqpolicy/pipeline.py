@@ -227,7 +227,8 @@ def stage_report(config, model, settings, stage_dir, results, progress):
     from cqpolicy.tracking.leaderboard import collect_rows, leaderboard, write_leaderboard
 
     board = leaderboard(collect_rows([f"cqpolicy-bench-{stage_dir.parent.name}"],
-                                     tags={BENCH_TAG: results["bench"]["bench_id"]}))
+                                     tags={BENCH_TAG: results["bench"]["bench_id"]} if "bench_id" in results["bench"]
+                                     else None))  # a bench stage finished by an older version: untagged runs
     paths = write_leaderboard(board, stage_dir / "leaderboard", overwrite=True)
     _decision_heatmap(model, settings, results["retrain"]["mlp"], stage_dir / "learned-decisions.png")
     best = board[(board["pareto"]) & (board["method"] != "baseline")].head(2)
