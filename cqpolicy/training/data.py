@@ -36,7 +36,8 @@ LOG_EPS = 1e-6  # target y = log(impact + LOG_EPS); the deployed policy uses the
 DERIVED_FEATURES = ("progress", "depth", "is_attn1", "is_ff", "is_block")
 STD_FLOOR = 1e-6
 
-__all__ = ["LABEL", "LABEL_KINDS", "LOG_EPS", "fit_step_weight", "DERIVED_FEATURES", "TraceDataModule", "ImpactTableDataModule", "EpochSampler"]
+__all__ = ["LABEL", "LABEL_KINDS", "LOG_EPS", "fit_step_weight", "DERIVED_FEATURES", "TraceDataModule",
+           "ImpactTableDataModule", "EpochSampler"]
 
 
 class EpochSampler(Sampler[int]):

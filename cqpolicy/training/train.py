@@ -232,7 +232,8 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
         features, normalization, default_threshold = [], {"mean": [], "std": []}, 0.5
 
     meta = {"format_version": 1, "kind": kind, "features": list(features), "normalization": normalization,
-            "target": "log_impact", "label": dm.label_info, "tolerance": tolerance, "default_threshold": default_threshold,
+            "target": "log_impact", "label": dm.label_info, "tolerance": tolerance,
+            "default_threshold": default_threshold,
             "hidden": hidden if kind == "mlp" else 0, "model": dm.model_meta(), "metrics": metrics,
             "traces": [str(d) for d in dm.run_dirs],
             "training": {"seed": seed, "max_epochs": max_epochs, "epochs": int(trainer.current_epoch),
