@@ -141,12 +141,16 @@ def stage_train(config, model, settings, stage_dir, results, progress):
 def stage_retrain(config, model, settings, stage_dir, results, progress):
     if not config.get("retrain", True):
         return {**results["train"], "retrained": False}
-    cap = int((config.get("train") or {}).get("max_reuse", 2))
     traced = _trace(config, model, settings, stage_dir, results, progress,
-                    policy=f"learned:path={results['train']['mlp']},max_reuse={cap}", name="learned",
+                    policy=f"learned:path={results['train']['mlp']},max_reuse={_reuse_cap(config)}", name="learned",
                     seed_offset=500_000)  # new seeds: a run's rows are keyed by seed, and more seeds help
     trained = _train_both(config, [results["traces"]["run_dir"], traced["run_dir"]], stage_dir, progress)
     return {**trained, "retrained": True, "first_round": results["train"]}
+
+
+def _reuse_cap(config) -> int:
+    """``train.max_reuse``: the cap on consecutive reuses of the retrain traces and of the benched scheduler."""
+    return int((config.get("train") or {}).get("max_reuse", 2))
 
 
 def stage_search(config, model, settings, stage_dir, results, progress):
@@ -185,8 +189,7 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     front = sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"])
     pareto = _spread(front, int(b.get("max_pareto", 3)))
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
-    cap = int((config.get("train") or {}).get("max_reuse", 2))
-    learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={cap}", "fp16"))
+    learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     s = replace(settings, batch_size=int(b.get("batch_size", 64)))
     rows = []

@@ -19,11 +19,10 @@ import argparse
 import statistics
 import time
 
-import torch
-
 from cqpolicy.models import load_model
 from cqpolicy.policies import make_policy
 from cqpolicy.policies.base import DelegatingPolicy
+from cqpolicy.policies.features import computed_rows
 from cqpolicy.runtime import enable
 from cqpolicy.sampling import SampleSettings, sample
 
@@ -39,15 +38,10 @@ class TimedDecisions(DelegatingPolicy):
         start = time.perf_counter()
         decision = super().decide(query)
         self.seconds += time.perf_counter() - start
-        rows = query.inputs.shape[0]
+        computed = computed_rows(decision, query.has_cache, query.inputs.shape[0])
         self.calls += 1
-        self.rows += rows
-        if not query.has_cache:
-            self.computed += rows
-        elif torch.is_tensor(decision):
-            self.computed += int(decision.sum())
-        else:
-            self.computed += rows if decision else 0
+        self.rows += len(computed)
+        self.computed += int(computed.sum())
         return decision
 
 

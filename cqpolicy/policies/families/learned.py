@@ -86,14 +86,14 @@ class LearnedPolicy(Policy):
         self._run_length: dict = {}  # scheduler: consecutive reuses per unit
 
     @torch.no_grad()
-    def predict(self, query: UnitQuery) -> torch.Tensor:
-        """Predicted log impact per row (and the tracker's pending state for ``after``)."""
+    def predict(self, query: UnitQuery) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted log impact per row and the rows' consecutive reuses so far (the tracker then holds the
+        pending state for ``after``)."""
         rows = query.inputs.shape[0]
         values = {**context_features(query, rows, query.cfg_branch),
                   **{k: v.cpu() for k, v in self.tracker.before((query.block, query.unit), query.inputs).items()}}
         x = torch.stack([values[name] for name in self.features], dim=1)
-        self._since = values["steps_since_compute"]
-        return self.mlp((x - self.mean) / self.std).squeeze(1)
+        return self.mlp((x - self.mean) / self.std).squeeze(1), values["steps_since_compute"]
 
     def decide(self, query: UnitQuery):
         if self.kind == "scheduler":
@@ -103,9 +103,10 @@ class LearnedPolicy(Policy):
                 compute = True
             self._run_length[key] = 0 if compute or not query.has_cache else self._run_length.get(key, 0) + 1
             return compute
-        safe = self.predict(query) < self.log_threshold
+        harm, since = self.predict(query)
+        safe = harm < self.log_threshold
         if self.config.max_reuse >= 0:  # bound staleness: the labels measure reuses of a recent output
-            safe &= self._since < self.config.max_reuse
+            safe &= since < self.config.max_reuse
         decision = ~safe if self.config.per_sample else bool(not safe.all())
         self.tracker.after(computed_rows(decision, query.has_cache, len(safe)))
         return decision
