@@ -1,6 +1,10 @@
 """Shared fixtures: tiny random diffusers DiTs (as diffusers' own hook tests use) and an isolated MLflow."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -9,6 +13,16 @@ import torch
 def isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_mlflow_db():
+    """One MLflow store for a whole test module (never the project's mlruns/): creating a sqlite store costs
+    seconds of fsyncs, so modules with many MLflow-logging tests share one (on tmpfs where there is one).
+    Such a module overrides ``isolated_mlflow`` to point ``MLFLOW_TRACKING_URI`` here."""
+    folder = tempfile.mkdtemp(prefix="cqpolicy-test-mlflow-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    yield f"sqlite:///{folder}/mlflow.db"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def tiny_fmnist_dit(num_layers: int = 2, seed: int = 0):

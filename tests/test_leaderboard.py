@@ -1,8 +1,5 @@
 """The MLflow leaderboard: Pareto masks, grouping over seeds, ΔFID against the same-seed baseline, files."""
 import math
-import os
-import shutil
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -37,17 +34,10 @@ def test_pareto_mask_maximize_and_minimize():
 
 
 # ------------------------------------------------------------------------------------- MLflow end to end
-@pytest.fixture(scope="module")
-def mlflow_db():
-    """One store for the module: creating a sqlite store costs seconds (tmpfs where there is one)."""
-    folder = tempfile.mkdtemp(prefix="cqpolicy-test-lb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    yield f"sqlite:///{folder}/mlflow.db"
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(autouse=True)
-def isolated_mlflow(tmp_path, monkeypatch, mlflow_db):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+def isolated_mlflow(tmp_path, monkeypatch, module_mlflow_db):
+    """Overrides conftest's per-test store with the module's: the logged runs below are shared."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_mlflow_db)
     monkeypatch.chdir(tmp_path)
 
 
@@ -66,13 +56,13 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def logged(mlflow_db):
+def logged(module_mlflow_db):
     import mlflow
 
     from cqpolicy.tracking import start_run
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+        mp.setenv("MLFLOW_TRACKING_URI", module_mlflow_db)
         ids = {}
         for method, seed, fid, speedup, psnr in ROWS:
             with start_run("cqpolicy-bench", run_name=f"bench-{method}") as run:

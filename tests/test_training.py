@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from itertools import product
 
 import numpy as np
@@ -76,18 +73,10 @@ def make_run(path, seeds, probed: bool = True, **over):
     return path
 
 
-@pytest.fixture(scope="module")
-def mlflow_db():
-    """One MLflow store for this module: creating a sqlite store costs seconds of fsyncs (tmpfs where there is one)."""
-    folder = tempfile.mkdtemp(prefix="cqpolicy-test-mlflow-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    yield f"sqlite:///{folder}/mlflow.db"
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(autouse=True)
-def isolated_mlflow(tmp_path, monkeypatch, mlflow_db):
+def isolated_mlflow(tmp_path, monkeypatch, module_mlflow_db):
     """Overrides conftest's per-test store with the module's (still never the project's mlruns/)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_mlflow_db)
     monkeypatch.chdir(tmp_path)
 
 
