@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training label: the local output error as recorded, or weighted per step by the "
                         "downstream probes (an estimate of the final-sample change); auto uses downstream when "
                         "the traces hold enough probes")
+    p.add_argument("--features", choices=["step", "unit"], default="step",
+                   help="mlp inputs: step (model input and staleness, one MLP call decides a whole step; default) "
+                        "or unit (each unit's own input, computed before every unit call)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
     p.add_argument("--out", required=True, help="policy artifact folder")
@@ -286,7 +289,8 @@ def cmd_train(args) -> int:
     if not 0 < args.compute_budget <= 1:
         raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
     meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
-                        compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label)
+                        compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label,
+                        features=args.features)
     print(json.dumps(meta.get("metrics", {}), indent=2))
     print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
     return 0

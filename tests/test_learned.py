@@ -60,3 +60,39 @@ def test_learned_refuses_other_models_and_tampered_weights(tiny_dit_dir, artifac
                  "--policy", f"learned:path={mlp}", "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "tampered" in err[0]
+
+
+def test_step_level_features_at_run_time_equal_the_ones_trained_on(tiny_dit_dir, artifacts, tmp_path, monkeypatch):
+    """Trace under the deployed MLP, then rebuild the training features from that trace: every row must equal
+    what the policy fed its MLP at run time (one call per step, all units x rows)."""
+    from cqpolicy.tracing.collect import collect
+    from cqpolicy.training.data import TraceDataModule
+    from cqpolicy.training.modules import ReuseMLP
+
+    mlp, _ = artifacts
+    meta = json.loads((mlp / "policy.json").read_text())
+    seen = []
+    forward = ReuseMLP.forward
+    monkeypatch.setattr(ReuseMLP, "forward", lambda self, x: seen.append(x.clone()) or forward(self, x))
+    model = load_model(str(tiny_dit_dir))
+    settings = SampleSettings(steps=6, guidance_scale=2.0, batch_size=2)
+    # every unit predicted safe, the cap makes it compute every third step: stale caches, varied staleness
+    collect(model, settings, tmp_path / "under-mlp", num_samples=4,
+            policy=f"learned:path={mlp},threshold=1e9,max_reuse=2", progress=False)
+    assert len(seen) == 2 * 6 and seen[0].ndim == 3  # 2 batches x 6 steps, one call each
+    mean, std = (torch.tensor(meta["normalization"][k]) for k in ("mean", "std"))
+    runtime = [x * std + mean for x in seen]  # [blocks x units, rows, features] per step
+
+    dm = TraceDataModule([tmp_path / "under-mlp"], features=meta["features"], val_fraction=0.5)
+    units, names = len(dm.units), dm.features
+    since = names.index("steps_since_compute")
+    checked, stale = 0, 0
+    for split in dm.split.values():
+        rows = split["x"].double() * torch.tensor(dm.normalization["std"]) + torch.tensor(dm.normalization["mean"])
+        for x, seed, step, block, unit in zip(rows, split["seed"], split["step"], split["block"], split["unit"]):
+            branch = int(round(x[names.index("cfg_branch")].item()))
+            got = runtime[int(seed) // 2 * 6 + int(step)][int(block) * units + int(unit), branch * 2 + int(seed) % 2]
+            assert torch.allclose(got.double(), x, rtol=1e-4, atol=1e-5), (int(seed), int(step), got, x)
+            checked += 1
+            stale += x[since].item() > 0
+    assert checked == 4 * 2 * 5 * 2 * units and stale > 0  # every probed row, some of them after reuses

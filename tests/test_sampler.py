@@ -23,8 +23,10 @@ def test_sample_is_the_same_whatever_the_batch_size(tiny_dit_dir, scheduler):
     one = sample(model, labels[2:3], seeds[2:3], SampleSettings(steps=4, guidance_scale=2.0, scheduler=scheduler,
                                                                 batch_size=1), progress=False)
     assert whole.shape == (4, 1, 28, 28)
-    torch.testing.assert_close(whole, split, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(whole[2:3], one, atol=1e-5, rtol=1e-5)
+    # Batch size changes the GEMM blocking, so float32 rounding differs (~2e-5 seen with DPM's multistep
+    # update); mixing samples up would differ by O(1).
+    torch.testing.assert_close(whole, split, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole[2:3], one, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(whole[0], whole[1])
 
 

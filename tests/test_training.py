@@ -1,7 +1,8 @@
 """Training stage: seed split, train-only normalisation, a learnable MLP, determinism, resume, artifacts, scheduler.
 
 All data are tiny synthetic trace runs written with ``TraceWriter`` (no diffusion model runs); the label
-truly depends on the runtime features (``in_rel_l1_prev``, ``steps_since_compute``) and on where the unit
+truly depends on the runtime features (``in_rel_l1_prev``, the same for every unit of a row's step as the
+model-input change is, and ``steps_since_compute``) and on where the unit
 is, so a model can learn it and a scheduler has cheap and expensive cells to choose between.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torchmetrics.functional.classification import binary_auroc
 from cqpolicy.policies.base import UnitQuery
 from cqpolicy.policies.families.learned import LearnedConfig, LearnedPolicy
 from cqpolicy.policies.families.schedule import load_schedule
-from cqpolicy.policies.features import RUNTIME_FEATURES
+from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
 from cqpolicy.tracing import RunInfo, TraceError, TraceReader, TraceWriter
 from cqpolicy.tracing.collect import LABEL_COLUMNS, TRACE_SCHEMA
 from cqpolicy.training.artifact import ArtifactError, check_fits, load_artifact, save_artifact
@@ -51,7 +52,9 @@ def seed_rows(seed: int, probed: bool = True) -> pa.Table:
     rng = np.random.default_rng(1000 + seed)
     step, block, is_ff = cols["step"], cols["block"], (cols["unit"] == "ff").astype(float)
     data = {name: rng.random(n).astype(np.float32) for name in TRACE_SCHEMA.names[6:]}
-    data["in_rel_l1_prev"] = rng.gamma(2.0, 0.1, n).astype(np.float32)
+    # one input change per (row, step), as a real model's input change reaches every unit: both the per-unit
+    # and the step-level (model-input) features see it
+    data["in_rel_l1_prev"] = rng.gamma(2.0, 0.1, (2, STEPS))[cols["cfg_branch"], step].astype(np.float32)
     data["steps_since_compute"] = rng.integers(0, 3, n).astype(np.float32)
     data["log_snr"] = (4.0 - step).astype(np.float32)
     log_impact = (-5.0 + 6.0 * data["in_rel_l1_prev"] + 0.9 * data["steps_since_compute"]
@@ -95,7 +98,7 @@ def test_datamodule_splits_by_seed_and_normalises_on_train_only(runs):
     assert len(dm.val_seeds) == 2 and len(dm.train_seeds) == 4  # ceil(0.25 * 6)
     assert not set(dm.train_seeds) & set(dm.val_seeds) and sorted(dm.train_seeds + dm.val_seeds) == list(range(6))
     assert set(train["seed"].tolist()) == set(dm.train_seeds) and set(val["seed"].tolist()) == set(dm.val_seeds)
-    assert dm.units == ["attn1", "ff"] and dm.features == list(RUNTIME_FEATURES)
+    assert dm.units == ["attn1", "ff"] and dm.features == list(STEP_FEATURES)
     assert (train["step"] > 0).all() and (val["step"] > 0).all()  # unprobed step-0 rows dropped
     assert len(train["y"]) == 4 * 2 * (STEPS - 1) * BLOCKS * len(UNITS)
     assert torch.allclose(train["y"], torch.log(train["impact"].double() + 1e-6).float())
@@ -104,7 +107,7 @@ def test_datamodule_splits_by_seed_and_normalises_on_train_only(runs):
     t = TraceReader(runs).table()
     keep = pc.and_(pc.is_in(t["seed"], pa.array(dm.train_seeds, pa.int64())), pc.greater(t["step"], 0))
     raw = t.filter(keep)["in_rel_l1_prev"].to_numpy().astype(np.float64)
-    i = dm.features.index("in_rel_l1_prev")
+    i = dm.features.index("model_in_rel_l1_prev")  # block 0's attn1 input change (the same on every unit here)
     assert dm.normalization["mean"][i] == pytest.approx(raw.mean(), rel=1e-6)
     assert dm.normalization["std"][i] == pytest.approx(raw.std(), rel=1e-6)
     j = dm.features.index("progress")  # derived: step / (steps - 1)
@@ -126,6 +129,23 @@ def test_datamodule_splits_by_seed_and_normalises_on_train_only(runs):
     assert torch.equal(next(iter(dm.val_dataloader()))[0], val["x"][:64])  # validation is not shuffled
     assert TraceDataModule(runs, seed=1).val_seeds != dm.val_seeds or TraceDataModule(runs, seed=2).val_seeds \
         != dm.val_seeds
+
+
+def test_model_input_features_are_read_at_block_0_and_accumulated_since_the_last_compute(runs):
+    dm = TraceDataModule(runs, batch_size=64, seed=0, val_fraction=0.5)
+    t = TraceReader(runs).table().to_pandas()
+    first = t[(t.block == 0) & (t.unit == "attn1")].set_index(["seed", "cfg_branch", "step"])
+    s = dm.split["train"]
+    i = {name: dm.features.index(name) for name in ("model_in_l1", "model_in_rel_l1_acc", "steps_since_compute")}
+    mean, std = (np.asarray(dm.normalization[k]) for k in ("mean", "std"))
+    raw = s["x"].double().numpy() * std + mean
+    branch = (raw[:, dm.features.index("cfg_branch")]).round().astype(int)
+    for r in range(0, len(raw), 97):  # every 97th row: a spread of steps, blocks, units and seeds
+        seed, step = int(s["seed"][r]), int(s["step"][r])
+        assert raw[r, i["model_in_l1"]] == pytest.approx(first.loc[(seed, branch[r], step), "in_l1"], rel=1e-5)
+        since = int(round(raw[r, i["steps_since_compute"]]))
+        changes = [first.loc[(seed, branch[r], j), "in_rel_l1_prev"] for j in range(max(0, step - since), step + 1)]
+        assert raw[r, i["model_in_rel_l1_acc"]] == pytest.approx(sum(changes), rel=1e-4)
 
 
 def test_bad_trace_folders_refused(tmp_path, runs):
@@ -205,6 +225,12 @@ def query(**over) -> UnitQuery:
     return UnitQuery(**kw)
 
 
+def walk_step(policy, step: int, inputs: torch.Tensor) -> dict:
+    """The policy's decisions for every unit of one step, in the runtime's order (block 0's attn1 first)."""
+    return {(b, u): policy.decide(query(step=step, block=b, unit=u, inputs=inputs))
+            for b in range(BLOCKS) for u in UNITS}
+
+
 def _weights(path):
     return load_artifact(path)[1]
 
@@ -236,19 +262,30 @@ def test_mlp_learns_is_deterministic_and_resumes(tmp_path, runs):
     harmful = (dm.split["val"]["impact"] > saved["default_threshold"]).long()
     assert binary_auroc(pred, harmful).item() == pytest.approx(m["val_auroc"], abs=1e-6)
     policy = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True))  # the deploying side
+    assert policy.step_level  # the default features are all known when a step starts
     policy.reset(STEPS, BLOCKS)
-    decision = policy.decide(query(inputs=torch.randn(2, 16, 8)))
+    decision = walk_step(policy, 3, torch.randn(2, 16, 8))[1, "ff"]
     assert decision.dtype == torch.bool and decision.shape == (2,)
+    with pytest.raises(RuntimeError, match="block 0's attn1 first"):  # a step must start where the model does
+        policy.decide(query(step=4))
     # a threshold nothing reaches: every row reuses, until max_reuse=1 forces every other step to compute
     lenient = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True, threshold=1e9))
     capped = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True, threshold=1e9, max_reuse=1))
     for p in (lenient, capped):
         p.reset(STEPS, BLOCKS)
     x = torch.randn(2, 16, 8)
-    got = [(lenient.decide(query(step=s, inputs=x + 0.01 * s)).tolist(),
-            capped.decide(query(step=s, inputs=x + 0.01 * s)).tolist()) for s in range(1, 6)]
+    got = [(walk_step(lenient, s, x + 0.01 * s)[1, "ff"].tolist(),
+            walk_step(capped, s, x + 0.01 * s)[1, "ff"].tolist()) for s in range(1, 6)]
     assert [g[0] for g in got] == [[False, False]] * 5
     assert [g[1] for g in got] == [[False, False], [True, True]] * 2 + [[False, False]]
+    # per-unit features: every unit call computes its own input features and runs the MLP
+    unit = train_policy(runs, out_dir=tmp_path / "unit", max_epochs=1, seed=0, features="unit", **FAST)
+    assert unit["features"] == list(RUNTIME_FEATURES)
+    per_unit = LearnedPolicy(LearnedConfig(path=str(tmp_path / "unit"), per_sample=True))
+    per_unit.reset(STEPS, BLOCKS)
+    assert not per_unit.step_level and per_unit.decide(query()).shape == (2,)
+    with pytest.raises(ValueError, match="feature set"):
+        train_policy(runs, out_dir=tmp_path / "bad", features="token", **FAST)
     with pytest.raises(ValueError, match="max_reuse"):
         LearnedConfig(path="x", max_reuse=-2)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["policy.json", "weights.safetensors"]

@@ -10,6 +10,14 @@ against the previous step's), ``in_rel_l1_last`` (input against the input at the
 ``steps_since_compute``. The input features are element-wise passes over 16 evenly spaced tokens of the
 input (all tokens on shorter sequences), so deciding stays cheap next to the unit itself.
 At step 0 there is no previous input: changes are 0 and cosines 1.
+
+``STEP_FEATURES`` (the default since policies decide once per step) replace the per-unit input features
+by features of the **model input** of the step, the input of the first unit of block 0 (a modulated,
+normalised copy of the latent, as TeaCache reads): ``model_in_l1``, ``model_in_l2``,
+``model_in_rel_l1_prev``, ``model_in_cos_prev``, and ``model_in_rel_l1_acc``, the sum of
+``model_in_rel_l1_prev`` over the steps since the unit last computed (TeaCache's accumulated indicator,
+per unit). They are all known when the step starts, so one MLP call decides every unit of the step:
+the per-unit feature passes cost about 11% of sampling time, the step-level ones well under 1%.
 """
 from __future__ import annotations
 
@@ -21,6 +29,16 @@ import torch
 RUNTIME_FEATURES = ("log_snr", "progress", "depth", "is_attn1", "is_ff", "is_block", "cfg_branch", "in_l1",
                     "in_l2", "in_rel_l1_prev", "in_cos_prev", "in_rel_l1_last", "steps_since_compute")
 TRACKED = ("in_l1", "in_l2", "in_rel_l1_prev", "in_cos_prev", "in_rel_l1_last", "steps_since_compute")
+CONTEXT_FEATURES = ("log_snr", "progress", "depth", "is_attn1", "is_ff", "is_block", "cfg_branch")
+MODEL_INPUT = ("in_l1", "in_l2", "in_rel_l1_prev", "in_cos_prev")  # read on block 0's first unit, once a step
+STEP_FEATURES = CONTEXT_FEATURES + tuple(f"model_{name}" for name in MODEL_INPUT) + (
+    "model_in_rel_l1_acc", "steps_since_compute")
+FEATURE_SETS = {"step": STEP_FEATURES, "unit": RUNTIME_FEATURES}
+
+
+def is_step_level(features) -> bool:
+    """True when every feature is known at the start of a step (the policy then decides once per step)."""
+    return not set(features) & set(TRACKED[:-1])
 
 
 def flat_rows(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from cqpolicy.models.adapters import UNIT_NAMES
-from cqpolicy.policies.features import RUNTIME_FEATURES
+from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES
 from cqpolicy.tracing.store import TraceError, TraceReader
 
 LABEL = "impact_local"
@@ -33,7 +33,8 @@ LABEL_KINDS = ("auto", "local", "downstream")
 MIN_DOWNSTREAM_PROBES = 8
 RATIO_FLOOR = 1e-4  # a reuse whose final-sample change rounds to 0 still counts as 1e-4 of its local error
 LOG_EPS = 1e-6  # target y = log(impact + LOG_EPS); the deployed policy uses the same offset
-DERIVED_FEATURES = ("progress", "depth", "is_attn1", "is_ff", "is_block")
+MODEL_FEATURES = tuple(f"model_{name}" for name in MODEL_INPUT) + ("model_in_rel_l1_acc",)
+DERIVED_FEATURES = ("progress", "depth", "is_attn1", "is_ff", "is_block") + MODEL_FEATURES
 STD_FLOOR = 1e-6
 
 __all__ = ["LABEL", "LABEL_KINDS", "LOG_EPS", "fit_step_weight", "DERIVED_FEATURES", "TraceDataModule",
@@ -101,7 +102,7 @@ class TraceDataModule(L.LightningDataModule):
     of the final sample; ``auto`` (default) is ``downstream`` when the runs hold enough downstream probes.
     """
 
-    def __init__(self, run_dirs: Sequence[str | os.PathLike], features: Sequence[str] = RUNTIME_FEATURES,
+    def __init__(self, run_dirs: Sequence[str | os.PathLike], features: Sequence[str] = STEP_FEATURES,
                  val_fraction: float = 0.25, batch_size: int = 4096, seed: int = 0, label: str = "auto"):
         super().__init__()
         if label not in LABEL_KINDS:
@@ -158,7 +159,11 @@ class TraceDataModule(L.LightningDataModule):
         if self.label == "downstream" and not has_downstream:
             raise TraceError(f"--label downstream needs traces with the {DOWNSTREAM!r} column "
                              f"(record them with --probes local,downstream)")
-        read = list(dict.fromkeys(["seed", "step", "block", "unit", "cfg_branch", LABEL, *stored]
+        model_sources = [*MODEL_INPUT, "steps_since_compute"] if set(derived) & set(MODEL_FEATURES) else []
+        missing = [f for f in model_sources if f not in columns]
+        if missing:
+            raise TraceError(f"model-input features need trace columns {', '.join(missing)}")
+        read = list(dict.fromkeys(["seed", "step", "block", "unit", "cfg_branch", LABEL, *stored, *model_sources]
                                   + ([DOWNSTREAM] if has_downstream else [])))
         table = reader.table(read)
 
@@ -190,8 +195,10 @@ class TraceDataModule(L.LightningDataModule):
                 impact = impact * step_weight(fit, progress)
                 self.label_info = {"kind": "downstream", **fit, **_rank_agreement(impact, probes, col("impact_local"))}
 
-        values = {}
+        values = _model_input_features(table, self.units[0], self.steps, keep) if model_sources else {}
         for name in derived:
+            if name in MODEL_FEATURES:
+                continue
             if name == "progress":
                 values[name] = step / max(1, self.steps - 1)
             elif name == "depth":
@@ -281,6 +288,29 @@ class TraceDataModule(L.LightningDataModule):
                 "label": self.label_info["kind"],
                 "steps": self.steps, "features": self.features, "train_seeds": self.train_seeds,
                 "val_seeds": self.val_seeds, "rows": {k: int(len(v["y"])) for k, v in self.split.items()}}
+
+
+def _model_input_features(table: pa.Table, first_unit: str, steps: int, keep: np.ndarray) -> dict:
+    """``model_*`` features of the kept rows: the input features of block 0's first unit at the row's
+    (sample, CFG branch, step), and ``model_in_rel_l1_acc``, the sum of ``model_in_rel_l1_prev`` over the steps
+    since the row's unit last computed (``steps_since_compute`` + 1 steps, this one included)."""
+    col = lambda name: table[name].to_numpy(zero_copy_only=False)  # noqa: E731
+    seed, branch, step = col("seed").astype(np.int64), col("cfg_branch").astype(np.int64), col("step").astype(np.int64)
+    _, sample = np.unique(np.stack([seed, branch], axis=1), axis=0, return_inverse=True)
+    sample = sample.reshape(-1)
+    first = (col("block") == 0) & (col("unit") == first_unit)
+    grids = {}
+    for name in MODEL_INPUT:
+        grid = np.full((sample.max() + 1, steps), np.nan)
+        grid[sample[first], step[first]] = col(name)[first]
+        grids[name] = grid
+    # cum[:, t + 1] = sum of the relative changes of steps 0..t (step 0's is 0 by definition)
+    cum = np.concatenate([np.zeros((len(grid), 1)), np.cumsum(grids["in_rel_l1_prev"], axis=1)], axis=1)
+    since = col("steps_since_compute").astype(np.int64)
+    start = np.clip(step - since, 0, None)  # the unit last computed at step - since - 1
+    values = {f"model_{name}": grid[sample, step][keep] for name, grid in grids.items()}
+    values["model_in_rel_l1_acc"] = (cum[sample, step + 1] - cum[sample, start])[keep]
+    return values
 
 
 def _rank_agreement(weighted: np.ndarray, downstream: np.ndarray, local: np.ndarray) -> dict:

@@ -4,6 +4,9 @@
   per step by how much of it reaches the final sample when the traces held downstream probes) from the
   runtime features of ``cqpolicy.policies.features`` (computed exactly as the trace recorder computed
   them); the unit reuses where the predicted harm is below ``threshold`` (default: the artifact's).
+  With step-level features (the default of ``cqpolicy train``) one MLP call at the step's first unit
+  decides every unit of the step, and each unit call only looks its decision up; with per-unit features
+  every unit call computes its input features and runs the MLP.
   ``per_sample=true`` decides per CFG row (the unit then runs only for the rows that need it);
   otherwise one decision per batch: reuse only if every row is predicted safe. ``max_reuse=k`` makes a
   unit compute after k consecutive reuses (as TeaCache's cap does), whatever the MLP predicts.
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from cqpolicy.policies.base import Policy, UnitQuery
-from cqpolicy.policies.features import InputTracker, computed_rows, context_features
+from cqpolicy.policies.features import (InputTracker, _token_subsample, computed_rows, context_features, cos_rows,
+                                       flat_rows, is_step_level, rel_l1_rows)
 from cqpolicy.policies.registry import register
 
 
@@ -61,6 +65,7 @@ class LearnedPolicy(Policy):
             self.std = torch.tensor(self.meta["normalization"]["std"], dtype=torch.float32)
             threshold = self.meta["default_threshold"] if config.threshold == -1.0 else config.threshold
             self.log_threshold = math.log(threshold + 1e-6)  # the MLP predicts log(impact + 1e-6)
+            self.step_level = is_step_level(self.features)
         elif self.kind == "scheduler":
             self.table = tensors["table"].bool()
         else:
@@ -84,6 +89,9 @@ class LearnedPolicy(Policy):
                                     f"the run has {num_steps}")
         self.tracker.reset()
         self._run_length: dict = {}  # scheduler: consecutive reuses per unit
+        self._step = None  # step-level MLP: the step decided, its decisions, what each unit computed
+        self._decisions: list = []
+        self._computed: dict[int, torch.Tensor | bool] = {}
 
     @torch.no_grad()
     def predict(self, query: UnitQuery) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +103,62 @@ class LearnedPolicy(Policy):
         x = torch.stack([values[name] for name in self.features], dim=1)
         return self.mlp((x - self.mean) / self.std).squeeze(1), values["steps_since_compute"]
 
+    # -- step-level MLP: one call per step -----------------------------------------------------------------
+    def _begin_step(self, query: UnitQuery) -> None:
+        """At a step's first unit: fold in what each unit computed last step, read the model input, and run
+        the MLP once for every (block, unit) x row."""
+        if query.block != 0 or query.unit != self.units[0]:
+            raise RuntimeError(f"policy 'learned': a step-level policy must see block 0's {self.units[0]} first in "
+                               f"a step, got block {query.block}'s {query.unit}")
+        units, blocks = len(self.units), query.num_blocks
+        x = flat_rows(_token_subsample(query.inputs)).cpu()
+        rows = x.shape[0]
+        if self._step is None:  # the call's first step: nothing computed yet, no previous input
+            self._since = torch.zeros(blocks * units, rows)
+            self._cum = torch.zeros(rows)  # sum of the model input's relative changes up to this step
+            self._cum_last = torch.zeros(blocks * units, rows)  # that sum when each unit last computed
+            self._prev = x
+            self._depth = torch.arange(blocks).repeat_interleave(units).float() / max(1, blocks - 1)
+            self._unit_is = {u: torch.tensor([float(n == u) for n in self.units] * blocks) for u in ("attn1", "ff",
+                                                                                                   "block")}
+        else:
+            computed = torch.stack([torch.as_tensor(self._computed.get(k, False)).expand(rows)
+                                    for k in range(blocks * units)])
+            self._since = torch.where(computed, 0.0, self._since + 1)
+            self._cum_last = torch.where(computed, self._cum, self._cum_last)
+        rel = rel_l1_rows(x, self._prev)
+        self._cum = self._cum + rel
+        branch = query.cfg_branch.float().cpu() if query.cfg_branch is not None else torch.zeros(rows)
+        steps = query.num_steps
+        values = {"log_snr": math.nan if query.log_snr is None else query.log_snr,
+                  "progress": query.step / max(1, steps - 1) if steps else math.nan,
+                  "depth": self._depth[:, None], "is_attn1": self._unit_is["attn1"][:, None],
+                  "is_ff": self._unit_is["ff"][:, None], "is_block": self._unit_is["block"][:, None],
+                  "cfg_branch": branch, "model_in_l1": x.abs().mean(1), "model_in_l2": x.pow(2).mean(1).sqrt(),
+                  "model_in_rel_l1_prev": rel, "model_in_cos_prev": cos_rows(x, self._prev),
+                  "model_in_rel_l1_acc": self._cum - self._cum_last, "steps_since_compute": self._since}
+        shape = (blocks * units, rows)
+        features = torch.stack([torch.as_tensor(values[n], dtype=torch.float32).expand(shape) for n in self.features],
+                               dim=2)
+        harm = self.mlp((features - self.mean) / self.std).squeeze(2)
+        safe = harm < self.log_threshold
+        if self.config.max_reuse >= 0:
+            safe &= self._since < self.config.max_reuse
+        self._decisions = list(~safe) if self.config.per_sample else (~safe.all(1)).tolist()
+        self._prev, self._step, self._computed = x, query.step, {}
+
+    @torch.no_grad()
+    def _decide_step_level(self, query: UnitQuery):
+        if query.step != self._step:
+            self._begin_step(query)
+        k = query.block * len(self.units) + self.units.index(query.unit)
+        decision = self._decisions[k]
+        self._computed[k] = decision if query.has_cache else True
+        return decision
+
     def decide(self, query: UnitQuery):
+        if self.kind == "mlp" and self.step_level:
+            return self._decide_step_level(query)
         if self.kind == "scheduler":
             key = (query.block, query.unit)
             compute = bool(self.table[query.step, query.block, self.units.index(query.unit)])
