@@ -14,6 +14,7 @@ Stages (each writes ``OUT/<stage>/done.json`` when complete; a re-run skips comp
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import replace
@@ -191,6 +192,11 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
     learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
+    # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
+    for p in pareto:
+        matched = (f"fora:interval={_matched_interval(p['macs_speedup'], settings.steps)}", p["cache_dtype"])
+        if matched[0] != "fora:interval=1" and matched not in baselines:
+            baselines.append(matched)
     s = replace(settings, batch_size=int(b.get("batch_size", 64)))
     rows = []
     for i, seed in enumerate(b.get("seeds", [0, 1, 2])):
@@ -215,6 +221,11 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
                                 and abs(float(v)) != float("inf")})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
+
+
+def _matched_interval(macs_speedup: float, steps: int) -> int:
+    """The FORA interval whose share of computed steps (ceil(steps / k) of ``steps``) best matches a MACs speedup."""
+    return min(range(1, steps + 1), key=lambda k: abs(steps / math.ceil(steps / k) - macs_speedup))
 
 
 def _spread(points: list, k: int) -> list:

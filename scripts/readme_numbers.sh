@@ -27,3 +27,13 @@ $PY scripts/bench_table.py --steps 50 --batch-size 64 --num-samples 128 --seeds 
 
 # 4. the cost of recording traces
 $PY scripts/bench_trace.py --steps 25 --num-samples 16 --repeats 1 | tee docs/results/trace.md
+
+# 5. uniform refresh (FORA) against phase-locked per-unit-type intervals: 64 samples x 3 seeds
+rm -rf out/unit-intervals
+$PY scripts/bench_unit_intervals.py --pairs 6:3 6:4 8:4 4:6 --foras 3 4 5 6 --staggered 5 \
+    --out out/unit-intervals | tee docs/results/unit-intervals.md
+
+# 6. the learned policy's decision overhead (needs the main job's artifact: .venv/bin/cqpolicy run)
+if [ -f out/run/retrain/mlp/policy.json ]; then
+    $PY scripts/bench_decision.py --policy-path out/run/retrain/mlp --repeats 5 | tee docs/results/decision.md
+fi

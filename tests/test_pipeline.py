@@ -4,6 +4,7 @@ import json
 import yaml
 
 from cqpolicy.cli import main
+from cqpolicy.pipeline import _matched_interval
 
 
 def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request):
@@ -27,6 +28,14 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
     assert "fora:interval=2" in board and "learned:path=" in board and "baseline" in board
     rows = json.loads((out / "bench" / "rows.json").read_text())
     assert {r["seed"] for r in rows} == {0, 1_000_000}
+    # every benched learned point has FORA at its MACs and cache format next to it (unless that is plain sampling)
+    learned = [(r["policy"], r["cache_dtype"], r["macs_speedup"]) for r in rows
+               if r["policy"].startswith("learned:") and "threshold=" in r["policy"]]
+    assert learned
+    benched = {(r["policy"], r["cache_dtype"]) for r in rows}
+    for _, dtype, macs in learned:
+        k = _matched_interval(macs, 6)
+        assert k == 1 or (f"fora:interval={k}", dtype) in benched
     assert json.loads((out / "retrain" / "done.json").read_text())["retrained"] is True
     capsys.readouterr()
     assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
@@ -39,3 +48,11 @@ def test_run_rejects_a_bad_config(tmp_path, capsys):
     bad.write_text("model: fmnist-dit\nspeed: 3\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "unknown key 'speed'" in capsys.readouterr().err
+
+
+def test_matched_fora_interval_follows_the_share_of_computed_steps():
+    # FORA-k computes ceil(50 / k) of 50 steps: 2 -> 25 (2x), 3 -> 17 (2.94x), 5 -> 10 (5x)
+    assert _matched_interval(2.82, 50) == 3
+    assert _matched_interval(4.62, 50) == 5
+    assert _matched_interval(1.9, 50) == 2
+    assert _matched_interval(1.16, 50) == 1

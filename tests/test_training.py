@@ -26,7 +26,7 @@ from cqpolicy.tracing import RunInfo, TraceError, TraceReader, TraceWriter
 from cqpolicy.tracing.collect import LABEL_COLUMNS, TRACE_SCHEMA
 from cqpolicy.training.artifact import ArtifactError, check_fits, load_artifact, save_artifact
 from cqpolicy.training.data import TraceDataModule
-from cqpolicy.training.modules import LayerSchedulerModule, ReuseMLP
+from cqpolicy.training.modules import LayerSchedulerModule, ReuseMLP, ReusePolicyModule
 from cqpolicy.training.train import checkpoint_dir, train_policy
 
 STEPS, BLOCKS, UNITS = 10, 4, ("attn1", "ff")
@@ -116,6 +116,14 @@ def test_datamodule_splits_by_seed_and_normalises_on_train_only(runs):
     every = t.filter(pc.greater(t["step"], 0))["in_rel_l1_prev"].to_numpy().astype(np.float64)
     assert abs(every.mean() - raw.mean()) > 1e-4  # all-rows statistics differ: val rows did not leak in
     assert min(dm.normalization["std"]) >= 1e-6  # constant features (is_block) are clamped, not divided by 0
+    low, high = (torch.tensor(v) for v in dm.input_range)  # the normalised train range the MLP clamps to
+    assert torch.equal(low, train["x"].min(0).values) and torch.equal(high, train["x"].max(0).values)
+    b = dm.features.index("is_block")
+    assert low[b] == high[b] == 0
+    module = ReusePolicyModule(dm.in_features, input_range=dm.input_range)
+    odd = train["x"][:3].clone()
+    odd[:, b] = 1e6  # a constant-in-training feature that varies at run time is held at its training value
+    assert torch.equal(module(odd), module(train["x"][:3]))
     assert torch.allclose(train["x"][:, i].mean(), torch.tensor(0.0), atol=1e-4)
 
     table = dm.impact_table()

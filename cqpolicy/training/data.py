@@ -228,6 +228,8 @@ class TraceDataModule(L.LightningDataModule):
         std = np.maximum(train_x.std(0), STD_FLOOR)
         self.normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
         xn = torch.from_numpy(((x - mean) / std).astype(np.float32))
+        train_xn = xn[torch.from_numpy(~is_val)]
+        self.input_range = (train_xn.min(0).values.tolist(), train_xn.max(0).values.tolist())
         y = torch.from_numpy(np.log(impact + LOG_EPS).astype(np.float32))
         raw = torch.from_numpy(impact.astype(np.float32))
         where = [torch.from_numpy(a) for a in (step, block, unit, seed)]

@@ -26,15 +26,23 @@ __all__ = ["ReuseMLP", "ReusePolicyModule", "LayerSchedulerModule", "weighted_ms
 
 
 class ReuseMLP(nn.Module):
-    """``in_features -> hidden -> hidden -> 1`` with SiLU; returns ``[rows, 1]`` predicted log impact."""
+    """``in_features -> hidden -> hidden -> 1`` with SiLU; returns ``[rows, 1]`` predicted log impact.
 
-    def __init__(self, in_features: int, hidden: int = 128):
+    Normalised inputs are first clamped to the range the training split spanned (buffers ``low`` / ``high``,
+    saved with the weights): the MLP never extrapolates, and a feature that was constant in training (e.g.
+    ``steps_since_compute`` in traces that never reused) is held at its training value instead of reaching
+    the net as a huge normalised number when it varies at run time.
+    """
+
+    def __init__(self, in_features: int, hidden: int = 64):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 1))
+        self.register_buffer("low", torch.full((in_features,), -math.inf))
+        self.register_buffer("high", torch.full((in_features,), math.inf))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(torch.clamp(x, self.low, self.high))
 
 
 def weighted_mse(pred: torch.Tensor, y: torch.Tensor, impact: torch.Tensor, tolerance: float,
@@ -50,8 +58,9 @@ def harm_scores(pred: torch.Tensor, tolerance: float) -> torch.Tensor:
 
 
 class ReusePolicyModule(L.LightningModule):
-    def __init__(self, in_features: int, hidden: int = 128, tolerance: float = 0.0, harm_weight: float = 4.0,
-                 lr: float = 1e-3, weight_decay: float = 1e-2, target_mean: float = 0.0):
+    def __init__(self, in_features: int, hidden: int = 64, tolerance: float = 0.0, harm_weight: float = 4.0,
+                 lr: float = 1e-3, weight_decay: float = 1e-2, target_mean: float = 0.0,
+                 input_range: tuple[list[float], list[float]] | None = None):
         super().__init__()
         if not (math.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be a finite impact >= 0, got {tolerance}")
@@ -61,6 +70,9 @@ class ReusePolicyModule(L.LightningModule):
         self.mlp = ReuseMLP(in_features, hidden)
         with torch.no_grad():  # start at the mean log impact: the first steps learn features, not the offset
             self.mlp.net[-1].bias.fill_(target_mean)
+            if input_range is not None:  # the training split's normalised min / max per feature
+                self.mlp.low.copy_(torch.tensor(input_range[0]))
+                self.mlp.high.copy_(torch.tensor(input_range[1]))
         self.val_auroc = BinaryAUROC()
         self.val_ap = BinaryAveragePrecision()
 

@@ -135,7 +135,7 @@ def _label_metrics(dm) -> dict:
 
 
 def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_dir: str | os.PathLike = "out/policy",
-                 max_epochs: int = 20, seed: int = 0, hidden: int = 128, compute_budget: float = 0.5,
+                 max_epochs: int = 20, seed: int = 0, hidden: int = 64, compute_budget: float = 0.5,
                  overwrite: bool = False, progress: bool = True, *, batch_size: int = 4096,
                  val_fraction: float = 0.25, harm_weight: float = 4.0, tolerance_quantile: float = 0.5,
                  steps_per_epoch: int = 50, label: str = "auto", features: str = "step") -> dict:
@@ -177,7 +177,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     if kind == "mlp":
         config.update(hidden=hidden, harm_weight=harm_weight)
         module = ReusePolicyModule(dm.in_features, hidden=hidden, tolerance=tolerance, harm_weight=harm_weight,
-                                   target_mean=float(dm.split["train"]["y"].mean()))
+                                   target_mean=float(dm.split["train"]["y"].mean()), input_range=dm.input_range)
         data = dm
     else:
         config.update(compute_budget=compute_budget, steps_per_epoch=steps_per_epoch)
