@@ -76,6 +76,7 @@ def main():
         fids = [r["fid"] for r in rows if r["policy"] == spec]
         delta = statistics.mean(r["fid"] - base[r["seed"]] for r in rows if r["policy"] == spec)
         name = Path(spec.split("=", 1)[1]).stem if spec.startswith("schedule:") else spec
+        name = "plain model" if spec == "baseline" else name  # bench's name for the uncached reference run
         print(f"| {name} | {macs.get(spec, 1.0):.2f}× | {statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f} "
               f"| {delta:+.2f} |")
 

@@ -104,6 +104,7 @@ class LearnedPolicy(Policy):
         return self.mlp((x - self.mean) / self.std).squeeze(1), values["steps_since_compute"]
 
     # -- step-level MLP: one call per step -----------------------------------------------------------------
+    @torch.no_grad()
     def _begin_step(self, query: UnitQuery) -> None:
         """At a step's first unit: fold in what each unit computed last step, read the model input, and run
         the MLP once for every (block, unit) x row."""
@@ -122,8 +123,11 @@ class LearnedPolicy(Policy):
             self._unit_is = {u: torch.tensor([float(n == u) for n in self.units] * blocks) for u in ("attn1", "ff",
                                                                                                    "block")}
         else:
-            computed = torch.stack([torch.as_tensor(self._computed.get(k, False)).expand(rows)
-                                    for k in range(blocks * units)])
+            done = [self._computed.get(k, False) for k in range(blocks * units)]
+            if all(isinstance(d, bool) for d in done):  # per-batch decisions: one flag per unit, rows broadcast
+                computed = torch.tensor(done)[:, None]
+            else:
+                computed = torch.stack([torch.as_tensor(d).expand(rows) for d in done])
             self._since = torch.where(computed, 0.0, self._since + 1)
             self._cum_last = torch.where(computed, self._cum, self._cum_last)
         rel = rel_l1_rows(x, self._prev)
@@ -147,8 +151,7 @@ class LearnedPolicy(Policy):
         self._decisions = list(~safe) if self.config.per_sample else (~safe.all(1)).tolist()
         self._prev, self._step, self._computed = x, query.step, {}
 
-    @torch.no_grad()
-    def _decide_step_level(self, query: UnitQuery):
+    def _decide_step_level(self, query: UnitQuery):  # a lookup: no no_grad context per unit call (it costs ~10 us)
         if query.step != self._step:
             self._begin_step(query)
         k = query.block * len(self.units) + self.units.index(query.unit)
