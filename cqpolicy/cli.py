@@ -82,10 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "artifact (policy.json + weights.safetensors) to --out. Deploy it with "
                                    "--policy learned:path=DIR[,threshold=x] in sample and bench.")
     p.add_argument("--traces", nargs="+", required=True, help="trace run folders")
-    p.add_argument("--kind", choices=["mlp", "scheduler"], default="mlp")
+    p.add_argument("--kind", choices=["mlp", "scheduler", "intervals"], default="mlp",
+                   help="mlp: the reuse policy; scheduler: a step x block x unit table (L2C-style router); "
+                        "intervals: one phase-locked refresh interval per block and unit, fitted in closed form")
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--compute-budget", type=float, default=0.5,
-                   help="scheduler: fraction of units that compute (default 0.5)")
+                   help="scheduler, intervals: fraction of units that compute (default 0.5)")
+    p.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="intervals: the refresh intervals to choose from, each dividing the next (default 1 2 4 8)")
     p.add_argument("--label", choices=["auto", "local", "downstream"], default="auto",
                    help="training label: the local output error as recorded, or weighted per step by the "
                         "downstream probes (an estimate of the final-sample change); auto uses downstream when "
@@ -290,7 +294,7 @@ def cmd_train(args) -> int:
         raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
     meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
                         compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label,
-                        features=args.features)
+                        features=args.features, intervals=args.intervals)
     print(json.dumps(meta.get("metrics", {}), indent=2))
     print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
     return 0

@@ -3,7 +3,7 @@
 Stages (each writes ``OUT/<stage>/done.json`` when complete; a re-run skips completed stages):
 
 1. ``traces``    record traces under ``none`` (local impact labels)
-2. ``train``     train the MLP reuse policy and the layer scheduler on them
+2. ``train``     train the MLP reuse policy and the layer scheduler on them; fit phase-locked intervals
 3. ``retrain``   close the loop: record traces under the learned policy, retrain on both runs
 4. ``search``    an Optuna study over the learned policy's threshold and the cache format
 5. ``bench``     the study's Pareto points, the learned scheduler and every baseline family, side by side,
@@ -136,7 +136,19 @@ def _train_both(config, traces, stage_dir, progress):
 
 
 def stage_train(config, model, settings, stage_dir, results, progress):
-    return _train_both(config, [results["traces"]["run_dir"]], stage_dir, progress)
+    from cqpolicy.training.train import train_policy
+
+    trained = _train_both(config, [results["traces"]["run_dir"]], stage_dir, progress)
+    # phase-locked interval schedules, fitted on the fresh-cache labels of the first traces only (the chain
+    # cost model sums one-step drifts; the retrain traces' labels are of stale caches)
+    t = config.get("train") or {}
+    intervals = {}
+    for budget in t.get("interval_budgets", [0.2, 0.3]):
+        out = stage_dir / f"intervals-{float(budget):g}"
+        train_policy([results["traces"]["run_dir"]], kind="intervals", out_dir=out, compute_budget=float(budget),
+                     seed=int(t.get("seed", 0)), overwrite=True, label=str(t.get("label", "auto")))
+        intervals[f"{float(budget):g}"] = str(out)
+    return {**trained, "intervals": intervals}
 
 
 def stage_retrain(config, model, settings, stage_dir, results, progress):
@@ -146,7 +158,8 @@ def stage_retrain(config, model, settings, stage_dir, results, progress):
                     policy=f"learned:path={results['train']['mlp']},max_reuse={_reuse_cap(config)}", name="learned",
                     seed_offset=500_000)  # new seeds: a run's rows are keyed by seed, and more seeds help
     trained = _train_both(config, [results["traces"]["run_dir"], traced["run_dir"]], stage_dir, progress)
-    return {**trained, "retrained": True, "first_round": results["train"]}
+    return {**trained, "intervals": results["train"].get("intervals", {}), "retrained": True,
+            "first_round": results["train"]}
 
 
 def _reuse_cap(config) -> int:
@@ -191,9 +204,12 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     pareto = _spread(front, int(b.get("max_pareto", 3)))
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
     learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
+    intervals = [(f"learned:path={path}", "fp16") for path in results["train"].get("intervals", {}).values()]
+    learned += intervals
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
-    for p in pareto:
+    for p in pareto + [{"macs_speedup": _table_speedup(path[len("learned:path="):]), "cache_dtype": dtype}
+                       for path, dtype in intervals]:
         matched = (f"fora:interval={_matched_interval(p['macs_speedup'], settings.steps)}", p["cache_dtype"])
         if matched[0] != "fora:interval=1" and matched not in baselines:
             baselines.append(matched)
@@ -221,6 +237,13 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
                                 and abs(float(v)) != float("inf")})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
+
+
+def _table_speedup(artifact: str) -> float:
+    """A scheduler artifact's share of computed cells as a speedup (MACs are counted in the bench itself)."""
+    from cqpolicy.training.artifact import load_artifact
+
+    return 1.0 / float(load_artifact(artifact)[0]["metrics"]["compute_fraction"])
 
 
 def _matched_interval(macs_speedup: float, steps: int) -> int:

@@ -35,6 +35,8 @@ def main():
     p.add_argument("--pairs", nargs="+", default=["6:3", "6:4", "8:4", "4:6"], help="attn1:ff intervals")
     p.add_argument("--foras", type=int, nargs="*", default=[3, 4, 5], help="uniform FORA intervals to compare")
     p.add_argument("--staggered", type=int, nargs="*", default=[5])
+    p.add_argument("--policies", nargs="*", default=[], help="more policy specs to bench alongside (e.g. "
+                   "learned:path=DIR of a `cqpolicy train --kind intervals` artifact)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
@@ -59,6 +61,7 @@ def main():
         path.write_text(json.dumps(schedule(args.steps, blocks, {"attn1": k, "ff": k}, phase=lambda b, k=k: b % k)))
         specs.append(f"schedule:path={path}")
 
+    specs += args.policies
     settings = SampleSettings(steps=args.steps, guidance_scale=model.default_guidance_scale,
                               batch_size=args.batch_size)
     rows = []
@@ -76,6 +79,7 @@ def main():
         fids = [r["fid"] for r in rows if r["policy"] == spec]
         delta = statistics.mean(r["fid"] - base[r["seed"]] for r in rows if r["policy"] == spec)
         name = Path(spec.split("=", 1)[1]).stem if spec.startswith("schedule:") else spec
+        name = f"learned {Path(spec.split('=', 1)[1].split(',')[0]).name}" if spec.startswith("learned:") else name
         name = "plain model" if spec == "baseline" else name  # bench's name for the uncached reference run
         print(f"| {name} | {macs.get(spec, 1.0):.2f}× | {statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f} "
               f"| {delta:+.2f} |")

@@ -37,6 +37,9 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
         k = _matched_interval(macs, 6)
         assert k == 1 or (f"fora:interval={k}", dtype) in benched
     assert json.loads((out / "retrain" / "done.json").read_text())["retrained"] is True
+    for budget in ("0.2", "0.3"):  # the phase-locked interval schedules are fitted and benched
+        assert json.loads((out / "train" / f"intervals-{budget}" / "policy.json").read_text())["fit"] == "intervals"
+        assert any(f"intervals-{budget}" in r["policy"] for r in rows)
     capsys.readouterr()
     assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
     printed = capsys.readouterr().out

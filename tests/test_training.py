@@ -26,7 +26,7 @@ from cqpolicy.tracing import RunInfo, TraceError, TraceReader, TraceWriter
 from cqpolicy.tracing.collect import LABEL_COLUMNS, TRACE_SCHEMA
 from cqpolicy.training.artifact import ArtifactError, check_fits, load_artifact, save_artifact
 from cqpolicy.training.data import TraceDataModule
-from cqpolicy.training.modules import LayerSchedulerModule, ReuseMLP, ReusePolicyModule
+from cqpolicy.training.modules import LayerSchedulerModule, ReuseMLP, ReusePolicyModule, chain_costs, fit_intervals
 from cqpolicy.training.train import checkpoint_dir, train_policy
 
 STEPS, BLOCKS, UNITS = 10, 4, ("attn1", "ff")
@@ -442,3 +442,53 @@ def test_train_scheduler_writes_table_and_schedule(tmp_path, runs):
                 want = bool(table[step, block, unit]) or run >= cap or step == 0
                 assert got == want, (cap, block, unit, step)
                 run = 0 if want else run + 1
+
+
+# ---------------------------------------------------------------------------- phase-locked intervals
+
+def test_chain_costs_sum_the_one_step_drifts_since_the_last_refresh():
+    impact = torch.tensor([math.nan, 1.0, 2.0, 4.0, 8.0, 16.0])[:, None, None]  # [steps, 1 block, 1 unit]
+    costs = chain_costs(impact, [1, 2, 4])[:, 0, 0].tolist()
+    # k=2 reuses at steps 1, 3, 5 (one step stale): 1 + 4 + 16; k=4 reuses at 1, 2, 3 (1, 2, 3 stale) and 5
+    assert costs == [0.0, 1 + 4 + 16, 1 + (1 + 2) + (1 + 2 + 4) + 16]
+
+
+def test_fit_intervals_refreshes_in_phase_within_budget_and_gives_cheap_units_long_intervals():
+    steps, blocks = 48, 4
+    impact = torch.full((steps, blocks, 2), 1e-4)
+    impact[:, :, 1] = 1e-3  # ff drifts ten times faster than attn1
+    impact[0] = math.nan
+    for budget in (0.2, 0.3, 0.5):
+        table, chosen, lam = fit_intervals(impact, budget)
+        assert table.float().mean() <= budget + 1e-9 and lam > 0
+        assert table[0].all()  # every unit computes at step 0
+        for b, u in product(range(blocks), range(2)):  # unit (b, u) computes exactly every chosen[b, u] steps
+            assert table[:, b, u].tolist() == [t % int(chosen[b, u]) == 0 for t in range(steps)]
+        assert (chosen[:, 0] >= chosen[:, 1]).all()  # the cheap unit keeps its cache at least as long
+    table, chosen, _ = fit_intervals(impact, 0.2)
+    assert chosen[:, 0].tolist() == [8] * blocks and chosen[:, 1].tolist() == [4] * blocks
+    assert fit_intervals(impact, 1.0)[1].eq(1).all()  # no pressure: compute everything
+    with pytest.raises(ValueError, match="divide"):  # 3 and 4 would put refreshes out of phase
+        fit_intervals(impact, 0.5, (1, 3, 4))
+    with pytest.raises(ValueError, match="below what the longest interval"):
+        fit_intervals(impact, 0.05)
+
+
+def test_train_intervals_writes_a_deployable_scheduler_artifact(tmp_path, runs):
+    meta = train_policy(runs, kind="intervals", out_dir=tmp_path / "iv", compute_budget=0.5, intervals=(1, 2, 4))
+    m = meta["metrics"]
+    saved, tensors = load_artifact(tmp_path / "iv")
+    assert saved["kind"] == "scheduler" and saved["fit"] == "intervals" and saved == meta
+    table, chosen = tensors["table"].bool(), tensors["intervals"]
+    assert table.shape == (STEPS, BLOCKS, 2) and m["compute_fraction"] <= 0.5
+    assert m["intervals"] == {"attn1": chosen[:, 0].tolist(), "ff": chosen[:, 1].tolist()}
+    dm = TraceDataModule(runs, seed=0)
+    assert torch.equal(fit_intervals(dm.impact_table("train"), 0.5, (1, 2, 4))[0], table)  # fit on train seeds only
+    assert m["val_chain_cost"] >= 0 and m["val_chain_cost_uniform_1"] == 0
+    policy = LearnedPolicy(LearnedConfig(path=str(tmp_path / "iv")))
+    policy.reset(STEPS, BLOCKS)
+    for step, block, unit in product(range(STEPS), range(BLOCKS), range(2)):
+        q = query(step=step, block=block, unit=("attn1", "ff")[unit])
+        assert policy.decide(q) == bool(table[step, block, unit])
+    with pytest.raises(ArtifactError, match="not empty"):  # nothing is overwritten without overwrite=True
+        train_policy(runs, kind="intervals", out_dir=tmp_path / "iv", compute_budget=0.5)

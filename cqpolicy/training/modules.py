@@ -10,10 +10,16 @@ Validation reports how well the predicted impact ranks harmful (impact > toleran
 instead of by back-propagating through the sampler: one logit per (step, block, unit), reuse probability
 ``g = sigmoid(logits)``, loss ``mean(g * impact_norm) + budget_weight * (mean(1 - g) - compute_budget)^2``.
 Cells without a label (step 0, never probed) are forced to compute.
+
+``fit_intervals`` is the phase-locked alternative: one refresh interval per (block, unit) from a set whose
+members divide one another (1, 2, 4, 8), all refreshes in phase with step 0, chosen in closed form to
+minimise the labels' predicted harm of reusing ever staler caches under the compute budget. The table it
+yields deploys exactly like the router's.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -22,7 +28,8 @@ from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
 from cqpolicy.training.data import LOG_EPS
 
-__all__ = ["ReuseMLP", "ReusePolicyModule", "LayerSchedulerModule", "weighted_mse", "harm_scores"]
+__all__ = ["ReuseMLP", "ReusePolicyModule", "LayerSchedulerModule", "weighted_mse", "harm_scores", "chain_costs",
+           "fit_intervals"]
 
 
 class ReuseMLP(nn.Module):
@@ -161,3 +168,64 @@ class LayerSchedulerModule(L.LightningModule):
         compute = compute | ~self.known
         compute[0] = True
         return compute
+
+
+def chain_costs(impact: torch.Tensor, intervals: Sequence[int]) -> torch.Tensor:
+    """Predicted harm of refreshing each (block, unit) every k steps: ``[len(intervals), blocks, units]``.
+
+    ``impact[t]`` is the harm of reusing at step t a cache computed one step before. A cache s steps stale
+    has drifted by at most the sum of the s one-step drifts (triangle inequality), so reusing it at step t
+    costs about ``impact[t-s+1] + ... + impact[t]``; summed over the steps an interval-k schedule reuses
+    (those with ``t % k != 0``). Unprobed cells (NaN, e.g. step 0) count as free.
+    """
+    impact = torch.nan_to_num(impact.double(), nan=0.0)
+    prefix = torch.cat([torch.zeros_like(impact[:1]), impact.cumsum(0)])  # prefix[t] = sum of impact[:t]
+    out = []
+    for k in intervals:
+        cost = torch.zeros_like(impact[0])
+        for t in range(impact.shape[0]):
+            s = t % k
+            if s:
+                cost += prefix[t + 1] - prefix[t + 1 - s]
+        out.append(cost)
+    return torch.stack(out)
+
+
+def fit_intervals(impact: torch.Tensor, compute_budget: float,
+                  intervals: Sequence[int] = (1, 2, 4, 8)) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per (block, unit) refresh interval from ``intervals`` minimising the summed ``chain_costs`` with at most
+    ``compute_budget`` of the step x block x unit cells computed; returns ``(compute table [steps, blocks,
+    units], chosen intervals [blocks, units], lagrange multiplier)``.
+
+    Every unit computes at steps 0, k, 2k, ...; the intervals must divide one another so that all refreshes
+    stay in phase (a longer interval's compute steps are also every shorter one's). The choice is exact per
+    unit for a price ``lam`` per computed cell; ``lam`` is bisected to the smallest price that meets the budget.
+    """
+    intervals = sorted(set(int(k) for k in intervals))
+    if not intervals or intervals[0] < 1 or any(b % a for a, b in zip(intervals, intervals[1:])):
+        raise ValueError(f"intervals must be positive and each divide the next (refreshes in phase), got {intervals}")
+    if not 0 < compute_budget <= 1:
+        raise ValueError(f"compute_budget must lie in (0, 1], got {compute_budget}")
+    steps, blocks, units = impact.shape
+    costs = chain_costs(impact, intervals)  # [K, blocks, units]
+    computes = torch.tensor([len(range(0, steps, k)) for k in intervals], dtype=torch.float64)[:, None, None]
+    floor = len(range(0, steps, intervals[-1])) / steps
+    if compute_budget < floor:
+        raise ValueError(f"compute_budget {compute_budget} is below what the longest interval ({intervals[-1]}) "
+                         f"computes ({floor:.3f}); add a longer interval or raise the budget")
+
+    def choose(lam: float) -> torch.Tensor:
+        return (costs + lam * computes).argmin(0)  # first (shortest) interval on ties
+
+    def fraction(choice: torch.Tensor) -> float:
+        return float(computes[choice, 0, 0].sum() / (steps * blocks * units))
+
+    lo, hi = 0.0, 1.0
+    while fraction(choose(hi)) > compute_budget:  # find a price high enough
+        lo, hi = hi, hi * 2
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fraction(choose(mid)) > compute_budget else (lo, mid)
+    chosen = torch.tensor(intervals)[choose(hi)]  # [blocks, units]
+    table = torch.arange(steps)[:, None, None] % chosen[None] == 0
+    return table, chosen, hi

@@ -21,7 +21,8 @@ import torch
 from cqpolicy.policies.features import FEATURE_SETS
 from cqpolicy.training.artifact import ArtifactError, check_target, save_artifact
 from cqpolicy.training.data import LOG_EPS, ImpactTableDataModule, TraceDataModule
-from cqpolicy.training.modules import LayerSchedulerModule, ReusePolicyModule, harm_scores, weighted_mse
+from cqpolicy.training.modules import (LayerSchedulerModule, ReusePolicyModule, chain_costs, fit_intervals, harm_scores,
+                                       weighted_mse)
 
 EXPERIMENT = "cqpolicy-train"
 CONFIG_FILE = "train_config.json"
@@ -138,8 +139,12 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
                  max_epochs: int = 20, seed: int = 0, hidden: int = 64, compute_budget: float = 0.5,
                  overwrite: bool = False, progress: bool = True, *, batch_size: int = 4096,
                  val_fraction: float = 0.25, harm_weight: float = 4.0, tolerance_quantile: float = 0.5,
-                 steps_per_epoch: int = 50, label: str = "auto", features: str = "step") -> dict:
-    """Train a ``kind`` ("mlp" or "scheduler") policy on trace runs and write its artifact to ``out_dir``.
+                 steps_per_epoch: int = 50, label: str = "auto", features: str = "step",
+                 intervals: Sequence[int] = (1, 2, 4, 8)) -> dict:
+    """Train a ``kind`` ("mlp", "scheduler" or "intervals") policy on trace runs and write its artifact to ``out_dir``.
+
+    ``intervals`` fits phase-locked refresh intervals (``fit_intervals``, from ``intervals``) in closed form: no
+    epochs, no checkpoints; its artifact is a ``scheduler`` (a static table) that records the chosen intervals.
 
     ``features``: ``step`` (decided once per step from the model input, the default) or ``unit`` (per-unit
     input features, about 11% of sampling time to compute at run time); see ``cqpolicy.policies.features``.
@@ -153,8 +158,11 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
 
     from cqpolicy.tracking.mlflow_store import tracking_uri
 
-    if kind not in ("mlp", "scheduler"):
-        raise ValueError(f"unknown policy kind {kind!r}; choose mlp or scheduler")
+    if kind not in ("mlp", "scheduler", "intervals"):
+        raise ValueError(f"unknown policy kind {kind!r}; choose mlp, scheduler or intervals")
+    if kind == "intervals":
+        return _fit_interval_artifact(run_dirs, out_dir, compute_budget, intervals, seed, val_fraction, label,
+                                      overwrite)
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive int, got {max_epochs!r}")
     if not 0 < compute_budget <= 1:
@@ -258,4 +266,48 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     client = logger.experiment
     client.log_batch(run_id, metrics=final, synchronous=True)
     client.log_artifacts(run_id, str(out), artifact_path="policy")
+    return meta
+
+
+def _fit_interval_artifact(run_dirs, out_dir, compute_budget: float, intervals: Sequence[int], seed: int,
+                           val_fraction: float, label: str, overwrite: bool) -> dict:
+    """``kind="intervals"``: fit on the train seeds' impact table, report the predicted harm on held-out seeds
+    next to the best uniform interval's, write a ``scheduler`` artifact, log it to MLflow."""
+    from cqpolicy.tracking.mlflow_store import start_run
+
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    out = check_target(out_dir, overwrite)
+    dm = TraceDataModule(run_dirs, val_fraction=val_fraction, seed=seed, label=label)
+    table, chosen, lam = fit_intervals(dm.impact_table("train"), compute_budget, intervals)
+    steps = table.shape[0]
+    metrics = {"compute_budget": compute_budget, "lagrange_multiplier": lam, **_label_metrics(dm),
+               **scheduler_metrics(table, dm)}
+    for split in ("train", "val"):  # predicted harm of the fitted schedule vs refreshing every unit every k steps
+        costs = chain_costs(dm.impact_table(split), sorted(set(intervals)))
+        fitted = costs.gather(0, torch.tensor([sorted(set(intervals)).index(int(k)) for k in chosen.flatten()])
+                              .reshape(1, *chosen.shape)).sum()
+        metrics[f"{split}_chain_cost"] = float(fitted)
+        for i, k in enumerate(sorted(set(intervals))):
+            metrics[f"{split}_chain_cost_uniform_{k}"] = float(costs[i].sum())
+    for k in sorted(set(intervals)):
+        metrics[f"compute_fraction_uniform_{k}"] = len(range(0, steps, k)) / steps
+    metrics["intervals"] = {f"{unit}": [int(v) for v in chosen[:, u]] for u, unit in enumerate(dm.units)}
+    meta = {"format_version": 1, "kind": "scheduler", "fit": "intervals", "features": [],
+            "normalization": {"mean": [], "std": []}, "target": "log_impact", "label": dm.label_info,
+            "tolerance": None, "default_threshold": 0.5, "hidden": 0, "model": dm.model_meta(), "metrics": metrics,
+            "traces": [str(d) for d in dm.run_dirs],
+            "training": {"seed": seed, "intervals": sorted(set(intervals)), "train_seeds": dm.train_seeds,
+                         "val_seeds": dm.val_seeds}}
+    with start_run(EXPERIMENT, run_name=f"train-intervals-{out.name}") as run:
+        import mlflow
+
+        meta["training"]["mlflow_run_id"] = run.info.run_id
+        meta = save_artifact(out, meta, {"table": table.to(torch.uint8), "intervals": chosen.to(torch.int32)},
+                             overwrite=overwrite)
+        mlflow.log_params({"kind": "intervals", "compute_budget": compute_budget, "traces": dm.run_dirs,
+                           "intervals": sorted(set(intervals)), "seed": seed})
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
+        mlflow.log_artifacts(str(out), artifact_path="policy")
     return meta
