@@ -268,6 +268,9 @@ def stage_report(config, model, settings, stage_dir, results, progress):
                                      else None))  # a bench stage finished by an older version: untagged runs
     paths = write_leaderboard(board, stage_dir / "leaderboard", overwrite=True)
     _decision_heatmap(model, settings, results["retrain"]["mlp"], stage_dir / "learned-decisions.png")
+    for budget, path in (results["train"].get("intervals") or {}).items():
+        _decision_heatmap(model, settings, path, stage_dir / f"learned-intervals-{budget}.png",
+                          label=f"learned intervals (budget {budget})")
     best = board[(board["pareto"]) & (board["method"] != "baseline")].head(2)
     _grids(model, settings, [(m, d) for m, d in zip(best["method"], best["cache_dtype"])], stage_dir / "grids.png")
     base = board[board["method"] == "baseline"]
@@ -279,8 +282,8 @@ def stage_report(config, model, settings, stage_dir, results, progress):
     return summary
 
 
-def _decision_heatmap(model, settings, artifact, path):
-    """Step x block share of rows the learned MLP policy reuses, per unit, on a fresh batch."""
+def _decision_heatmap(model, settings, artifact, path, label="learned policy"):
+    """Step x block share of rows a learned policy (MLP or table) reuses, per unit, on a fresh batch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,7 +320,7 @@ def _decision_heatmap(model, settings, artifact, path):
             if u == unit:
                 grid[block, step] = value
         image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1)
-        ax.set(title=f"learned policy: share reused ({unit})", xlabel="step", ylabel="block")
+        ax.set(title=f"{label}: share reused ({unit})", xlabel="step", ylabel="block")
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -33,6 +33,18 @@ rm -rf out/unit-intervals
 $PY scripts/bench_unit_intervals.py --pairs 6:3 6:4 8:4 4:6 --foras 3 4 5 6 --staggered 5 \
     --out out/unit-intervals | tee docs/results/unit-intervals.md
 
+# 5b. the learned phase-locked interval schedules against the hand one (needs the main job's artifacts)
+if [ -f out/run/train/intervals-0.2/policy.json ]; then
+    rm -rf out/iv-bench
+    for b in 0.2 0.25 0.3; do
+        .venv/bin/cqpolicy train --traces out/run/traces/none --kind intervals --compute-budget $b \
+            --out out/iv-bench-artifacts/b$b --overwrite > /dev/null
+    done
+    $PY scripts/bench_unit_intervals.py --pairs 8:4 --foras 4 5 --staggered \
+        --policies learned:path=out/iv-bench-artifacts/b0.2 learned:path=out/iv-bench-artifacts/b0.25 \
+        learned:path=out/iv-bench-artifacts/b0.3 --out out/iv-bench | tee docs/results/intervals-learned.md
+fi
+
 # 6. the learned policy's decision overhead (needs the main job's artifact: .venv/bin/cqpolicy run)
 if [ -f out/run/retrain/mlp/policy.json ]; then
     $PY scripts/bench_decision.py --policy-path out/run/retrain/mlp --repeats 5 | tee docs/results/decision.md

@@ -40,6 +40,7 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
     for budget in ("0.2", "0.3"):  # the phase-locked interval schedules are fitted and benched
         assert json.loads((out / "train" / f"intervals-{budget}" / "policy.json").read_text())["fit"] == "intervals"
         assert any(f"intervals-{budget}" in r["policy"] for r in rows)
+        assert (report / f"learned-intervals-{budget}.png").stat().st_size > 100
     capsys.readouterr()
     assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
     printed = capsys.readouterr().out
