@@ -158,8 +158,7 @@ def stage_retrain(config, model, settings, stage_dir, results, progress):
                     policy=f"learned:path={results['train']['mlp']},max_reuse={_reuse_cap(config)}", name="learned",
                     seed_offset=500_000)  # new seeds: a run's rows are keyed by seed, and more seeds help
     trained = _train_both(config, [results["traces"]["run_dir"], traced["run_dir"]], stage_dir, progress)
-    return {**trained, "intervals": results["train"].get("intervals", {}), "retrained": True,
-            "first_round": results["train"]}
+    return {**trained, "retrained": True, "first_round": results["train"]}
 
 
 def _reuse_cap(config) -> int:
@@ -204,12 +203,11 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     pareto = _spread(front, int(b.get("max_pareto", 3)))
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
     learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
-    intervals = [(f"learned:path={path}", "fp16") for path in results["train"].get("intervals", {}).values()]
-    learned += intervals
+    interval_paths = list((results["train"].get("intervals") or {}).values())
+    learned += [(f"learned:path={path}", "fp16") for path in interval_paths]
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
-    for p in pareto + [{"macs_speedup": _table_speedup(path[len("learned:path="):]), "cache_dtype": dtype}
-                       for path, dtype in intervals]:
+    for p in pareto + [{"macs_speedup": _table_speedup(path), "cache_dtype": "fp16"} for path in interval_paths]:
         matched = (f"fora:interval={_matched_interval(p['macs_speedup'], settings.steps)}", p["cache_dtype"])
         if matched[0] != "fora:interval=1" and matched not in baselines:
             baselines.append(matched)

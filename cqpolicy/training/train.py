@@ -261,18 +261,24 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     from mlflow.entities import Metric
 
     step, now = int(trainer.global_step), int(time.time() * 1000)
-    final = [Metric(f"final_{k}", float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+    final = [Metric(f"final_{k}", v, now, step) for k, v in _finite_numbers(metrics).items()]
     client = logger.experiment
     client.log_batch(run_id, metrics=final, synchronous=True)
     client.log_artifacts(run_id, str(out), artifact_path="policy")
     return meta
 
 
+def _finite_numbers(metrics: dict) -> dict:
+    """The metrics MLflow can log: finite numbers (not bools, lists or dicts)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+
+
 def _fit_interval_artifact(run_dirs, out_dir, compute_budget: float, intervals: Sequence[int], seed: int,
                            val_fraction: float, label: str, overwrite: bool) -> dict:
-    """``kind="intervals"``: fit on the train seeds' impact table, report the predicted harm on held-out seeds
-    next to the best uniform interval's, write a ``scheduler`` artifact, log it to MLflow."""
+    """``kind="intervals"``: fit on the train seeds' impact table, report the predicted harm of the fitted
+    schedule and of each uniform interval on train and held-out seeds, write a ``scheduler`` artifact, log it
+    to MLflow."""
     from cqpolicy.tracking.mlflow_store import start_run
 
     if isinstance(run_dirs, (str, os.PathLike)):
@@ -280,24 +286,24 @@ def _fit_interval_artifact(run_dirs, out_dir, compute_budget: float, intervals: 
     out = check_target(out_dir, overwrite)
     dm = TraceDataModule(run_dirs, val_fraction=val_fraction, seed=seed, label=label)
     table, chosen, lam = fit_intervals(dm.impact_table("train"), compute_budget, intervals)
+    candidates = sorted(set(int(k) for k in intervals))
+    position = torch.searchsorted(torch.tensor(candidates), chosen)  # [blocks, units]: index of each choice
     steps = table.shape[0]
     metrics = {"compute_budget": compute_budget, "lagrange_multiplier": lam, **_label_metrics(dm),
                **scheduler_metrics(table, dm)}
-    for split in ("train", "val"):  # predicted harm of the fitted schedule vs refreshing every unit every k steps
-        costs = chain_costs(dm.impact_table(split), sorted(set(intervals)))
-        fitted = costs.gather(0, torch.tensor([sorted(set(intervals)).index(int(k)) for k in chosen.flatten()])
-                              .reshape(1, *chosen.shape)).sum()
-        metrics[f"{split}_chain_cost"] = float(fitted)
-        for i, k in enumerate(sorted(set(intervals))):
+    for split in ("train", "val"):
+        costs = chain_costs(dm.impact_table(split), candidates)  # [K, blocks, units]
+        metrics[f"{split}_chain_cost"] = float(costs.gather(0, position[None]).sum())
+        for i, k in enumerate(candidates):
             metrics[f"{split}_chain_cost_uniform_{k}"] = float(costs[i].sum())
-    for k in sorted(set(intervals)):
+    for k in candidates:
         metrics[f"compute_fraction_uniform_{k}"] = len(range(0, steps, k)) / steps
-    metrics["intervals"] = {f"{unit}": [int(v) for v in chosen[:, u]] for u, unit in enumerate(dm.units)}
+    metrics["intervals"] = {unit: [int(v) for v in chosen[:, u]] for u, unit in enumerate(dm.units)}
     meta = {"format_version": 1, "kind": "scheduler", "fit": "intervals", "features": [],
             "normalization": {"mean": [], "std": []}, "target": "log_impact", "label": dm.label_info,
             "tolerance": None, "default_threshold": 0.5, "hidden": 0, "model": dm.model_meta(), "metrics": metrics,
             "traces": [str(d) for d in dm.run_dirs],
-            "training": {"seed": seed, "intervals": sorted(set(intervals)), "train_seeds": dm.train_seeds,
+            "training": {"seed": seed, "intervals": candidates, "train_seeds": dm.train_seeds,
                          "val_seeds": dm.val_seeds}}
     with start_run(EXPERIMENT, run_name=f"train-intervals-{out.name}") as run:
         import mlflow
@@ -306,8 +312,7 @@ def _fit_interval_artifact(run_dirs, out_dir, compute_budget: float, intervals: 
         meta = save_artifact(out, meta, {"table": table.to(torch.uint8), "intervals": chosen.to(torch.int32)},
                              overwrite=overwrite)
         mlflow.log_params({"kind": "intervals", "compute_budget": compute_budget, "traces": dm.run_dirs,
-                           "intervals": sorted(set(intervals)), "seed": seed})
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
+                           "intervals": candidates, "seed": seed})
+        mlflow.log_metrics({f"final_{k}": v for k, v in _finite_numbers(metrics).items()})
         mlflow.log_artifacts(str(out), artifact_path="policy")
     return meta
