@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from cqpolicy import seeds as seed_roles
+
 
 class CliError(Exception):
     """Bad input: reported as one line, exit status 2."""
@@ -23,7 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser):
                    help="classifier-free guidance scale, 1 = off (default: the model's, 3.0 for fmnist-dit)")
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim",
                    help="ddim or dpm (DPM-Solver++ multistep); default ddim")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample i uses seed + i (default: 0, test replicate 0; trace: the trace role's "
+                        f"{seed_roles.start('trace')}; seed roles in cqpolicy/seeds.py)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--cache-dtype", default="fp16",
@@ -72,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "impact labels into DIR (Parquet shards + manifest.json); resumable; heatmaps "
                                    "in DIR/plots/; logs an MLflow run.")
     _add_sampling_args(p)
+    p.set_defaults(seed=seed_roles.start("trace"))
     p.add_argument("--probes", default="local", help="comma-separated: local, downstream (or none); default local")
     p.add_argument("--experiment", default="cqpolicy-trace", help="MLflow experiment name")
     p.add_argument("--out", required=True, help="trace run folder (e.g. traces/fmnist-none)")
@@ -211,7 +216,7 @@ def cmd_sample(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from cqpolicy.evaluation.bench import bench, markdown_table
+    from cqpolicy.evaluation.bench import bench, log_bench_rows, markdown_table
     from cqpolicy.models import load_model
     from cqpolicy.outputs import OutputDir
     from cqpolicy.policies import make_policy
@@ -237,7 +242,7 @@ def cmd_bench(args) -> int:
         out.file("results.json").write_text(json.dumps(rows, indent=2) + "\n")
         out.file("results.md").write_text(table + "\n")
         final = out.commit()
-    _log_bench_rows(args.experiment, rows, final)
+    log_bench_rows(args.experiment, rows, artifact=final / "results.json")
     print(table)
     print(f"wrote {final}/results.json")
     return 0
@@ -341,21 +346,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _log_bench_rows(experiment: str, rows: list[dict], folder):
-    import mlflow
-
-    from cqpolicy.tracking import start_run
-
-    param_keys = ("model", "policy", "policy_config", "cache_dtype", "steps", "num_samples", "seed", "batch_size", "guidance_scale",
-                  "scheduler", "repeats")
-    for row in rows:
-        with start_run(experiment, run_name=f"bench-{row['policy']}"):
-            mlflow.log_params({k: row[k] for k in param_keys})
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in param_keys
-                                and isinstance(v, (int, float)) and math.isfinite(float(v))})
-            mlflow.log_artifact(str(folder / "results.json"))
-
-
 def _log_sample_run(experiment: str, metrics: dict, folder):
     import mlflow
 
@@ -381,17 +371,46 @@ def _print_metrics(metrics: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input of any kind ends in one line on stderr and exit status 2."""
     parser = build_parser()
+
+    def one_line_error(p: argparse.ArgumentParser):
+        # argparse prints the whole usage before its error: one line is enough, ``--help`` has the rest
+        return lambda message: p.exit(2, f"{p.prog}: error: {message} (see {p.prog} --help)\n")
+
+    for p in [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                         for sub in action.choices.values()]:
+        p.error = one_line_error(p)
     args = parser.parse_args(argv)
     from cqpolicy.data import DatasetMissingError
     from cqpolicy.models import ModelLoadError
     from cqpolicy.pipeline import PipelineError
+    from cqpolicy.runtime import StepMismatchError
     from cqpolicy.tracing.store import TraceError
 
     try:
+        # checks every sampling command shares, before anything loads
+        if getattr(args, "guidance_scale", None) is not None and not math.isfinite(args.guidance_scale):
+            raise CliError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+        if hasattr(args, "num_samples") and hasattr(args, "seed"):
+            if args.seed < 0 or args.seed + max(args.num_samples, 1) > 2 ** 63:
+                raise CliError(f"--seed must be non-negative and --seed + --num-samples below 2**63, got {args.seed}")
+        if getattr(args, "device", None) is not None:
+            import torch
+
+            try:
+                torch.device(args.device)
+            except RuntimeError:
+                raise CliError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
         return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, ModelLoadError,
-            DatasetMissingError, TraceError, PipelineError) as exc:
+    except (CliError, ValueError, OSError, ModelLoadError, DatasetMissingError, TraceError, PipelineError,
+            StepMismatchError) as exc:
+        # OSError: unreadable, missing or unwritable files (diffusers reports a broken model folder as one)
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open mid-run: erase it, not the error
+            bar.leave = False
+            bar.close()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"cqpolicy {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ def load_config(path: str | Path, quick: bool = False) -> dict:
     config = read_yaml(path, PipelineError, "pipeline config")
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: a pipeline config is a YAML mapping")
-    known = {"model", "steps", "guidance_scale", "trace", "train", "search", "bench", "quick", "retrain"}
+    known = {"model", "steps", "guidance_scale", "trace", "train", "search", "bench", "quick", "retrain", "seeds"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise PipelineError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -47,7 +47,49 @@ def load_config(path: str | Path, quick: bool = False) -> dict:
             else:
                 config[section] = values
     config["source"] = str(path)
+    check_seed_roles(config)
     return config
+
+
+SEED_KEYS = ("trace", "retrain", "search", "display")  # roles a config may move (cqpolicy/seeds.py)
+GRID_SAMPLES = 20
+
+
+def seed_start(config: dict, role: str) -> int:
+    """The first sample seed of ``role`` in this config: ``seeds.<role>`` or the default of cqpolicy/seeds.py."""
+    from cqpolicy import seeds
+
+    return int((config.get("seeds") or {}).get(role, seeds.start(role)))
+
+
+def seed_uses(config: dict) -> dict[str, list[tuple[int, int]]]:
+    """Every (first seed, count) range each role of this config samples."""
+    from cqpolicy import seeds
+
+    t, s, b = (config.get(k) or {} for k in ("trace", "search", "bench"))
+    n_trace = int(t.get("num_samples", 32))
+    uses = {"trace": [(seed_start(config, "trace"), n_trace)],
+            "search": [(seed_start(config, "search"), int(s.get("num_samples", 64)))],
+            "calibration": [(seeds.start("calibration"), seeds.SPAN)],
+            "display": [(seed_start(config, "display"), GRID_SAMPLES)],
+            "test": [(seeds.test_start(int(k)), int(b.get("num_samples", 64))) for k in b.get("seeds", [0, 1, 2])]}
+    if config.get("retrain", True):
+        uses["retrain"] = [(seed_start(config, "retrain"), n_trace)]
+    return uses
+
+
+def check_seed_roles(config: dict) -> None:
+    """Refuse (one line) a config whose roles would see the same samples, or learn on test samples."""
+    unknown = sorted(set(config.get("seeds") or {}) - set(SEED_KEYS))
+    if unknown:
+        raise PipelineError(f"{config['source']}: seeds has no role {unknown[0]!r}; movable roles: "
+                            f"{', '.join(SEED_KEYS)} (test seeds are bench.seeds replicates)")
+    from cqpolicy import seeds
+
+    try:
+        seeds.check_disjoint(seed_uses(config))
+    except ValueError as exc:  # SeedOverlapError, or a test replicate out of range
+        raise PipelineError(f"{config['source']}: {exc}") from None
 
 
 class Stage:
@@ -103,7 +145,7 @@ def run_pipeline(config: dict, out: str | Path, progress: bool = True) -> dict:
     return {"timings": timings, **summary}
 
 
-def _trace(config, model, settings, stage_dir, results, progress, policy="none", name="none", seed_offset=0):
+def _trace(config, model, settings, stage_dir, results, progress, policy="none", name="none", role="trace"):
     from cqpolicy.tracing.collect import collect
 
     t = config.get("trace") or {}
@@ -111,7 +153,7 @@ def _trace(config, model, settings, stage_dir, results, progress, policy="none",
     probes = tuple(p for p in str(t.get("probes", "local")).split(",") if p)
     run_dir = stage_dir / name
     summary = collect(model, s, run_dir, int(t.get("num_samples", 32)),
-                      seed=int(t.get("seed", 1_000_000)) + seed_offset,
+                      seed=seed_start(config, role),
                       policy=policy, probes=probes, progress=progress)
     return {"run_dir": str(run_dir), "rows": summary["rows"], "record_s": summary["record_s"]}
 
@@ -156,7 +198,7 @@ def stage_retrain(config, model, settings, stage_dir, results, progress):
         return {**results["train"], "retrained": False}
     traced = _trace(config, model, settings, stage_dir, results, progress,
                     policy=f"learned:path={results['train']['mlp']},max_reuse={_reuse_cap(config)}", name="learned",
-                    seed_offset=500_000)  # new seeds: a run's rows are keyed by seed, and more seeds help
+                    role="retrain")  # new seeds: a run's rows are keyed by seed, and more seeds help
     trained = _train_both(config, [results["traces"]["run_dir"], traced["run_dir"]], stage_dir, progress)
     return {**trained, "retrained": True, "first_round": results["train"]}
 
@@ -180,7 +222,7 @@ def stage_search(config, model, settings, stage_dir, results, progress):
     space = parse_space({"model": config.get("model", "fmnist-dit"), "steps": settings.steps,
                          "guidance_scale": settings.guidance_scale,
                          "num_samples": int(s.get("num_samples", 64)), "batch_size": int(s.get("batch_size", 64)),
-                         "seed": int(s.get("seed", 2_000_000)), "objectives": ["macs_speedup", "fid"],
+                         "seed": seed_start(config, "search"), "objectives": ["macs_speedup", "fid"],
                          "proxy": bool(s.get("proxy", False)), "min_psnr": s.get("min_psnr"),
                          "cache": {"dtype": s.get("cache_dtypes", ["fp16", "int8"]), "granularity": ["token"]},
                          "families": {"learned": {"path": {"fixed": mlp},
@@ -193,11 +235,6 @@ def stage_search(config, model, settings, stage_dir, results, progress):
 
 
 def stage_bench(config, model, settings, stage_dir, results, progress):
-    import mlflow
-
-    from cqpolicy.evaluation.bench import bench
-    from cqpolicy.tracking import start_run
-
     b = config.get("bench") or {}
     front = sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"])
     pareto = _spread(front, int(b.get("max_pareto", 3)))
@@ -211,28 +248,12 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
         matched = (f"fora:interval={_matched_interval(p['macs_speedup'], settings.steps)}", p["cache_dtype"])
         if matched[0] != "fora:interval=1" and matched not in baselines:
             baselines.append(matched)
-    s = replace(settings, batch_size=int(b.get("batch_size", 64)))
-    rows = []
-    for i, seed in enumerate(b.get("seeds", [0, 1, 2])):
-        rows += bench(model, learned + baselines, s, int(b.get("num_samples", 128)), seed=int(seed) * 1_000_000,
-                      fid=True, repeats=int(b.get("repeats", 0)) if i == 0 else 0, macs=i == 0,
-                      macs_samples=b.get("macs_samples"), progress=progress)
-    # costs were measured on the first seed: carry them to the other seeds' rows
-    costs = {(r["policy"], r["cache_dtype"]): r for r in rows if r.get("macs_speedup") is not None}
-    for row in rows:
-        first = costs.get((row["policy"], row["cache_dtype"]))
-        for key in ("macs_speedup", "wall_speedup", "macs_per_image"):
-            if row.get(key) is None and first is not None:
-                row[key] = first[key]
-    param_keys = ("model", "policy", "policy_config", "cache_dtype", "steps", "num_samples", "seed")
+    from cqpolicy.evaluation.bench import bench_rows, log_bench_rows
+
+    rows = bench_rows(model, learned + baselines, replace(settings, batch_size=int(b.get("batch_size", 64))),
+                      int(b.get("num_samples", 64)), b.get("seeds", [0, 1, 2]), int(b.get("repeats", 0)), progress)
     bench_id = uuid.uuid4().hex  # the report reads exactly these runs, not those of earlier runs into this --out
-    for row in rows:
-        with start_run(f"cqpolicy-bench-{stage_dir.parent.name}", run_name=f"bench-{row['policy']}"):
-            mlflow.set_tag(BENCH_TAG, bench_id)
-            mlflow.log_params({k: row[k] for k in param_keys})
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in param_keys
-                                and isinstance(v, (int, float)) and float(v) == float(v)
-                                and abs(float(v)) != float("inf")})
+    log_bench_rows(f"cqpolicy-bench-{stage_dir.parent.name}", rows, {BENCH_TAG: bench_id})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
 
@@ -265,22 +286,27 @@ def stage_report(config, model, settings, stage_dir, results, progress):
                                      tags={BENCH_TAG: results["bench"]["bench_id"]} if "bench_id" in results["bench"]
                                      else None))  # a bench stage finished by an older version: untagged runs
     paths = write_leaderboard(board, stage_dir / "leaderboard", overwrite=True)
-    _decision_heatmap(model, settings, results["retrain"]["mlp"], stage_dir / "learned-decisions.png")
+    _decision_heatmap(config, model, settings, results["retrain"]["mlp"], stage_dir / "learned-decisions.png")
     for budget, path in (results["train"].get("intervals") or {}).items():
-        _decision_heatmap(model, settings, path, stage_dir / f"learned-intervals-{budget}.png",
+        _decision_heatmap(config, model, settings, path, stage_dir / f"learned-intervals-{budget}.png",
                           label=f"learned intervals (budget {budget})")
     best = board[(board["pareto"]) & (board["method"] != "baseline")].head(2)
-    _grids(model, settings, [(m, d) for m, d in zip(best["method"], best["cache_dtype"])], stage_dir / "grids.png")
+    shown = board[(board["pareto"]) & (board["method"] != "baseline")].head(5)
+    _grids(config, model, settings, board[board["method"] == "baseline"].head(1), shown, stage_dir / "grids.png")
     base = board[board["method"] == "baseline"]
     summary = {"leaderboard": str(paths["markdown"]), "pareto_plot": str(paths["plot"]),
                "baseline_fid": float(base["fid_mean"].iloc[0]) if len(base) else None,
                "best": best[["method", "cache_dtype", "macs_speedup", "wall_speedup", "fid_mean", "fid_std"]]
-               .to_dict("records")}
+               .to_dict("records"),
+               # does each learned row sit below every other family's frontier at >= its MACs, by > paired std?
+               "learned_verdicts": board[board["family"].astype(str).str.startswith("learned")][
+                   ["method", "cache_dtype", "macs_speedup", "delta_fid", "delta_fid_std", "beats_all",
+                    "not_beaten_by_margin", "unopposed"]].to_dict("records")}
     print(paths["markdown"].read_text())
     return summary
 
 
-def _decision_heatmap(model, settings, artifact, path, label="learned policy"):
+def _decision_heatmap(config, model, settings, artifact, path, label="learned policy"):
     """Step x block share of rows a learned policy (MLP or table) reuses, per unit, on a fresh batch."""
     import matplotlib
 
@@ -307,8 +333,8 @@ def _decision_heatmap(model, settings, artifact, path, label="learned policy"):
     watch = Watch(make_policy(f"learned:path={artifact}"))
     watch.prepare(model, settings)
     with enable(model.transformer, watch):
-        sample(model, list(range(8)), list(range(3_000_000, 3_000_008)), replace(settings, batch_size=8),
-               progress=False)
+        first = seed_start(config, "display")
+        sample(model, list(range(8)), list(range(first, first + 8)), replace(settings, batch_size=8), progress=False)
     units = sorted({u for _, _, u in watch.seen})
     blocks = 1 + max(b for _, b, _ in watch.seen)
     fig, axes = plt.subplots(1, len(units), figsize=(5 * len(units), 3.2), squeeze=False)
@@ -325,36 +351,32 @@ def _decision_heatmap(model, settings, artifact, path, label="learned policy"):
     plt.close(fig)
 
 
-def _grids(model, settings, methods, path):
-    """Sample grids side by side: uncached, then each given (policy, cache format), same seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
-
+def _grids(config, model, settings, plain, shown, path):
+    """The same display-seed samples under the plain model and each shown leaderboard row, one titled panel each
+    (spec, MACs speedup, FID)."""
     from cqpolicy.evaluation.quality import images_to_uint8
+    from cqpolicy.policies import make_policy
     from cqpolicy.runtime import enable
     from cqpolicy.sampling import sample
+    from cqpolicy.tracking.grids import save_sample_grids
 
-    labels, seeds = [i % model.num_classes for i in range(20)], list(range(4_000_000, 4_000_020))
-    panels = [("uncached", images_to_uint8(sample(model, labels, seeds, settings, progress=False)))]
-    for spec, fmt in methods:
-        from cqpolicy.policies import make_policy
+    first = seed_start(config, "display")
+    labels, seeds = [i % model.num_classes for i in range(GRID_SAMPLES)], list(range(first, first + GRID_SAMPLES))
 
-        policy = make_policy(spec)
+    def title(name, row):
+        if row is None:
+            return name
+        return f"{name}\n{row['macs_speedup']:.2f}x MACs · FID {row['fid_mean']:.2f} ± {row['fid_std']:.2f}"
+
+    base = plain.iloc[0].to_dict() if len(plain) else None
+    panels = [(title("uncached", base), images_to_uint8(sample(model, labels, seeds, settings, progress=False)))]
+    for row in shown.to_dict("records"):
+        policy = make_policy(row["method"])
         policy.prepare(model, settings)
-        with enable(model.transformer, policy, fmt):
-            panels.append((f"{spec.split(':')[0]} ({fmt})", images_to_uint8(sample(model, labels, seeds, settings,
-                                                                                    progress=False))))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 2.6), squeeze=False)
-    for ax, (title, images) in zip(axes[0], panels):
-        ax.imshow(make_grid(images, nrow=10, pad_value=255).permute(1, 2, 0).squeeze(-1), cmap="gray")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        with enable(model.transformer, policy, row["cache_dtype"]):
+            images = images_to_uint8(sample(model, labels, seeds, settings, progress=False))
+        panels.append((title(f"{row['method']} ({row['cache_dtype']})", row), images))
+    save_sample_grids(panels, path)
 
 
 STAGE_FUNCS = {"traces": stage_traces, "train": stage_train, "retrain": stage_retrain, "search": stage_search,

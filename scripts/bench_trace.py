@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import time
 
+from cqpolicy import seeds as seed_roles
 from cqpolicy.models import load_model
 from cqpolicy.sampling import SampleSettings, sample
 from cqpolicy.tracing.collect import collect
@@ -30,7 +31,7 @@ def main():
     settings = SampleSettings(steps=args.steps, guidance_scale=model.default_guidance_scale,
                               batch_size=args.num_samples)
     labels = [i % model.num_classes for i in range(args.num_samples)]
-    seeds = list(range(args.num_samples))
+    seeds = [seed_roles.start("trace") + i for i in range(args.num_samples)]
 
     def plain():
         sample(model, labels, seeds, settings, progress=False)

@@ -17,6 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
+from cqpolicy import seeds as seed_roles
 from cqpolicy.evaluation.bench import bench
 from cqpolicy.models import load_model
 from cqpolicy.models.adapters import transformer_blocks
@@ -65,9 +66,9 @@ def main():
     settings = SampleSettings(steps=args.steps, guidance_scale=model.default_guidance_scale,
                               batch_size=args.batch_size)
     rows = []
-    for i, seed in enumerate(args.seeds):
-        rows += bench(model, specs, settings, args.num_samples, seed=seed * 1_000_000, fid=True, repeats=0,
-                      macs=i == 0, macs_samples=16)
+    for seed in args.seeds:
+        rows += bench(model, specs, settings, args.num_samples, seed=seed_roles.test_start(seed), fid=True,
+                      repeats=0)
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     base = {r["seed"]: r["fid"] for r in rows if r["policy"] == "baseline"}
     macs = {r["policy"]: r["macs_speedup"] for r in rows if r.get("macs_speedup") is not None}

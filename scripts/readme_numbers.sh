@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Re-measure every number in the README's Results section on the embedded model (about 60 minutes on
-# 2 cores; run it on an otherwise idle machine: wall-clock ratios are measured side by side).
+# Re-measure every number in the README's Results section on the embedded model (about 4 hours on 2 cores,
+# most of it the paper table; run it on an otherwise idle machine: wall-clock ratios are measured side by side).
+# The main job (.venv/bin/cqpolicy run) comes first: steps 3, 5b and 6 use its artifacts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p docs/results
@@ -17,16 +18,12 @@ rm -rf out/readme-grid
 .venv/bin/cqpolicy sample --steps 50 --num-samples 100 --batch-size 100 --out out/readme-grid
 cp out/readme-grid/grid.png docs/fmnist-dit-grid.png
 
-# 3. every policy family against the plain model: 50 DDIM steps, batch 64, 128 samples x 3 seeds
-POLICIES=(none fora:interval=2 fora:interval=3 fora:interval=2,unit=block smoothcache:threshold=0.1
-          dps:groups=25 recat:groups=25 dqar:entropy_threshold=1.0 teacache:threshold=0.3
-          taylorseer:interval=3,order=2 diffusers-fbc:threshold=0.1 diffusers-taylorseer:interval=3)
-if [ -n "$SCHED" ]; then POLICIES+=("schedule:path=$SCHED" "smoothcache-wheel:path=$SCHED"); fi
-$PY scripts/bench_table.py --steps 50 --batch-size 64 --num-samples 128 --seeds 0 1 2 --repeats 2 --macs-samples 16 \
-    --json docs/results/bench.json --policies "${POLICIES[@]}" | tee docs/results/bench.md
+# 3. the paper-scale table: every family's frontier and the main job's learned policies, N = 1000 x 3 test
+#    replicates (resumable; a couple of hours), into docs/results/paper/
+$PY scripts/bench_paper.py --config configs/fmnist-dit-paper.yaml --out docs/results/paper
 
 # 4. the cost of recording traces
-$PY scripts/bench_trace.py --steps 25 --num-samples 16 --repeats 1 | tee docs/results/trace.md
+$PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 2 | tee docs/results/trace.md
 
 # 5. uniform refresh (FORA) against phase-locked per-unit-type intervals: 64 samples x 3 seeds
 rm -rf out/unit-intervals

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cqpolicy.data import load_fashion_mnist
-from cqpolicy.evaluation.classifier import SHIPPED_DIR, FashionClassifier
+from cqpolicy.evaluation.classifier import KID_REFERENCE_FILE, KID_REFERENCE_SIZE, SHIPPED_DIR, FashionClassifier
 from cqpolicy.evaluation.quality import feature_stats, fid_from_stats
 from cqpolicy.tracking import start_run
 
@@ -99,6 +99,7 @@ def main():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         save_file({"mean": mean, "cov": cov, "num_samples": torch.tensor(len(test_feats), dtype=torch.int64)},
                   tmp / "reference_stats.safetensors")
+        save_file({"features": test_feats[:KID_REFERENCE_SIZE].float().contiguous()}, tmp / KID_REFERENCE_FILE)
         info = {"test_accuracy": acc, "num_features": FashionClassifier.num_features,
                 "reference": "Fashion-MNIST test split (10000 images)", "real_vs_real_fid": floor,
                 "seed": args.seed, "epochs": args.epochs}

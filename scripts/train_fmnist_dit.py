@@ -5,8 +5,8 @@
     python scripts/train_fmnist_dit.py --export-only                 # ship the current EMA weights
 
 Checkpoints (model, EMA, optimizer, step, MLflow run id) go to ``--ckpt-dir`` (kept out of git) and
-are written atomically every ``--save-minutes``. With no checkpoint, training starts from the shipped
-weights if they exist (so an interrupted run that only shipped weights can go on), else from scratch.
+are written atomically every ``--save-minutes``. With no checkpoint, training starts from ``--init-dir``
+(default: the shipped weights) if it exists, so an interrupted run that only shipped weights can go on.
 The exported model is the EMA in fp16, diffusers ``save_pretrained`` layout, with the scheduler config.
 """
 from __future__ import annotations
@@ -31,11 +31,17 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", default="checkpoints/fmnist-dit")
     p.add_argument("--export-dir", default=str(fmnist_dit.SHIPPED_DIR))
+    p.add_argument("--init-dir", default=str(fmnist_dit.SHIPPED_DIR),
+                   help="with no checkpoint, start from these weights (default: the shipped ones) if they exist")
     p.add_argument("--max-minutes", type=float, default=150.0, help="stop (and save) after this long")
     p.add_argument("--max-steps", type=int, default=200_000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--decay-from", type=int, default=None,
+                   help="cosine-decay the learning rate from this step to --lr-final at --max-steps "
+                        "(a resumed run sets it to the step it resumes at)")
+    p.add_argument("--lr-final", type=float, default=3e-5)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--save-minutes", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
@@ -48,6 +54,15 @@ def atomic_save(obj, path: Path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up, then constant, then (with --decay-from) a cosine tail to --lr-final at --max-steps."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+    if args.decay_from is not None and step >= args.decay_from:
+        done = min(1.0, (step - args.decay_from) / max(1, args.max_steps - args.decay_from))
+        lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + np.cos(np.pi * done))
+    return float(lr)
 
 
 def export(ema, export_dir: Path):
@@ -88,12 +103,12 @@ def main():
         elapsed_total = float(state.get("elapsed", 0.0))
         torch.set_rng_state(state["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
-    elif (export_dir / "transformer").exists():
+    elif (Path(args.init_dir) / "transformer").exists():
         from diffusers import DiTTransformer2DModel
-        shipped = DiTTransformer2DModel.from_pretrained(export_dir / "transformer").float()
+        shipped = DiTTransformer2DModel.from_pretrained(Path(args.init_dir) / "transformer").float()
         model.load_state_dict(shipped.state_dict())
         ema.load_state_dict(shipped.state_dict())
-        print(f"no checkpoint; starting from the shipped weights in {export_dir}")
+        print(f"no checkpoint; starting from the weights in {args.init_dir}")
 
     if args.export_only:
         export(ema, export_dir)
@@ -133,7 +148,7 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for g in opt.param_groups:
-                g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+                g["lr"] = learning_rate(args, step)
             opt.step()
             step += 1
             decay = min(args.ema_decay, (1 + step) / (10 + step))

@@ -1,7 +1,17 @@
+"""Exact MACs of every run: per-unit row counts x per-row MACs equal the FLOP counter on the same run."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from cqpolicy.evaluation.cost import PeakMemory, count_macs
+from cqpolicy.evaluation.cost import PeakMemory, count_macs, measured_sample, model_costs
+from cqpolicy.models import fmnist_dit
+from cqpolicy.models.loading import LoadedModel
+from cqpolicy.policies import make_policy
+from cqpolicy.policies.base import Policy
+from cqpolicy.runtime import enable
+from cqpolicy.sampling import SampleSettings, sample
+
+from conftest import tiny_fmnist_dit
 
 
 def test_linear_macs_are_exact():
@@ -34,3 +44,59 @@ def test_peak_memory_sees_a_large_allocation():
         time.sleep(0.05)
         del block
     assert mem.peak_bytes > 32 * 1024 * 1024
+
+
+class SomeRows(Policy):
+    """Computes only the rows whose index has the step's parity: per-sample partial computes at every step."""
+
+    name = "some-rows"
+
+    def decide(self, query):
+        rows = torch.arange(query.inputs.shape[0])
+        return (rows + query.step + query.block) % 3 != 0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LoadedModel("tiny", tiny_fmnist_dit(num_layers=3), dict(fmnist_dit.SCHEDULER_CONFIG))
+
+
+def flop_counted(model, policy, labels, seeds, settings):
+    with enable(model.transformer, policy, "fp16"):
+        return count_macs(lambda: sample(model, labels, seeds, settings, progress=False))[0]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("spec", ["none", "fora:interval=3", "fora:attn1_interval=4,ff_interval=2",
+                                  "teacache:threshold=0.2", "fora:interval=2,unit=block", "some-rows"])
+def test_runtime_counts_give_the_flop_counters_macs(tiny, spec, guidance):
+    settings = SampleSettings(steps=7, guidance_scale=guidance, batch_size=3)  # 5 samples: batches of 3 and 2
+    labels, seeds = [0, 1, 2, 3, 4], [11, 12, 13, 14, 15]
+    make = (lambda: SomeRows()) if spec == "some-rows" else (lambda: make_policy(spec))
+    run = measured_sample(tiny, make(), "fp16", labels, seeds, settings)
+    assert run.macs_source == "runtime counts"
+    assert run.macs == flop_counted(tiny, make(), labels, seeds, settings)
+    plain = measured_sample(tiny, None, "fp16", labels, seeds, settings)
+    assert plain.macs == count_macs(lambda: sample(tiny, labels, seeds, settings, progress=False))[0]
+    if spec != "none":
+        assert run.macs < plain.macs
+    else:
+        assert run.macs == plain.macs and torch.equal(run.images, plain.images)
+
+
+def test_batch_dependent_decisions_are_counted_on_the_scored_batch(tiny):
+    """TeaCache decides per batch: the same samples in other batches cost other MACs, each counted exactly."""
+    labels, seeds = list(range(6)), list(range(100, 106))
+    macs = {}
+    for batch in (1, 6):
+        settings = SampleSettings(steps=10, guidance_scale=3.0, batch_size=batch)
+        macs[batch] = measured_sample(tiny, make_policy("teacache:threshold=0.3"), "fp16", labels, seeds,
+                                      settings).macs
+        assert macs[batch] == flop_counted(tiny, make_policy("teacache:threshold=0.3"), labels, seeds, settings)
+
+
+def test_unit_costs_add_up(tiny):
+    costs = model_costs(tiny, SampleSettings(steps=1, guidance_scale=3.0))
+    for block in range(3):
+        assert costs.unit_macs[block, "attn1"] + costs.unit_macs[block, "ff"] < costs.unit_macs[block, "block"]
+    assert sum(costs.unit_macs[b, "block"] for b in range(3)) < costs.row_macs

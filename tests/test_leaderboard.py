@@ -1,11 +1,13 @@
-"""The MLflow leaderboard: Pareto masks, grouping over seeds, ΔFID against the same-seed baseline, files."""
+"""The MLflow leaderboard: Pareto masks, grouping over seeds, ΔFID / ΔKID against the same-seed baseline with
+their paired stds, the "families are frontiers" verdict, old-run fallbacks, files."""
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cqpolicy.tracking.leaderboard import collect_rows, leaderboard, pareto_mask, write_leaderboard
+from cqpolicy.tracking.leaderboard import (COLUMNS, collect_rows, leaderboard, markdown, pareto_mask,
+                                           write_leaderboard)
 
 
 # ------------------------------------------------------------------------------------------- pareto_mask
@@ -33,6 +35,99 @@ def test_pareto_mask_maximize_and_minimize():
         pareto_mask(pts, [True])
 
 
+# ------------------------------------------------------------------- the verdict, on hand-made rows
+def _rows(spec):
+    """{(method, family, macs): {seed: (fid, kid)}} -> collect_rows()-like rows of one setting."""
+    out = []
+    for (method, family, macs), seeds in spec.items():
+        for seed, (fid, kid) in seeds.items():
+            out.append({"method": method, "family": family, "model": "m", "steps": 10, "num_samples": 64,
+                        "cache_dtype": "fp16", "seed": seed, "fid": fid, "kid": kid, "macs_speedup": macs})
+    return pd.DataFrame(out)
+
+
+LEARNED = "learned:path=a.pt"
+CASE = {
+    ("baseline", "plain", 1.0): {0: (10.0, 0.01), 1: (11.0, 0.02), 2: (12.0, 0.03)},
+    # deltas 0.5, 0.6, 0.4 -> 0.5 ± 0.1; KID deltas 0.01, 0.01, 0.02
+    (LEARNED, "learned-mlp", 2.0): {0: (10.5, 0.02), 1: (11.6, 0.03), 2: (12.4, 0.05)},
+    # fora: the slower setting is better but below the learned row's MACs, so it does not count;
+    # at 2.5: deltas 3.0, 3.2, 2.8; learned minus it: -2.5, -2.6, -2.4 (std 0.1) -> beaten by 2.5 > 0.1
+    ("fora:interval=2", "fora", 1.8): {0: (10.1, 0.01), 1: (11.1, 0.02), 2: (12.1, 0.03)},
+    ("fora:interval=3", "fora", 2.5): {0: (13.0, 0.04), 1: (14.2, 0.05), 2: (14.8, 0.06)},
+    # teacache's best at >= 2.0 is the 2.2 row (delta 0.6; the 3.0 row is worse); learned minus it:
+    # -0.2, 0.3, -0.4 (std sqrt(0.13) = 0.36) -> 0.1 better, inside the paired std: a tie
+    ("teacache:threshold=0.1", "teacache", 2.2): {0: (10.7, 0.02), 1: (11.3, 0.02), 2: (12.8, 0.03)},
+    ("teacache:threshold=0.5", "teacache", 3.0): {0: (15.0, 0.05), 1: (16.0, 0.06), 2: (17.0, 0.07)},
+    # smoothcache only exists below 2.0: unopposed there
+    ("smoothcache:alpha=0.1", "smoothcache", 1.5): {0: (10.2, 0.01), 1: (11.2, 0.02), 2: (12.2, 0.03)},
+    # dps is much worse but shares one seed only: no paired std, not beaten
+    ("dps:k=4", "dps", 2.1): {0: (14.0, 0.05)},
+    # another learned family: far worse, 3 seeds -> beaten
+    ("learned:path=iv.json", "learned-intervals", 4.0): {0: (20.0, 0.1), 1: (21.5, 0.1), 2: (21.5, 0.1)},
+}
+
+
+def test_kid_and_paired_delta_columns_on_hand_computed_numbers():
+    table = leaderboard(_rows(CASE)).set_index("method")
+    lr, base = table.loc[LEARNED], table.loc["baseline"]
+    assert lr["family"] == "learned-mlp" and base["family"] == "plain" and base["cache_dtype"] == "none"
+    assert lr["seeds"] == "0 1 2" and table.loc["dps:k=4", "seeds"] == "0"
+    assert lr["fid_mean"] == pytest.approx(34.5 / 3) and lr["delta_fid"] == pytest.approx(0.5)
+    assert lr["delta_fid_std"] == pytest.approx(0.1)  # std of 0.5, 0.6, 0.4
+    # KID 0.02, 0.03, 0.05: mean 1/30, deviations -4, -1, 5 (/300) -> std sqrt(42 / 2) / 300
+    assert lr["kid_mean"] == pytest.approx(0.1 / 3) and lr["kid_std"] == pytest.approx(math.sqrt(21) / 300)
+    # KID deltas 0.01, 0.01, 0.02: mean 0.04/3, deviations -1, -1, 2 (/300) -> std sqrt(6 / 2) / 300
+    assert lr["delta_kid"] == pytest.approx(0.04 / 3) and lr["delta_kid_std"] == pytest.approx(math.sqrt(3) / 300)
+    assert base["delta_fid"] == 0.0 and base["delta_fid_std"] == 0.0 and base["delta_kid"] == 0.0
+    assert base["kid_std"] == pytest.approx(0.01) and base["fid_std"] == pytest.approx(1.0)
+    dps = table.loc["dps:k=4"]  # one seed: spread 0 (as fid_std always was), no paired std
+    assert dps["delta_fid"] == pytest.approx(4.0) and math.isnan(dps["delta_fid_std"]) and dps["kid_std"] == 0.0
+    assert math.isnan(dps["delta_kid_std"]) and dps["delta_kid"] == pytest.approx(0.04)
+    assert set(COLUMNS) <= set(table.reset_index().columns)
+
+
+def test_families_are_frontiers_verdict():
+    table = leaderboard(_rows(CASE)).set_index("method")
+    lr = table.loc[LEARNED]
+    # beats fora (2.5 > 0.1) and learned-intervals, ties teacache, no std against dps, smoothcache unopposed
+    assert lr["not_beaten_by_margin"] == "dps,teacache" and lr["unopposed"] == "smoothcache"
+    assert not lr["beats_all"]
+    # the fastest row: every other family unopposed -> beats all, and says so
+    iv = table.loc["learned:path=iv.json"]
+    assert iv["unopposed"] == "dps,fora,learned-mlp,smoothcache,teacache" and iv["not_beaten_by_margin"] == ""
+    assert iv["beats_all"]
+    # the plain model gets no verdict
+    assert not table.loc["baseline", "beats_all"] and table.loc["baseline", "unopposed"] == ""
+    # the one-seed row: worse than fora's / teacache's best at >= 2.1x, no paired std against learned-intervals
+    dps = table.loc["dps:k=4"]
+    assert dps["not_beaten_by_margin"] == "fora,learned-intervals,teacache"
+    assert dps["unopposed"] == "learned-mlp,smoothcache" and not dps["beats_all"]
+    # the hand schedule at 1.8x beats the learned row at 2.0x (0.4 > paired std 0.1) and teacache's 2.2x row
+    # (0.5 > sqrt(0.07)); only the one-seed dps stands
+    fora = table.loc["fora:interval=2"]
+    assert fora["not_beaten_by_margin"] == "dps" and fora["unopposed"] == "smoothcache"
+
+    # without the tie (teacache) and the one-seed family (dps): beats all, smoothcache still listed
+    rest = {k: v for k, v in CASE.items() if k[1] not in ("teacache", "dps")}
+    lr = leaderboard(_rows(rest)).set_index("method").loc[LEARNED]
+    assert lr["beats_all"] and lr["not_beaten_by_margin"] == "" and lr["unopposed"] == "smoothcache"
+
+    # the margin is the PAIRED std: fora's 2.5 row made noisier per seed so learned-minus-fora has std 3.0
+    noisy = dict(rest)
+    noisy[("fora:interval=3", "fora", 2.5)] = {0: (10.5 + 0.5, 0.04), 1: (11.6 + 6.5, 0.05), 2: (12.4 + 2.0, 0.06)}
+    # learned minus it: -0.5, -6.5, -2.0 -> mean -3.0, std sqrt((2.5^2 + 3.5^2 + 1^2) / 2) = 3.122 > 3.0
+    lr = leaderboard(_rows(noisy)).set_index("method").loc[LEARNED]
+    assert lr["not_beaten_by_margin"] == "fora" and not lr["beats_all"]
+
+    md = markdown(leaderboard(_rows(CASE)))
+    assert "★ (unopposed) | unopposed: dps, fora, learned-mlp, smoothcache, teacache |" in md  # the fastest row
+    assert "| ★ | unopposed: dps, learned-mlp, smoothcache |" in md  # fora at 2.5x beat teacache's 3x row
+    assert "not beaten: dps, teacache; unopposed: smoothcache" in md
+    assert "| 0.0333 ± 0.0153 | +0.0133 ± 0.0058 |" in md  # KID: 4 digits of the setting's largest (0.1)
+    assert "+0.50 ± 0.10" in md and "more than the paired std" in md and "unopposed" in md
+
+
 # ------------------------------------------------------------------------------------- MLflow end to end
 @pytest.fixture(autouse=True)
 def isolated_mlflow(tmp_path, monkeypatch, module_mlflow_db):
@@ -43,16 +138,23 @@ def isolated_mlflow(tmp_path, monkeypatch, module_mlflow_db):
 
 FAST = "teacache:threshold=0.3"
 SLOW = "fora:interval=2"
-# (method, seed, fid, macs_speedup, psnr); the baseline's PSNR is inf (not loggable), bit_identical=1
+MLP = "learned:path=/runs/mlp.pt"
+# (method, family, seed, fid, kid, macs_speedup, psnr, calibration_macs); the baseline's PSNR is inf (not
+# loggable), bit_identical=1
 ROWS = [
-    ("baseline", 0, 10.0, 1.0, None),
-    ("baseline", 1, 12.0, 1.0, None),
-    (SLOW, 0, 10.5, 1.8, 35.0),
-    (SLOW, 1, 12.5, 1.8, 33.0),
-    (FAST, 0, 14.0, 2.5, 25.0),
-    (FAST, 1, 18.0, 2.5, 27.0),
-    ("dominated:x=1", 0, 16.0, 1.5, 20.0),  # one seed, slower and worse than SLOW
+    ("baseline", "plain", 0, 10.0, 0.010, 1.0, None, 0.0),
+    ("baseline", "plain", 1, 12.0, 0.030, 1.0, None, 0.0),
+    (SLOW, "fora", 0, 10.5, 0.012, 1.8, 35.0, 0.0),
+    (SLOW, "fora", 1, 12.5, 0.036, 1.8, 33.0, 0.0),
+    (FAST, "teacache", 0, 14.0, 0.050, 2.5, 25.0, 5e8),
+    (FAST, "teacache", 1, 18.0, 0.090, 2.5, 27.0, 7e8),
+    ("dominated:x=1", "dominated", 0, 16.0, 0.070, 1.5, 20.0, 0.0),  # one seed, slower and worse than SLOW
+    (MLP, "learned-mlp", 0, 11.0, 0.020, 2.0, 30.0, 0.0),
+    (MLP, "learned-mlp", 1, 13.2, 0.035, 2.0, 29.0, 0.0),
 ]
+OLD = "fora:interval=3"
+# runs logged before the family param and the kid metric existed, in their own experiment and model
+OLD_ROWS = [("baseline", 0, 10.0), ("baseline", 1, 11.0), (OLD, 0, 11.0), (OLD, 1, 13.0)]
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +166,26 @@ def logged(module_mlflow_db):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", module_mlflow_db)
         ids = {}
-        for method, seed, fid, speedup, psnr in ROWS:
+        for method, family, seed, fid, kid, speedup, psnr, calibration in ROWS:
             with start_run("cqpolicy-bench", run_name=f"bench-{method}") as run:
                 mlflow.log_params({"model": "fmnist-dit", "policy": method.split(":")[0], "policy_config": method,
-                                   "cache_dtype": "fp16", "steps": 20, "num_samples": 64, "seed": seed,
-                                   "batch_size": 64, "guidance_scale": 1.0, "scheduler": "ddim", "repeats": 0})
-                metrics = {"fid": fid, "macs_speedup": speedup, "ssim_vs_baseline": 1.0 if psnr is None else 0.9,
-                           "bit_identical": float(psnr is None), "cache_bytes": 0 if psnr is None else 2**21,
-                           "reuse_ratio": 0.0 if psnr is None else 0.5}
+                                   "family": family, "cache_dtype": "fp16", "steps": 20, "num_samples": 64,
+                                   "seed": seed, "batch_size": 64, "guidance_scale": 1.0, "scheduler": "ddim",
+                                   "repeats": 0})
+                metrics = {"fid": fid, "kid": kid, "macs_speedup": speedup, "calibration_macs": calibration,
+                           "ssim_vs_baseline": 1.0 if psnr is None else 0.9, "bit_identical": float(psnr is None),
+                           "cache_bytes": 0 if psnr is None else 2**21, "reuse_ratio": 0.0 if psnr is None else 0.5}
                 if psnr is not None:
                     metrics["psnr_vs_baseline"] = psnr
                 mlflow.log_metrics(metrics)
                 ids[(method, seed)] = run.info.run_id
                 if method == FAST and seed == 0:
                     mlflow.set_tag("cqpolicy_bench_id", "abc123")  # how a pipeline marks the runs of one bench
+        for method, seed, fid in OLD_ROWS:
+            with start_run("cqpolicy-bench-old", run_name=f"bench-{method}"):
+                mlflow.log_params({"model": "old-dit", "policy": method.split(":")[0], "policy_config": method,
+                                   "cache_dtype": "fp16", "steps": 20, "num_samples": 64, "seed": seed})
+                mlflow.log_metrics({"fid": fid, "macs_speedup": 1.0 if method == "baseline" else 2.9})
         # a search trial: the full spec in "policy", no policy_config; another setting (steps 10)
         with start_run("cqpolicy-search-demo", run_name="trial-0") as run:
             mlflow.log_params({"model": "fmnist-dit", "policy": FAST, "steps": 10, "num_samples": 64, "seed": 0})
@@ -92,33 +200,69 @@ def logged(module_mlflow_db):
 
 def test_collect_rows_reads_bench_and_search_runs(logged):
     rows = collect_rows()
-    assert len(rows) == len(ROWS) + 1 and set(rows["experiment"]) == {"cqpolicy-bench", "cqpolicy-search-demo"}
+    assert len(rows) == len(ROWS) + len(OLD_ROWS) + 1
+    assert set(rows["experiment"]) == {"cqpolicy-bench", "cqpolicy-bench-old", "cqpolicy-search-demo"}
     search = rows[rows["experiment"] == "cqpolicy-search-demo"].iloc[0]
     assert search["method"] == FAST and search["family"] == "teacache" and search["steps"] == 10
-    assert math.isnan(search["psnr_vs_baseline"]) and pd.isna(search["cache_dtype"])
-    base = rows[(rows["method"] == "baseline") & (rows["seed"] == 1)].iloc[0]
-    assert base["psnr_vs_baseline"] == math.inf and base["fid"] == 12.0
+    assert math.isnan(search["psnr_vs_baseline"]) and pd.isna(search["cache_dtype"]) and math.isnan(search["kid"])
+    base = rows[(rows["method"] == "baseline") & (rows["seed"] == 1) & (rows["model"] == "fmnist-dit")].iloc[0]
+    assert base["psnr_vs_baseline"] == math.inf and base["fid"] == 12.0 and base["kid"] == 0.03
+    assert base["family"] == "plain"
+    mlp = rows[rows["method"] == MLP]
+    assert set(mlp["family"]) == {"learned-mlp"}  # the logged family, not the spec's "learned"
     assert len(collect_rows(["cqpolicy-bench"])) == len(ROWS)
     tagged = collect_rows(["cqpolicy-bench"], tags={"cqpolicy_bench_id": "abc123"})
     assert len(tagged) == 1 and tagged.iloc[0]["run_id"] == logged[(FAST, 0)]
+    assert tagged.iloc[0]["calibration_macs"] == 5e8
+
+
+def test_old_runs_fall_back_to_derived_family_and_nan_kid(logged):
+    rows = collect_rows(["cqpolicy-bench-old"])
+    assert dict(zip(rows["method"], rows["family"])) == {"baseline": "plain", OLD: "fora"}
+    assert rows["kid"].isna().all() and rows["calibration_macs"].isna().all()
+    table = leaderboard(rows).set_index("method")
+    old, base = table.loc[OLD], table.loc["baseline"]
+    assert old["family"] == "fora" and base["family"] == "plain"
+    assert old["delta_fid"] == pytest.approx(1.5) and old["delta_fid_std"] == pytest.approx(math.sqrt(0.5))
+    assert math.isnan(old["kid_mean"]) and math.isnan(old["kid_std"]) and math.isnan(old["delta_kid"])
+    assert math.isnan(old["delta_kid_std"]) and old["seeds"] == "0 1"
+    assert old["unopposed"] == "" and old["not_beaten_by_margin"] == "" and not old["beats_all"]  # no other family
+    # a table without a family column at all (e.g. hand-made rows) derives it the same way
+    table = leaderboard(rows.drop(columns=["family", "kid"]))
+    assert dict(zip(table["method"], table["family"])) == {"baseline": "plain", OLD: "fora"}
+    md = markdown(table)
+    assert "| – |" in md and "+1.50 ± 0.71" in md
 
 
 def test_leaderboard_and_files(logged, tmp_path):
-    table = leaderboard(collect_rows())
+    table = leaderboard(collect_rows(["cqpolicy-bench", "cqpolicy-search-demo"]))
     main = table[table["steps"] == 10]
     assert len(main) == 1 and bool(main.iloc[0]["pareto"])  # alone in its setting
     table = table[table["steps"] == 20].set_index("method")
-    assert list(table.index) == [FAST, SLOW, "baseline", "dominated:x=1"]  # Pareto first, then speedup ↓
+    assert list(table.index) == [FAST, MLP, SLOW, "baseline", "dominated:x=1"]  # Pareto first, then speedup ↓
 
-    slow, fast, base, dom = table.loc[SLOW], table.loc[FAST], table.loc["baseline"], table.loc["dominated:x=1"]
+    slow, fast, base, dom, mlp = (table.loc[m] for m in (SLOW, FAST, "baseline", "dominated:x=1", MLP))
     assert slow["fid_mean"] == pytest.approx(11.5) and slow["fid_std"] == pytest.approx(math.sqrt(2))
     assert fast["fid_mean"] == pytest.approx(16.0) and fast["fid_std"] == pytest.approx(math.sqrt(8))
     assert dom["fid_std"] == 0.0 and dom["n_seeds"] == 1 and slow["n_seeds"] == 2
     assert slow["delta_fid"] == pytest.approx(0.5) and fast["delta_fid"] == pytest.approx(5.0)
     assert dom["delta_fid"] == pytest.approx(6.0) and base["delta_fid"] == 0.0
-    assert table["pareto"].to_dict() == {FAST: True, SLOW: True, "baseline": True, "dominated:x=1": False}
+    # paired deltas: slow 0.5, 0.5 -> std 0; fast 4, 6 -> sqrt(2); mlp 1.0, 1.2 -> 0.1 * sqrt(2)
+    assert slow["delta_fid_std"] == pytest.approx(0.0) and fast["delta_fid_std"] == pytest.approx(math.sqrt(2))
+    assert mlp["delta_fid"] == pytest.approx(1.1) and mlp["delta_fid_std"] == pytest.approx(0.1 * math.sqrt(2))
+    # KID: slow 0.012, 0.036 vs 0.010, 0.030 -> mean 0.024 ± 0.024/sqrt2, deltas 0.002, 0.006
+    assert slow["kid_mean"] == pytest.approx(0.024) and slow["kid_std"] == pytest.approx(0.024 / math.sqrt(2))
+    assert slow["delta_kid"] == pytest.approx(0.004) and slow["delta_kid_std"] == pytest.approx(0.004 / math.sqrt(2))
+    assert fast["calibration_macs"] == pytest.approx(6e8) and slow["calibration_macs"] == 0.0
+    assert table["family"].to_dict() == {FAST: "teacache", MLP: "learned-mlp", SLOW: "fora", "baseline": "plain",
+                                         "dominated:x=1": "dominated"}
+    assert table["pareto"].to_dict() == {FAST: True, MLP: True, SLOW: True, "baseline": True, "dominated:x=1": False}
+    # verdicts: mlp beats teacache (3.9 > paired std 1.27), fora / dominated unopposed at 2.0x
+    assert mlp["beats_all"] and mlp["unopposed"] == "dominated,fora" and mlp["not_beaten_by_margin"] == ""
+    # dominated: worse than every family's best at >= 1.5x, and has one seed
+    assert not dom["beats_all"] and dom["not_beaten_by_margin"] == "fora,learned-mlp,teacache"
     assert base["psnr_vs_baseline"] == math.inf and slow["psnr_vs_baseline"] == pytest.approx(34.0)
-    assert base["cache_dtype"] == "none" and slow["cache_dtype"] == "fp16"
+    assert base["cache_dtype"] == "none" and slow["cache_dtype"] == "fp16" and slow["seeds"] == "0 1"
     assert sorted(slow["run_ids"].split(",")) == sorted([logged[(SLOW, 0)], logged[(SLOW, 1)]])
 
     out = tmp_path / "board"
@@ -126,10 +270,17 @@ def test_leaderboard_and_files(logged, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["leaderboard.csv", "leaderboard.md", "pareto.png"]
     assert set(paths) == {"markdown", "csv", "plot"} and all(p.parent == out for p in paths.values())
     md = paths["markdown"].read_text()
-    assert f"`{SLOW}`" in md and "11.50 ± 1.41 (2)" in md and "+5.00" in md and "✓" in md
+    assert f"`{SLOW}`" in md and "11.50 ± 1.41 (2)" in md and "+5.00 ± 1.41" in md and "✓" in md and "★" in md
+    assert "0.02400 ± 0.01697" in md and "+0.00400 ± 0.00283" in md and "learned-mlp" in md
     assert logged[(SLOW, 0)][:8] in md and logged[(SLOW, 0)] not in md and "∞" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
-    assert len(pd.read_csv(paths["csv"])) == 5
+    csv = pd.read_csv(paths["csv"])
+    assert len(csv) == 5 + 1 + 2  # this setting, the search trial, the old runs
+    required = ["method", "family", "cache_dtype", "macs_speedup", "wall_speedup", "fid_mean", "fid_std", "delta_fid",
+                "delta_fid_std", "kid_mean", "kid_std", "num_samples", "seeds"]
+    assert set(required + ["delta_kid", "delta_kid_std", "calibration_macs", "beats_all", "not_beaten_by_margin",
+                           "unopposed", "pareto"]) <= set(csv.columns)
+    assert csv.set_index("method").loc[SLOW, "seeds"] == "0 1"
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(FileExistsError):
@@ -137,7 +288,7 @@ def test_leaderboard_and_files(logged, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     paths = write_leaderboard(collect_rows(["cqpolicy-bench"]), out, overwrite=True)
-    assert len(pd.read_csv(paths["csv"])) == 4
+    assert len(pd.read_csv(paths["csv"])) == 5
 
 
 def test_unknown_or_empty_experiment_is_a_value_error(logged):

@@ -47,11 +47,26 @@ def test_learned_policies_deploy_and_their_threshold_matters(tiny_dit_dir, artif
 
 
 def test_learned_refuses_other_models_and_tampered_weights(tiny_dit_dir, artifacts, tmp_path, capsys):
-    mlp, _ = artifacts
+    from conftest import tiny_fmnist_dit
+
+    from cqpolicy.models import fmnist_dit
+
+    mlp, sched = artifacts
     capsys.readouterr()
+    # a scheduler table is indexed by step: another step count is refused (the MLP, keyed on progress, is not)
     code = main(["sample", "--model", str(tiny_dit_dir), "--steps", "5", "--num-samples", "2",
-                 "--policy", f"learned:path={mlp}", "--out", str(tmp_path / "o1")])
-    assert code == 2 and "6 steps" in capsys.readouterr().err
+                 "--policy", f"learned:path={sched}", "--out", str(tmp_path / "o1")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "6 steps" in err[0] and "indexed by step" in err[0]
+    # another model of the same depth (other weights): refused on its weight hash
+    other = tmp_path / "other-dit"
+    tiny_fmnist_dit(seed=1).save_pretrained(other / "transformer")
+    fmnist_dit.build_scheduler().save_pretrained(other / "scheduler")
+    for artifact in (mlp, sched):
+        code = main(["sample", "--model", str(other), "--steps", "6", "--num-samples", "2",
+                     "--policy", f"learned:path={artifact}", "--out", str(tmp_path / "o3")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "weight hash" in err[0], err
     weights = mlp / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -65,6 +80,7 @@ def test_learned_refuses_other_models_and_tampered_weights(tiny_dit_dir, artifac
 def test_step_level_features_at_run_time_equal_the_ones_trained_on(tiny_dit_dir, artifacts, tmp_path, monkeypatch):
     """Trace under the deployed MLP, then rebuild the training features from that trace: every row must equal
     what the policy fed its MLP at run time (one call per step, all units x rows)."""
+    from cqpolicy import seeds as seed_roles
     from cqpolicy.tracing.collect import collect
     from cqpolicy.training.data import TraceDataModule
     from cqpolicy.training.modules import ReuseMLP
@@ -87,11 +103,13 @@ def test_step_level_features_at_run_time_equal_the_ones_trained_on(tiny_dit_dir,
     units, names = len(dm.units), dm.features
     since = names.index("steps_since_compute")
     checked, stale = 0, 0
+    first = seed_roles.start("trace")
     for split in dm.split.values():
         rows = split["x"].double() * torch.tensor(dm.normalization["std"]) + torch.tensor(dm.normalization["mean"])
         for x, seed, step, block, unit in zip(rows, split["seed"], split["step"], split["block"], split["unit"]):
             branch = int(round(x[names.index("cfg_branch")].item()))
-            got = runtime[int(seed) // 2 * 6 + int(step)][int(block) * units + int(unit), branch * 2 + int(seed) % 2]
+            i = int(seed) - first  # sample index: collect's seeds start at the trace role's first seed
+            got = runtime[i // 2 * 6 + int(step)][int(block) * units + int(unit), branch * 2 + i % 2]
             assert torch.allclose(got.double(), x, rtol=1e-4, atol=1e-5), (int(seed), int(step), got, x)
             checked += 1
             stale += x[since].item() > 0

@@ -28,6 +28,17 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
     assert "fora:interval=2" in board and "learned:path=" in board and "baseline" in board
     rows = json.loads((out / "bench" / "rows.json").read_text())
     assert {r["seed"] for r in rows} == {0, 1_000_000}
+    # the samples each role saw: traces, retrain traces, study trials and bench rows never share one
+    from cqpolicy.tracing.store import TraceReader
+
+    seen = {"trace": set(TraceReader([out / "traces" / "none"]).table()["seed"].to_pylist()),
+            "retrain": set(TraceReader([out / "retrain" / "learned"]).table()["seed"].to_pylist()),
+            "search": _study_seeds(), "test": {r["seed"] + i for r in rows for i in range(r["num_samples"])}}
+    assert all(seen.values()), seen.keys()
+    for a in seen:
+        for b in seen:
+            assert a == b or not seen[a] & seen[b], (a, b)
+    assert all(r["macs_source"] in ("runtime counts", "plain model") for r in rows)
     # every benched learned point has FORA at its MACs and cache format next to it (unless that is plain sampling)
     learned = [(r["policy"], r["cache_dtype"], r["macs_speedup"]) for r in rows
                if r["policy"].startswith("learned:") and "threshold=" in r["policy"]]
@@ -45,6 +56,28 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
     assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
     printed = capsys.readouterr().out
     assert printed.count("done earlier: skipped") == 6
+
+
+def _study_seeds() -> set:
+    """Sample seeds of every search trial logged to MLflow (each trial samples seed .. seed + num_samples - 1)."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["cqpolicy-search"], output_format="pandas")
+    runs = runs[runs["params.trial"].notna()]
+    assert len(runs)
+    return {int(seed) + i for seed, n in zip(runs["params.seed"], runs["params.num_samples"]) for i in range(int(n))}
+
+
+def test_run_refuses_seed_roles_that_meet(tmp_path, capsys):
+    config = tmp_path / "overlap.yaml"
+    config.write_text("model: fmnist-dit\nseeds: {search: 20000010}\n")  # inside the 32 traced samples
+    assert main(["run", str(config), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "trace seeds" in err and "search seeds" in err and len(err.strip().splitlines()) == 1
+    config.write_text("model: fmnist-dit\nseeds: {trace: 1000000}\n")  # test replicate 1
+    assert main(["run", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "test seeds" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_run_rejects_a_bad_config(tmp_path, capsys):

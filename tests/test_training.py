@@ -22,7 +22,10 @@ from cqpolicy.policies.base import UnitQuery
 from cqpolicy.policies.families.learned import LearnedConfig, LearnedPolicy
 from cqpolicy.policies.families.schedule import load_schedule
 from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
+from cqpolicy import seeds as seed_roles
 from cqpolicy.tracing import RunInfo, TraceError, TraceReader, TraceWriter
+
+TRACE_SEED0 = seed_roles.start("trace")
 from cqpolicy.tracing.collect import LABEL_COLUMNS, TRACE_SCHEMA
 from cqpolicy.training.artifact import ArtifactError, check_fits, load_artifact, save_artifact
 from cqpolicy.training.data import TraceDataModule
@@ -46,7 +49,8 @@ def cell_effect(step, block, unit_is_ff):
 
 
 def seed_rows(seed: int, probed: bool = True) -> pa.Table:
-    keys = list(product([seed], (0, 1), range(STEPS), range(BLOCKS), UNITS))
+    """Rows of sample ``seed`` of the trace role's range (training refuses test seeds)."""
+    keys = list(product([TRACE_SEED0 + seed], (0, 1), range(STEPS), range(BLOCKS), UNITS))
     n = len(keys)
     cols = dict(zip(("seed", "cfg_branch", "step", "block", "unit"), map(np.array, zip(*keys))))
     rng = np.random.default_rng(1000 + seed)
@@ -92,11 +96,21 @@ def runs(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ data
 
+def test_training_refuses_traces_of_test_seeds(tmp_path):
+    """A trace of the bench's samples (test seeds) must never train a policy."""
+    w = TraceWriter(tmp_path / "t", info(), TRACE_SCHEMA, label_columns=LABEL_COLUMNS)
+    for seed in (0, 1):  # samples of test replicate 0
+        rows = seed_rows(seed)
+        w.write_shard(rows.set_column(0, "seed", pa.array([seed] * rows.num_rows, pa.int64())))
+    with pytest.raises(TraceError, match="test seeds"):
+        TraceDataModule([str(tmp_path / "t")], batch_size=64, seed=0)
+
+
 def test_datamodule_splits_by_seed_and_normalises_on_train_only(runs):
     dm = TraceDataModule(runs, batch_size=64, seed=0)
     train, val = dm.split["train"], dm.split["val"]
     assert len(dm.val_seeds) == 2 and len(dm.train_seeds) == 4  # ceil(0.25 * 6)
-    assert not set(dm.train_seeds) & set(dm.val_seeds) and sorted(dm.train_seeds + dm.val_seeds) == list(range(6))
+    assert not set(dm.train_seeds) & set(dm.val_seeds) and sorted(dm.train_seeds + dm.val_seeds) == list(range(TRACE_SEED0, TRACE_SEED0 + 6))
     assert set(train["seed"].tolist()) == set(dm.train_seeds) and set(val["seed"].tolist()) == set(dm.val_seeds)
     assert dm.units == ["attn1", "ff"] and dm.features == list(STEP_FEATURES)
     assert (train["step"] > 0).all() and (val["step"] > 0).all()  # unprobed step-0 rows dropped

@@ -15,6 +15,8 @@ from torch import nn
 
 SHIPPED_DIR = Path(__file__).parent / "fmnist-classifier"
 NUM_FEATURES = 128
+KID_REFERENCE_FILE = "kid_reference.safetensors"  # features of the first KID_REFERENCE_SIZE real test images
+KID_REFERENCE_SIZE = 2000
 
 
 class FashionClassifier(nn.Module):
@@ -85,6 +87,17 @@ def load_reference_stats(directory: str | Path = SHIPPED_DIR) -> dict[str, torch
         raise FileNotFoundError(f"reference statistics {path} not found; make them with "
                                 f"`python scripts/train_fmnist_classifier.py`")
     return load_file(path)
+
+
+def load_kid_reference(directory: str | Path = SHIPPED_DIR) -> torch.Tensor:
+    """Real test-image features ``[KID_REFERENCE_SIZE, NUM_FEATURES]`` (KID needs features, not statistics)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / KID_REFERENCE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"KID reference features {path} not found; make them with "
+                                f"`python scripts/make_kid_reference.py`")
+    return load_file(path)["features"]
 
 
 def classifier_info(directory: str | Path = SHIPPED_DIR) -> dict:

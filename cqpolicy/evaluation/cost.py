@@ -2,12 +2,24 @@
 
 MACs are FLOPs / 2 from ``torch.utils.flop_counter.FlopCounterMode``, counted inside
 ``sdpa_kernel(SDPBackend.MATH)`` because the counter misses the fused CPU attention kernel.
+
+The MACs of a run are exact for the very batches that are scored, without running them under the (slow)
+counter: ``model_costs`` counts once per model what one row of one model call costs, in total and in every
+cache unit, and the runtime counts how many rows each unit and the model computed (``CacheRuntime.unit_rows``,
+``model_rows``). A unit's MACs scale with its rows (every op of a DiT block acts per sample), so
+
+    MACs = model_rows x row_macs - sum over hooked units of (model_rows - unit_rows) x unit_macs
+           + images x decode_macs.
+
+Work a policy does to decide (an MLP, an entropy) is not in it: it is in the wall time. Peer engines whose
+hooks are not ours (``reports_reuse = False``) are counted by the FLOP counter on a second, identical pass.
 """
 from __future__ import annotations
 
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -80,3 +92,106 @@ def wall_timer(device: torch.device | str = "cpu"):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     box["seconds"] = time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Per-row MACs of one model call (all of it, and each cache unit), and of decoding one image."""
+
+    row_macs: int
+    unit_macs: dict = field(default_factory=dict)  # {(block, unit): MACs per row per call}
+    decode_macs: int = 0
+
+    def plain(self, num_images: int, settings) -> int:
+        """MACs of the uncached model sampling ``num_images`` images."""
+        from cqpolicy.sampling.sampler import uses_cfg
+
+        rows = num_images * int(settings.steps) * (2 if uses_cfg(settings.guidance_scale) else 1)
+        return rows * self.row_macs + num_images * self.decode_macs
+
+    def of_run(self, runtime, num_images: int) -> int:
+        """MACs of what ran under ``runtime`` (a ``CacheRuntime``) since it was enabled."""
+        skipped = sum((runtime.model_rows - runtime.unit_rows[u.block, u.name]) * self.unit_macs[u.block, u.name]
+                      for u in runtime.units)
+        return runtime.model_rows * self.row_macs - skipped + num_images * self.decode_macs
+
+
+_COSTS: dict = {}
+
+
+def model_costs(model, settings) -> ModelCosts:
+    """Count (once per model and guidance setting) one 1-step sampling call of one image under the FLOP
+    counter, with a forward hook on every cache unit reading the counter before and after it."""
+    from cqpolicy.models.adapters import UNIT_NAMES, find_cache_units
+    from cqpolicy.sampling import sample
+    from cqpolicy.sampling.sampler import uses_cfg
+
+    key = (id(model.transformer), uses_cfg(settings.guidance_scale), str(model.dtype))
+    if key in _COSTS and _COSTS[key][0]() is model.transformer:
+        return _COSTS[key][1]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    import weakref
+
+    units = find_cache_units(model.transformer, UNIT_NAMES)
+    unit_flops, model_flops, handles = {}, [0], []
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        def around(key):
+            def pre(module, args):
+                unit_flops[key] = unit_flops.get(key, 0) - counter.get_total_flops()
+
+            def post(module, args, output):
+                unit_flops[key] += counter.get_total_flops()
+            return pre, post
+
+        for unit in units:
+            pre, post = around((unit.block, unit.name))
+            handles += [unit.module.register_forward_pre_hook(pre), unit.module.register_forward_hook(post)]
+        handles += [model.transformer.register_forward_pre_hook(lambda m, a: model_flops.__setitem__(
+                        0, model_flops[0] - counter.get_total_flops())),
+                    model.transformer.register_forward_hook(lambda m, a, o: model_flops.__setitem__(
+                        0, model_flops[0] + counter.get_total_flops()))]
+        try:
+            sample(model, [0], [0], replace(settings, steps=1, batch_size=1), progress=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        total = counter.get_total_flops()
+    rows = 2 if uses_cfg(settings.guidance_scale) else 1
+    costs = ModelCosts(row_macs=model_flops[0] // 2 // rows,
+                       unit_macs={k: v // 2 // rows for k, v in unit_flops.items()},
+                       decode_macs=(total - model_flops[0]) // 2)
+    _COSTS[key] = (weakref.ref(model.transformer), costs)
+    return costs
+
+
+@dataclass
+class MeasuredRun:
+    images: torch.Tensor  # float [-1, 1], as ``sample`` returns them
+    macs: int  # MACs of exactly this run
+    wall_s: float
+    reuse_ratio: float | None = None
+    cache_bytes: int | None = None
+    macs_source: str = "runtime counts"
+
+
+def measured_sample(model, policy, cache_format, labels, seeds, settings, progress: bool = False) -> MeasuredRun:
+    """Sample under ``policy`` (None: the plain model, no hooks) and return the images with the exact MACs and
+    the wall time of this very run. ``policy`` must already be prepared."""
+    from cqpolicy.runtime import enable
+    from cqpolicy.sampling import sample
+
+    costs = model_costs(model, settings)
+    run = lambda: sample(model, labels, seeds, settings, progress=progress)  # noqa: E731
+    if policy is None:
+        with wall_timer(model.device) as wall:
+            images = run()
+        return MeasuredRun(images, costs.plain(len(seeds), settings), wall["seconds"], macs_source="plain model")
+    with enable(model.transformer, policy, cache_format) as handle:
+        with wall_timer(model.device) as wall:
+            images = run()
+        if policy.reports_reuse:
+            return MeasuredRun(images, costs.of_run(handle, len(seeds)), wall["seconds"], handle.reuse_ratio,
+                               handle.cache_bytes)
+        macs, _ = count_macs(run)  # a peer's own hooks skip work we cannot see: count a second, identical pass
+    return MeasuredRun(images, macs, wall["seconds"], None, None, "flop counter (second pass)")

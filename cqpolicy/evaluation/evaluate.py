@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cqpolicy.evaluation.cost import PeakMemory, count_macs, wall_timer
+from cqpolicy.evaluation.cost import PeakMemory, measured_sample
 from cqpolicy.evaluation.quality import images_to_uint8
 from cqpolicy.models.loading import LoadedModel
 from cqpolicy.sampling import SampleSettings, sample
@@ -32,12 +32,11 @@ class Evaluation:
 
 def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, seed: int,
              policy: str = "none", cache_format: str = "fp16",
-             fid: bool = False, count_cost: bool = True, progress: bool = True, macs_samples: int = 16,
+             fid: bool = False, count_cost: bool = True, progress: bool = True,
              inception_weights: str | None = None, fid_reference: torch.Tensor | None = None) -> Evaluation:
     """Sample ``num_samples`` images (sample i: class i mod classes, seed ``seed + i``) under ``policy``
     (a spec string, run in the cache runtime) and measure them."""
     from cqpolicy.policies import make_policy, spec_string
-    from cqpolicy.runtime import enable
 
     settings.validate()
     if num_samples < 1:
@@ -50,28 +49,21 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
 
     policy_obj = make_policy(policy)
     policy_obj.prepare(model, settings)  # calibrating policies calibrate here (uncached runs of their own)
-    with enable(model.transformer, policy_obj, cache_format) as runtime:
-        with PeakMemory(model.device) as mem, wall_timer(model.device) as wall:
-            images = sample(model, labels, seeds, settings, progress=progress)
-        reuse_ratio, cache_bytes = runtime.reuse_ratio, runtime.cache_bytes
-        if count_cost:
-            # A second pass over the first samples under the FLOP counter (it slows what it counts);
-            # `bench` counts a whole batch, as batch-level policies may decide differently on other batches.
-            n = min(settings.batch_size, num_samples, macs_samples)
-            macs, _ = count_macs(lambda: sample(model, labels[:n], seeds[:n], settings, progress=False))
-    images_u8 = images_to_uint8(images)
+    with PeakMemory(model.device) as mem:
+        run = measured_sample(model, policy_obj, cache_format, labels, seeds, settings, progress=progress)
+    images_u8 = images_to_uint8(run.images)
     metrics = {
-        "policy": policy, "policy_config": spec_string(policy_obj), "cache_dtype": str(cache_format),
-        "reuse_ratio": reuse_ratio, "cache_bytes": cache_bytes,
+        "policy": policy, "policy_config": spec_string(policy_obj), "family": policy_obj.family,
+        "cache_dtype": str(cache_format), "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes,
         "model": model.name, "num_samples": num_samples, "steps": settings.steps, "seed": seed,
         "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
-        "batch_size": settings.batch_size, "wall_s": wall["seconds"],
-        "time_per_image_s": wall["seconds"] / num_samples, "peak_memory_bytes": mem.peak_bytes,
+        "batch_size": settings.batch_size, "wall_s": run.wall_s,
+        "time_per_image_s": run.wall_s / num_samples, "peak_memory_bytes": mem.peak_bytes,
     }
-    if count_cost:
-        metrics["macs_per_image"] = macs / n
-        metrics["macs"] = macs / n * num_samples
-        metrics["macs_counted_on"] = n
+    if count_cost:  # exact for this run (and free unless the policy is a peer engine: see evaluation.cost)
+        metrics["macs"] = run.macs
+        metrics["macs_per_image"] = run.macs / num_samples
+        metrics["macs_source"] = run.macs_source
     if fmnist:
         from cqpolicy.evaluation.classifier import load_classifier
         from cqpolicy.evaluation.quality import ClassifierFID, class_accuracy
@@ -79,7 +71,10 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
         classifier = load_classifier()
         metrics["class_accuracy"] = class_accuracy(images_u8, labels, classifier)
         if fid:
+            from cqpolicy.evaluation.quality import ClassifierKID
+
             metrics["fid"] = ClassifierFID()(images_u8)
+            metrics["kid"] = ClassifierKID()(images_u8)
             metrics["fid_features"] = "fmnist-classifier (128-d), reference: Fashion-MNIST test set (10k)"
     else:
         metrics["class_accuracy"] = None

@@ -3,6 +3,8 @@
 * ``ClassifierFID``: torchmetrics' ``FrechetInceptionDistance`` with the shipped Fashion-MNIST classifier
   as feature extractor; its real statistics are those of the 10k real test images (loaded, not
   recomputed, and kept across ``reset``).
+* ``ClassifierKID``: unbiased KID (torchmetrics' cubic-polynomial-kernel MMD) in the same feature space,
+  between all generated images and 2000 real test images; unbiased at small N, where FID is not.
 * ``paired_fidelity``: PSNR and SSIM (torchmetrics) of images against those of a reference run with the
   same seeds; good for search, never a substitute for FID.
 * ``inception_metrics``: Inception FID / IS / KID / precision-recall through torch-fidelity, for real
@@ -60,6 +62,36 @@ class ClassifierFID:
         return float(self.metric.compute())
 
 
+class ClassifierKID:
+    """KID (the unbiased MMD^2 estimate, cubic kernel) of images against the real reference features."""
+
+    def __init__(self, classifier_dir: str | Path | None = None):
+        from cqpolicy.evaluation.classifier import SHIPPED_DIR, load_classifier, load_kid_reference
+
+        directory = classifier_dir or SHIPPED_DIR
+        self.classifier = load_classifier(directory)
+        self.real = load_kid_reference(directory).double()
+
+    def __call__(self, images_uint8: torch.Tensor) -> float:
+        if len(images_uint8) < 2:
+            return float("nan")
+        with torch.no_grad():
+            fake = torch.cat([self.classifier(images_uint8[i:i + 500]) for i in range(0, len(images_uint8), 500)])
+        return unbiased_poly_mmd(self.real, fake.double())
+
+
+def unbiased_poly_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD^2 with KID's kernel (torchmetrics' cubic ``poly_kernel``) for sets of any two sizes
+    (torchmetrics' ``poly_mmd`` assumes equal sizes)."""
+    from torchmetrics.image.kid import poly_kernel
+
+    m, n = len(x), len(y)
+    k_xx, k_yy, k_xy = poly_kernel(x, x), poly_kernel(y, y), poly_kernel(x, y)
+    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(within_x + within_y - 2 * k_xy.mean())
+
+
 def class_accuracy(images_uint8: torch.Tensor, labels: torch.Tensor, classifier=None) -> float:
     from cqpolicy.evaluation.classifier import load_classifier
 
@@ -91,30 +123,52 @@ INCEPTION_HINT = ("Inception FID needs local weights: pass --inception-weights F
 
 
 def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The local Inception weights file for torch-fidelity, or a clear error."""
+    """The local Inception weights file for torch-fidelity, checked, or a clear one-line error.
+
+    torch-fidelity unpickles the file with ``weights_only=False``; it is first loaded here with
+    ``weights_only=True``, so a file holding anything but tensors (pickled objects, code) is refused before it
+    gets there, and one that holds other tensors than Inception's is refused too (``ValueError``)."""
     if path:
         candidate = Path(path)
         if not candidate.is_file():
             raise FileNotFoundError(f"Inception weights {candidate} not found; {INCEPTION_HINT}")
-        return candidate
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    found = sorted((torch_home / "hub" / "checkpoints").glob("pt_inception*.pth"))
-    if not found:
-        raise FileNotFoundError(INCEPTION_HINT)
-    return found[0]
+    else:
+        torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+        found = sorted((torch_home / "hub" / "checkpoints").glob("pt_inception*.pth"))
+        if not found:
+            raise FileNotFoundError(INCEPTION_HINT)
+        candidate = found[0]
+    import pickle
+
+    fix = "use torch-fidelity's pt_inception-2015-12-05 .pth"
+    try:
+        state = torch.load(candidate, map_location="cpu", weights_only=True)  # refuses pickled objects and code
+    except pickle.UnpicklingError:
+        raise ValueError(f"Inception weights {candidate} is not a tensor-only weights file (it holds pickled "
+                         f"objects, which are never loaded); {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - a file that is no torch file at all fails in many ways
+        raise ValueError(f"Inception weights {candidate} is not a tensor-only weights file (torch.load with "
+                         f"weights_only=True cannot read it: {type(exc).__name__}); {fix}") from None
+    # torch-fidelity's InceptionV3 state dict: its first convolution and its 2048 -> 1008 classifier
+    signature = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048)}
+    fits = isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()) and all(
+        torch.is_tensor(state.get(k)) and tuple(state[k].shape) == shape for k, shape in signature.items())
+    if not fits:
+        raise ValueError(f"Inception weights {candidate} does not hold torch-fidelity's InceptionV3 state dict; "
+                         f"{fix}")
+    return candidate
 
 
 def inception_metrics(fake_uint8: torch.Tensor, real_uint8: torch.Tensor,
                       weights_path: str | os.PathLike | None = None) -> dict[str, float]:
     """Inception FID / IS / KID / precision-recall of uint8 [N, C, H, W] images via torch-fidelity.
 
-    torch-fidelity unpickles the weights file; we first load it with ``weights_only=True`` so a file that
-    holds anything but tensors is refused before it gets there.
+    torch-fidelity unpickles the weights file; ``find_inception_weights`` first loads it with
+    ``weights_only=True`` so a file that holds anything but tensors is refused before it gets there.
     """
     import torch_fidelity
 
     weights = find_inception_weights(weights_path)
-    torch.load(weights, map_location="cpu", weights_only=True)  # refuses pickled code
 
     class _Images(torch.utils.data.Dataset):
         def __init__(self, images):
@@ -126,10 +180,16 @@ def inception_metrics(fake_uint8: torch.Tensor, real_uint8: torch.Tensor,
         def __getitem__(self, i):
             return self.images[i]
 
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_Images(fake_uint8), input2=_Images(real_uint8), cuda=torch.cuda.is_available(),
-        isc=True, fid=True, kid=True, prc=True, verbose=False, cache=False,
-        feature_extractor_weights_path=str(weights),
-        kid_subset_size=min(1000, len(fake_uint8), len(real_uint8)),
-    )
+    try:
+        metrics = torch_fidelity.calculate_metrics(
+            input1=_Images(fake_uint8), input2=_Images(real_uint8), cuda=torch.cuda.is_available(),
+            isc=True, fid=True, kid=True, prc=True, verbose=False, cache=False,
+            feature_extractor_weights_path=str(weights),
+            kid_subset_size=min(1000, len(fake_uint8), len(real_uint8)),
+        )
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc):
+            raise
+        raise ValueError(f"Inception weights {weights} do not fit torch-fidelity's InceptionV3 "
+                         f"({str(exc).splitlines()[0]}); use torch-fidelity's pt_inception-2015-12-05 .pth") from None
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}

@@ -66,6 +66,13 @@ class Policy:
 
     # False for peer adapters whose hooks are not ours: the runtime cannot count their reuses.
     reports_reuse = True
+    # images the last ``prepare`` sampled uncached to calibrate (SmoothCache, DPS, ReCaT): a cost of its own
+    calibration_images = 0
+
+    @property
+    def family(self) -> str:
+        """The family this policy's frontier belongs to in the leaderboard (learned policies: ``learned-*``)."""
+        return self.name
 
     @property
     def caches(self) -> bool:
@@ -116,6 +123,14 @@ class DelegatingPolicy(Policy):
     @property
     def reports_reuse(self) -> bool:
         return self.inner.reports_reuse
+
+    @property
+    def family(self) -> str:
+        return self.inner.family
+
+    @property
+    def calibration_images(self) -> int:
+        return self.inner.calibration_images
 
     @property
     def state_nbytes(self) -> int:

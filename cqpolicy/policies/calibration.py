@@ -9,9 +9,10 @@ from collections import defaultdict
 
 import torch
 
+from cqpolicy import seeds as seed_roles
 from cqpolicy.policies.base import Policy, UnitQuery
 
-CALIBRATION_SEED = 10_000_000  # far from the evaluation seeds (0 .. N), so calibration never sees test noise
+CALIBRATION_SEED = seed_roles.start("calibration")  # calibration never sees test noise (cqpolicy/seeds.py)
 
 
 class _Recorder(Policy):

@@ -47,6 +47,9 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         self.runtime._on_model_call(_timestep_value(args, kwargs))
+        x = args[0] if args else kwargs["hidden_states"]
+        if self.runtime._overrides is None:  # probe passes are not part of the sampling run
+            self.runtime.model_rows += int(x.shape[0])
         labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
         null_class = getattr(getattr(module, "config", None), "num_embeds_ada_norm", None)
         # rows fed the null class are the unconditional CFG branch (works inside DiTPipeline too)
@@ -107,6 +110,7 @@ class _UnitHook(ModelHook):
                 out[mask] = sub
         rt.counts[unit.name, "computed"] += compute_rows
         rt.counts[unit.name, "reused"] += batch - compute_rows
+        rt.unit_rows[self.key] += compute_rows
         if compute_rows:
             stored = out - x if unit.residual else out
             rt.policy.observe(query, stored)
@@ -145,6 +149,10 @@ class CacheRuntime:
         self.units = find_cache_units(model, policy.units)
         self.store = CacheStore(cache_format)
         self.counts: Counter = Counter()
+        # rows each (block, unit) computed and rows the model was called on, over every call: with the per-row
+        # MACs of each unit (evaluation.cost.ModelCosts) they give the exact MACs of what ran
+        self.unit_rows: Counter = Counter()
+        self.model_rows = 0
         self.held_peak = 0  # peak of cache store + policy-held tensors, over all calls
         self.calls = 0
         self._explicit = False

@@ -5,8 +5,7 @@ model: fmnist-dit
 steps: 50
 num_samples: 128          # samples per trial (FID / PSNR over them)
 batch_size: 64
-macs_samples: 16          # MACs counted (FLOP counter, slow) on the first this many samples
-seed: 0
+seed: 30000000            # first sample seed: the search role's (cqpolicy/seeds.py); test seeds are refused
 sampler: tpe              # tpe (default) or nsga2
 objectives: [macs_speedup, fid]   # any of macs_speedup, wall_speedup (max), fid (min)
 proxy: false              # true: paired PSNR against the uncached images replaces FID (cheap, early trials)
@@ -34,10 +33,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cqpolicy import seeds as seed_roles
+
 
 OBJECTIVES = {"macs_speedup": "maximize", "wall_speedup": "maximize", "fid": "minimize"}
 SAMPLERS = ("tpe", "nsga2")
-_TOP_KEYS = {"model", "steps", "num_samples", "batch_size", "macs_samples", "seed", "sampler", "objectives",
+_TOP_KEYS = {"model", "steps", "num_samples", "batch_size", "seed", "sampler", "objectives",
              "proxy", "min_psnr", "quick", "cache", "families", "guidance_scale", "scheduler"}
 
 
@@ -65,7 +66,6 @@ class SearchSpace:
     steps: int = 50
     num_samples: int = 128
     batch_size: int = 64
-    macs_samples: int = 16
     seed: int = 0
     sampler: str = "tpe"
     objectives: tuple[str, ...] = ("macs_speedup", "fid")
@@ -155,14 +155,18 @@ def parse_space(data: dict, source: str = "") -> SearchSpace:
     space = SearchSpace(families=families, cache_dtypes=dtypes, granularities=granularities,
                         model=str(data.get("model", "fmnist-dit")), steps=int(data.get("steps", 50)),
                         num_samples=int(data.get("num_samples", 128)), batch_size=int(data.get("batch_size", 64)),
-                        macs_samples=int(data.get("macs_samples", 16)), seed=int(data.get("seed", 0)),
+                        seed=int(data.get("seed", seed_roles.start("search"))),
                         sampler=sampler, objectives=objectives,
                         proxy=bool(data.get("proxy", False)), min_psnr=data.get("min_psnr"),
                         guidance_scale=data.get("guidance_scale"), scheduler=str(data.get("scheduler", "ddim")),
                         quick=dict(data.get("quick") or {}), source=source)
-    for name in ("steps", "num_samples", "batch_size", "macs_samples"):
+    for name in ("steps", "num_samples", "batch_size"):
         if getattr(space, name) < 1:
             raise SpaceError(f"{source}: {name} must be at least 1")
+    try:  # trials choose settings: they must never see the bench's samples
+        seed_roles.check_disjoint({"search": [(space.seed, space.num_samples)]})
+    except seed_roles.SeedOverlapError as exc:
+        raise SpaceError(f"{source}: {exc}; search seeds start at {seed_roles.start('search')}") from None
     return space
 
 

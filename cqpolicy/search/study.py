@@ -1,8 +1,9 @@
 """Optuna studies over the speedup-quality frontier, logged to MLflow (a parent run, a nested run per trial).
 
 Every trial runs the chosen policy through the same runtime and sampler as ``bench``, on the same seeds as
-the uncached baseline that the worker measured once: MACs (FLOP counter, first batch), wall time (same
-process), FID (shipped classifier features vs the real test set) or, with ``proxy``, paired PSNR.
+the uncached baseline that the worker measured once, on the search role's seeds (never test seeds): exact
+MACs of the trial's own run (``evaluation.cost``), wall time (same process), FID (shipped classifier
+features vs the real test set) or, with ``proxy``, paired PSNR.
 
 Storages: ``--storage`` unset -> ``sqlite:///mlruns/optuna.db``; an RDB URL (``sqlite:///``,
 ``postgresql://``, ``mysql://``) -> ``RDBStorage`` (several machines); any other value is a file path ->
@@ -11,7 +12,6 @@ Storages: ``--storage`` unset -> ``sqlite:///mlruns/optuna.db``; an RDB URL (``s
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import optuna
@@ -52,11 +52,11 @@ class Evaluator:
     """Holds the model and the uncached baseline of one worker; ``__call__`` measures one configuration."""
 
     def __init__(self, space: SearchSpace):
-        from cqpolicy.evaluation.cost import count_macs
+        from cqpolicy.evaluation.cost import measured_sample
         from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like
         from cqpolicy.evaluation.quality import images_to_uint8
         from cqpolicy.models import load_model
-        from cqpolicy.sampling import SampleSettings, sample
+        from cqpolicy.sampling import SampleSettings
 
         self.space = space
         self.model = load_model(space.model)
@@ -65,7 +65,6 @@ class Evaluator:
                                        batch_size=space.batch_size)
         self.labels = default_labels(space.num_samples, self.model.num_classes)
         self.seeds = [space.seed + i for i in range(space.num_samples)]
-        self.n_first = min(space.batch_size, space.num_samples, space.macs_samples)  # FLOP-counted samples
         self.fid = None
         if "fid" in space.objectives and not space.proxy:
             if not is_fashion_mnist_like(self.model):
@@ -73,30 +72,20 @@ class Evaluator:
             from cqpolicy.evaluation.quality import ClassifierFID
 
             self.fid = ClassifierFID()
-        start = time.perf_counter()
-        self.base_images = images_to_uint8(sample(self.model, self.labels, self.seeds, self.settings,
-                                                  progress=False))
-        self.base_wall = time.perf_counter() - start
-        self.base_macs, _ = count_macs(lambda: sample(self.model, self.labels[:self.n_first],
-                                                      self.seeds[:self.n_first], self.settings, progress=False))
+        base = measured_sample(self.model, None, "fp16", self.labels, self.seeds, self.settings)
+        self.base_images, self.base_wall, self.base_macs = images_to_uint8(base.images), base.wall_s, base.macs
         self.base_fid = self.fid(self.base_images) if self.fid is not None else math.nan
 
     def __call__(self, spec: str, cache_format: str) -> dict:
-        from cqpolicy.evaluation.cost import count_macs
+        from cqpolicy.evaluation.cost import measured_sample
         from cqpolicy.evaluation.quality import images_to_uint8, paired_fidelity
         from cqpolicy.policies import make_policy
-        from cqpolicy.runtime import enable
-        from cqpolicy.sampling import sample
 
         policy = make_policy(spec)
         policy.prepare(self.model, self.settings)
-        with enable(self.model.transformer, policy, cache_format) as handle:
-            start = time.perf_counter()
-            images = images_to_uint8(sample(self.model, self.labels, self.seeds, self.settings, progress=False))
-            wall = time.perf_counter() - start
-            macs, _ = count_macs(lambda: sample(self.model, self.labels[:self.n_first], self.seeds[:self.n_first],
-                                                self.settings, progress=False))
-            reuse, cache_bytes = handle.reuse_ratio, handle.cache_bytes
+        run = measured_sample(self.model, policy, cache_format, self.labels, self.seeds, self.settings)
+        images, macs, wall = images_to_uint8(run.images), run.macs, run.wall_s
+        reuse, cache_bytes = run.reuse_ratio, run.cache_bytes
         fidelity = paired_fidelity(images, self.base_images)
         result = {"macs_speedup": self.base_macs / macs, "wall_speedup": self.base_wall / wall,
                   "psnr_vs_baseline": fidelity["psnr"], "ssim_vs_baseline": fidelity["ssim"],

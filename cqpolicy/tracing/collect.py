@@ -8,8 +8,6 @@ sample, relative distance in the shipped classifier's feature space for Fashion-
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -19,7 +17,9 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from cqpolicy import seeds as seed_roles
 from cqpolicy.models.adapters import transformer_blocks
+from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.policies import make_policy
 from cqpolicy.policies.base import DelegatingPolicy, UnitQuery
 from cqpolicy.runtime import enable
@@ -37,16 +37,6 @@ TRACE_SCHEMA = pa.schema(
     [("seed", pa.int64()), ("cfg_branch", pa.int8()), ("step", pa.int16()), ("block", pa.int16()),
      ("unit", pa.string()), ("class_label", pa.int16())]
     + [(name, pa.float32()) for name in PRE_COLUMNS + POST_COLUMNS + LABEL_COLUMNS])
-
-
-def model_fingerprint(model) -> str:
-    """sha256 over the model's config and, per parameter, its name, shape, sum and sum of squares."""
-    digest = hashlib.sha256(json.dumps(dict(model.transformer.config), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.transformer.state_dict().items():
-            p64 = p.detach().double()
-            digest.update(f"{name}:{tuple(p.shape)}:{float(p64.sum()):.10e}:{float(p64.pow(2).sum()):.10e}".encode())
-    return digest.hexdigest()[:16]
 
 
 def parse_probes(text: str) -> tuple[str, ...]:
@@ -120,8 +110,8 @@ def _attach_downstream(cols: dict, result: dict, seeds) -> None:
         cols["downstream_rel"][rows] = result["rel"][i]
 
 
-def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: int = 0, policy: str = "none",
-            probes: tuple[str, ...] = ("local",), progress: bool = True) -> dict:
+def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: int = seed_roles.start("trace"),
+            policy: str = "none", probes: tuple[str, ...] = ("local",), progress: bool = True) -> dict:
     """Record traces of ``num_samples`` samples (seeds ``seed .. seed+num_samples-1``) into ``out_dir``."""
     from cqpolicy import __version__
 

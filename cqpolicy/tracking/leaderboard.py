@@ -1,9 +1,11 @@
-"""The leaderboard: every bench / search run in MLflow, grouped per method, with a Pareto front.
+"""The leaderboard: every bench / search run in MLflow, grouped per method, with per-family frontiers.
 
 ``collect_rows`` reads the finished runs (one row per run), ``leaderboard`` groups the runs of the same
-(model, steps, num_samples, method, cache_dtype) over seeds (FID mean ± std, ΔFID against the baseline run
-of the same seed, mean costs) and flags the (MACs speedup ↑, FID ↓) Pareto-optimal methods of each setting,
-and ``write_leaderboard`` writes ``leaderboard.md``, ``leaderboard.csv`` and ``pareto.png`` into a folder
+(model, steps, num_samples, method, cache_dtype) over seeds (FID / KID mean ± std, ΔFID / ΔKID against the
+baseline run of the same seed with their paired std, mean costs), flags the (MACs speedup ↑, FID ↓)
+Pareto-optimal methods of each setting and gives each method a "families are frontiers" verdict (DESIGN.md
+§4): does it beat every other family's best row at equal or higher MACs speedup by more than the paired
+std? ``write_leaderboard`` writes ``leaderboard.md``, ``leaderboard.csv`` and ``pareto.png`` into a folder
 that is either complete or absent.
 """
 from __future__ import annotations
@@ -18,15 +20,38 @@ import pandas as pd
 
 from cqpolicy.tracking.mlflow_store import tracking_uri
 
-BASELINE = "baseline"
+BASELINE = "baseline"  # the uncached run's method name
+PLAIN = "plain"  # ... and its family
 DEFAULT_PREFIXES = ("cqpolicy-bench", "cqpolicy-search")
 SETTING = ["model", "steps", "num_samples"]
 GROUP = SETTING + ["method", "cache_dtype"]
 NO_CACHE = "none"  # the baseline's cache_dtype in the leaderboard: it caches nothing
-METRICS = ("macs_speedup", "wall_speedup", "fid", "psnr_vs_baseline", "ssim_vs_baseline", "reuse_ratio",
-           "cache_bytes", "class_accuracy", "macs_per_image", "bit_identical")
+METRICS = ("macs_speedup", "wall_speedup", "fid", "kid", "psnr_vs_baseline", "ssim_vs_baseline", "reuse_ratio",
+           "cache_bytes", "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs")
 MEANS = ("macs_speedup", "wall_speedup", "psnr_vs_baseline", "ssim_vs_baseline", "cache_bytes", "reuse_ratio",
-         "class_accuracy", "macs_per_image", "bit_identical")
+         "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs")
+COLUMNS = (GROUP + ["family", "n_runs", "n_seeds", "n_fid_seeds", "seeds", "fid_mean", "fid_std", "delta_fid",
+                    "delta_fid_std", "kid_mean", "kid_std", "delta_kid", "delta_kid_std"] + list(MEANS)
+           + ["pareto", "beats_all", "not_beaten_by_margin", "unopposed", "experiments", "run_ids"])
+
+
+def derived_family(method) -> str | None:
+    """The family of a run that logged none (runs older than the ``family`` param): ``plain`` for the
+    baseline, else the spec's name before ``:``."""
+    if not isinstance(method, str):
+        return None
+    return PLAIN if method == BASELINE else method.split(":", 1)[0]
+
+
+def _families(method: pd.Series, logged: pd.Series | None) -> pd.Series:
+    """The logged family where there is one (and not blank), the derived one otherwise; the baseline's is
+    always ``plain``."""
+    derived = method.map(derived_family)
+    if logged is None:
+        return derived
+    logged = logged.where(logged.map(lambda f: isinstance(f, str) and f.strip() != ""), None)
+    family = logged.where(logged.notna(), derived)
+    return family.where(method != BASELINE, PLAIN)
 
 
 # ----------------------------------------------------------------------------------------------- Pareto
@@ -58,8 +83,9 @@ def _no_runs_error(uri: str) -> ValueError:
 
 def collect_rows(experiments: list[str] | None = None, tags: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per finished run of ``experiments`` (default: every experiment named ``cqpolicy-bench*`` or
-    ``cqpolicy-search*``) carrying all of ``tags``: experiment, run_id, method, family, cache_dtype, model,
-    steps, num_samples, seed and the bench metrics (NaN where a run did not log one)."""
+    ``cqpolicy-search*``) carrying all of ``tags``: experiment, run_id, method, family (the ``family`` param;
+    for older runs ``plain`` for the baseline, else the spec's name before ``:``), cache_dtype, model, steps,
+    num_samples, seed and the bench metrics (NaN where a run did not log one, e.g. ``kid`` in older runs)."""
     import mlflow
 
     uri = tracking_uri()
@@ -91,7 +117,7 @@ def collect_rows(experiments: list[str] | None = None, tags: dict[str, str] | No
         "experiment": runs["experiment_id"].map(by_id),
         "run_id": runs["run_id"],
         "method": method,
-        "family": method.map(lambda m: m.split(":", 1)[0] if isinstance(m, str) else None),
+        "family": _families(method, column("params.family")),
         "cache_dtype": column("params.cache_dtype"),
         "model": column("params.model"),
         "steps": pd.to_numeric(column("params.steps"), errors="coerce").astype("Int64"),
@@ -115,45 +141,132 @@ def _key(values) -> tuple:
     return tuple(None if pd.isna(v) else v for v in values)
 
 
+def _sample_std(values) -> float:
+    """Sample std (ddof 1); NaN with fewer than two values."""
+    values = np.asarray(values, dtype=float)
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def _per_seed(group: pd.DataFrame, name: str) -> pd.Series:
+    """seed -> the metric (repeated runs of a seed: their mean), seeds without it dropped."""
+    return group.groupby("seed", dropna=False)[name].mean().dropna()
+
+
+def _paired_deltas(per_seed: pd.Series, base: dict, setting: tuple) -> np.ndarray:
+    """Per-seed metric minus the same-seed baseline's, over the seeds both have."""
+    return np.asarray([v - base[_key(setting + (seed,))] for seed, v in per_seed.items()
+                       if _key(setting + (seed,)) in base], dtype=float)
+
+
+def _spread_std(values: pd.Series) -> float:
+    """fid_std / kid_std: sample std over seeds, 0 for one seed, NaN for none."""
+    return float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else math.nan)
+
+
+def _beats(row_fid: pd.Series, row_delta: float, best_fid: pd.Series, best_delta: float) -> bool:
+    """True when ``row_delta`` is below ``best_delta`` by more than the paired std: the sample std, over
+    the seeds both have a FID for, of the per-seed FID differences row minus best (no std with fewer than
+    two shared seeds: False)."""
+    shared = row_fid.index.intersection(best_fid.index)
+    if len(shared) < 2:
+        return False
+    paired_std = _sample_std(row_fid[shared].to_numpy(dtype=float) - best_fid[shared].to_numpy(dtype=float))
+    return bool(best_delta - row_delta > paired_std)
+
+
+def _verdicts(table: pd.DataFrame, per_seed_fid: list[pd.Series]) -> pd.DataFrame:
+    """The "families are frontiers" verdict of every non-plain row: for each other family G (``plain``
+    excluded) of its setting, G's rows with MACs speedup >= the row's; none: G is unopposed there (counts as
+    beaten); else the best of them (lowest delta_fid, ties: higher MACs speedup) must be beaten by more than
+    the paired std (``_beats``). A row without a delta_fid or a MACs speedup beats no opposed family and
+    never beats all; plain rows get no verdict (False / "")."""
+    beats_all = pd.Series(False, index=table.index)
+    not_beaten = pd.Series("", index=table.index)
+    unopposed = pd.Series("", index=table.index)
+    for _, setting in table.groupby(SETTING, dropna=False, sort=False):
+        fam = setting["family"].astype(str)
+        macs = setting["macs_speedup"].astype(float)
+        delta = setting["delta_fid"].astype(float)
+        for i in setting.index:
+            if fam[i] == PLAIN:
+                continue
+            others = sorted(set(fam) - {PLAIN, fam[i]})
+            lost, free = [], []
+            for g in others:
+                at = setting.index[(fam == g) & (macs >= macs[i])]  # NaN compares False
+                if len(at) == 0 and not math.isnan(macs[i]):
+                    free.append(g)
+                    continue
+                candidates = [j for j in at if not math.isnan(delta[j])]
+                if math.isnan(delta[i]) or not candidates:
+                    lost.append(g)
+                    continue
+                best = min(candidates, key=lambda j: (delta[j], -macs[j]))
+                if not _beats(per_seed_fid[i], delta[i], per_seed_fid[best], delta[best]):
+                    lost.append(g)
+            beats_all[i] = bool(others) and not lost and not math.isnan(delta[i])
+            not_beaten[i], unopposed[i] = ",".join(lost), ",".join(free)
+    return pd.DataFrame({"beats_all": beats_all, "not_beaten_by_margin": not_beaten, "unopposed": unopposed})
+
+
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, steps, num_samples, method, cache_dtype): FID mean / std over seeds (std 0 for
-    one seed) and n_seeds, ΔFID against the same-seed baseline, mean costs and fidelity, a ``pareto`` flag
-    (MACs speedup ↑, FID mean ↓ within each model/steps/num_samples, baseline included at speedup 1), and
-    the run ids. Sorted per setting: Pareto-optimal first, then MACs speedup descending."""
+    """One row per (model, steps, num_samples, method, cache_dtype), with
+
+    - ``family``: the logged family (older runs: ``plain`` for the baseline, else the spec's name before
+      ``:``); ``seeds``: the sorted seeds, space-separated; n_runs, n_seeds, n_fid_seeds;
+    - ``fid_mean`` / ``fid_std`` and ``kid_mean`` / ``kid_std``: mean and sample std over seeds of the
+      per-seed value (repeats of a seed averaged first; std 0 for one seed);
+    - ``delta_fid`` / ``delta_kid``: mean over seeds of the per-seed value minus the same-seed baseline's,
+      ``delta_fid_std`` / ``delta_kid_std``: the sample std of those paired differences (NaN with fewer than
+      two paired seeds; the baseline's own deltas are 0 ± 0);
+    - the means over runs of the costs and fidelity (``MEANS``, including ``calibration_macs``);
+    - ``pareto``: not dominated in (MACs speedup ↑, FID mean ↓) within the setting, baseline included at
+      speedup 1;
+    - ``beats_all`` / ``not_beaten_by_margin`` / ``unopposed``: the frontier verdict (``_verdicts``);
+    - the experiments and run ids.
+
+    Sorted per setting: Pareto-optimal first, then MACs speedup descending."""
     if df is None or len(df) == 0:
         raise _no_runs_error(tracking_uri())
     work = df.copy()
     for name in METRICS + ("seed", "cache_dtype", "model", "steps", "num_samples"):
         if name not in work.columns:
             work[name] = np.nan
-    if "family" not in work.columns:
-        work["family"] = work["method"].map(lambda m: str(m).split(":", 1)[0])
+    work["family"] = _families(work["method"], work["family"] if "family" in work.columns else None)
     is_base = work["method"] == BASELINE
     work.loc[is_base, "cache_dtype"] = NO_CACHE
     work.loc[is_base, "macs_speedup"] = work.loc[is_base, "macs_speedup"].fillna(1.0)
 
-    # the baseline FID of each (model, steps, num_samples, seed)
-    base_fid = {}
+    # the baseline FID / KID of each (model, steps, num_samples, seed)
+    base = {"fid": {}, "kid": {}}
     for key, group in work[is_base].groupby(SETTING + ["seed"], dropna=False):
-        fid = group["fid"].mean()
-        if not math.isnan(fid):
-            base_fid[_key(key)] = fid
+        for name, values in base.items():
+            value = group[name].mean()
+            if not math.isnan(value):
+                values[_key(key)] = value
 
-    records = []
+    records, per_seed_fid = [], []
     for key, group in work.groupby(GROUP, dropna=False, sort=False):
-        per_seed = group.groupby("seed", dropna=False)["fid"].mean()  # repeated runs of a seed: their mean
-        fids = per_seed.dropna()
-        deltas = [fid - base_fid[_key(key[:3] + (seed,))] for seed, fid in fids.items()
-                  if _key(key[:3] + (seed,)) in base_fid]
+        setting = tuple(key[:3])
+        per_seed = group.groupby("seed", dropna=False)
+        fids, kids = _per_seed(group, "fid"), _per_seed(group, "kid")
+        d_fid, d_kid = _paired_deltas(fids, base["fid"], setting), _paired_deltas(kids, base["kid"], setting)
+        families = group["family"].dropna()
         record = dict(zip(GROUP, key))
         record.update({
-            "family": group["family"].iloc[0],
+            "family": families.mode().iloc[0] if len(families) else None,
             "n_runs": len(group),
-            "n_seeds": int(per_seed.index.nunique(dropna=False)),
+            "n_seeds": int(per_seed.ngroups),
             "n_fid_seeds": len(fids),
+            "seeds": " ".join(str(int(s)) for s in sorted(group["seed"].dropna().unique())),
             "fid_mean": float(fids.mean()) if len(fids) else math.nan,
-            "fid_std": float(fids.std(ddof=1)) if len(fids) > 1 else (0.0 if len(fids) else math.nan),
-            "delta_fid": float(np.mean(deltas)) if deltas else math.nan,
+            "fid_std": _spread_std(fids),
+            "delta_fid": float(np.mean(d_fid)) if len(d_fid) else math.nan,
+            "delta_fid_std": _sample_std(d_fid),
+            "kid_mean": float(kids.mean()) if len(kids) else math.nan,
+            "kid_std": _spread_std(kids),
+            "delta_kid": float(np.mean(d_kid)) if len(d_kid) else math.nan,
+            "delta_kid_std": _sample_std(d_kid),
         })
         for name in MEANS:
             values = group[name].dropna()
@@ -162,14 +275,14 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         record["experiments"] = ",".join(sorted(set(group["experiment"].dropna()))) if "experiment" in group else ""
         record["run_ids"] = ",".join(group["run_id"]) if "run_id" in group else ""
         records.append(record)
+        per_seed_fid.append(fids)
     table = pd.DataFrame.from_records(records)
     table["pareto"] = False
     for _, group in table.groupby(SETTING, dropna=False, sort=False):
         mask = pareto_mask(group[["macs_speedup", "fid_mean"]].to_numpy(dtype=float), [True, False])
         table.loc[group.index, "pareto"] = mask
-    columns = (GROUP + ["family", "n_runs", "n_seeds", "n_fid_seeds", "fid_mean", "fid_std", "delta_fid"]
-               + list(MEANS) + ["pareto", "experiments", "run_ids"])
-    table = table[columns].sort_values(SETTING + ["pareto", "macs_speedup", "fid_mean", "method"],
+    table = table.join(_verdicts(table, per_seed_fid))
+    table = table[COLUMNS].sort_values(SETTING + ["pareto", "macs_speedup", "fid_mean", "method"],
                                        ascending=[True, True, True, False, False, True, True], na_position="last",
                                        kind="stable")
     return table.reset_index(drop=True)
@@ -177,11 +290,30 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------------------- files
 def _fmt(value, spec: str, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float) and math.isinf(value):
         return "∞" if value > 0 else "-∞"
     return format(value, spec) + suffix
+
+
+def _pm(mean, std, spec: str) -> str:
+    """``mean ± std``; ``mean`` alone without a std, ``–`` without a mean."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return _fmt(mean, spec)
+    return f"{_fmt(mean, spec)} ± {_fmt(std, spec.lstrip('+'))}"
+
+
+def _decimals(values, digits: int = 3) -> int:
+    """Fixed decimals that give the largest finite |value| ``digits`` significant digits (KID's scale
+    depends on the feature space), so a column's means and stds line up and float noise prints as 0."""
+    values = np.abs(np.asarray(values, dtype=float))
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return 4
+    return int(min(10, max(0, digits - 1 - math.floor(math.log10(values.max())))))
 
 
 def _setting_title(key) -> str:
@@ -189,26 +321,62 @@ def _setting_title(key) -> str:
     return f"{model} · {steps} steps · {num_samples} samples"
 
 
+def _star(r, families: set) -> str:
+    """★ when the row beats every other family and at least one of them had a row at its MACs speedup to
+    beat; "★ (unopposed)" when no other family had any (``families``: the setting's non-plain families)."""
+    if not r.beats_all:
+        return ""
+    unopposed = set(filter(None, str(r.unopposed).split(","))) if isinstance(r.unopposed, str) else set()
+    return "★ (unopposed)" if unopposed >= families - {r.family} else "★"
+
+
+def _versus(r) -> str:
+    parts = []
+    if isinstance(r.not_beaten_by_margin, str) and r.not_beaten_by_margin:
+        parts.append("not beaten: " + r.not_beaten_by_margin.replace(",", ", "))
+    if isinstance(r.unopposed, str) and r.unopposed:
+        parts.append("unopposed: " + r.unopposed.replace(",", ", "))
+    return "; ".join(parts)
+
+
+FOOTNOTE = (
+    "FID / KID ± sample std over seeds (n = seeds with a FID; KID is unbiased, in the same classifier feature "
+    "space as FID). ΔFID / ΔKID = mean over seeds of the value minus the same-seed baseline's ± the sample std "
+    "of those paired differences (no ± with fewer than two paired seeds). Pareto = not dominated in "
+    "(MACs speedup ↑, FID ↓) within the setting. **Beats**: a row beats another family G when, among G's rows "
+    "of the same setting with MACs speedup ≥ the row's, the best one (lowest ΔFID) has a ΔFID higher than "
+    "the row's by more than the paired std — the sample std, over the seeds both share, of the per-seed FID "
+    "differences (this row minus that G row); with fewer than two shared seeds there is no std and G is not "
+    "beaten. If G has no row at ≥ the row's MACs speedup, G is *unopposed* there: it counts as beaten but is "
+    "listed separately. **Beats all** (★) = beats every other family (the uncached `plain` model excluded); "
+    "★ (unopposed) = no other family has a row at its MACs speedup, so there was nothing to beat; "
+    "anything else is a tie at matched MACs. A difference inside the paired std is a tie.")
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The leaderboard as markdown: one table per (model, steps, num_samples)."""
-    header = ("| method | params | MACs speedup | wall speedup | FID ± std (n) | ΔFID | PSNR (dB) | cache MiB "
-              "| Pareto | runs |")
+    header = ("| method | family | params | MACs speedup | wall speedup | FID ± std (n) | ΔFID ± paired std "
+              "| KID ± std | ΔKID ± paired std | PSNR (dB) | calib. MACs | cache MiB | Pareto | beats all "
+              "| vs. other families | runs |")
     out = ["# cqpolicy leaderboard", ""]
     for key, group in table.groupby(SETTING, dropna=False, sort=False):
         out += [f"## {_setting_title(key)}", "", header, "|" + "---|" * (header.count("|") - 1)]
+        kid = f".{_decimals(group['kid_mean'], 4)}f"
+        families = set(group["family"].dropna().astype(str)) - {PLAIN}
         for r in group.itertuples(index=False):
-            fid = ("–" if math.isnan(r.fid_mean)
-                   else f"{r.fid_mean:.2f} ± {r.fid_std:.2f} ({r.n_fid_seeds})")
+            fid = "–" if math.isnan(r.fid_mean) else f"{_pm(r.fid_mean, r.fid_std, '.2f')} ({r.n_fid_seeds})"
             cache = None if math.isnan(r.cache_bytes) else r.cache_bytes / 2**20
             runs = ", ".join(run[:8] for run in str(r.run_ids).split(",") if run)
             method = str(r.method).replace("|", "\\|")
-            out.append(f"| `{method}` | {'–' if pd.isna(r.cache_dtype) else r.cache_dtype} | "
+            out.append(f"| `{method}` | {'–' if pd.isna(r.family) else r.family} | "
+                       f"{'–' if pd.isna(r.cache_dtype) else r.cache_dtype} | "
                        f"{_fmt(r.macs_speedup, '.2f', '×')} | {_fmt(r.wall_speedup, '.2f', '×')} | {fid} | "
-                       f"{_fmt(r.delta_fid, '+.2f')} | {_fmt(r.psnr_vs_baseline, '.1f')} | {_fmt(cache, '.2f')} | "
-                       f"{'✓' if r.pareto else ''} | {runs} |")
+                       f"{_pm(r.delta_fid, r.delta_fid_std, '+.2f')} | {_pm(r.kid_mean, r.kid_std, kid)} | "
+                       f"{_pm(r.delta_kid, r.delta_kid_std, '+' + kid)} | {_fmt(r.psnr_vs_baseline, '.1f')} | "
+                       f"{_fmt(r.calibration_macs, '.3g')} | {_fmt(cache, '.2f')} | {'✓' if r.pareto else ''} | "
+                       f"{_star(r, families)} | {_versus(r)} | {runs} |")
         out.append("")
-    out.append("FID ± sample std over seeds (n = seeds with a FID); ΔFID = mean over seeds of FID minus the "
-               "same-seed baseline's; Pareto = not dominated in (MACs speedup ↑, FID ↓) within the setting.")
+    out.append(FOOTNOTE)
     return "\n".join(out) + "\n"
 
 
@@ -220,60 +388,95 @@ def _frontier(xs: np.ndarray, ys: np.ndarray):
     return xs[keep][order], ys[keep][order]
 
 
+def _family_styles(families: list[str]) -> dict[str, tuple[str, str]]:
+    """family -> (colour, marker); learned families first, so they get the first (strongest) colours."""
+    from matplotlib import colormaps
+
+    ordered = sorted(families, key=lambda f: (not f.startswith("learned"), f))
+    palette = [f"C{i}" for i in range(10)] if len(ordered) <= 10 else [colormaps["tab20"](i) for i in range(20)]
+    markers = "oDs^v<>phX*P"
+    return {f: (palette[i % len(palette)], markers[i % len(markers)]) for i, f in enumerate(ordered)}
+
+
+def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) -> None:
+    """One setting, one metric (``fid`` / ``kid``): Δ against the baseline (mean ± paired std) where there
+    is one, the raw value (mean ± std over seeds) otherwise, against MACs speedup; each family's frontier as
+    a step line, the plain model at (1, 0) (or its raw value), the global frontier dashed."""
+    name = metric.upper()
+    delta = group[f"delta_{metric}"].to_numpy(dtype=float)
+    fam = group["family"].astype(str).to_numpy()
+    x = group["macs_speedup"].to_numpy(dtype=float)
+    use_delta = bool(np.isfinite(delta[fam != PLAIN]).any())
+    if use_delta:
+        y, err = delta.copy(), np.nan_to_num(group[f"delta_{metric}_std"].to_numpy(dtype=float))
+        ylabel = f"Δ{name} vs. uncached, same seeds\n(mean ± paired std, lower is better)"
+    else:
+        y, err = group[f"{metric}_mean"].to_numpy(dtype=float), np.nan_to_num(
+            group[f"{metric}_std"].to_numpy(dtype=float))
+        ylabel = f"{name} (mean ± std over seeds, lower is better)"
+    base = fam == PLAIN
+    if use_delta:
+        x, y = x.copy(), y.copy()
+        x[base], y[base], err[base] = 1.0, 0.0, 0.0
+    for f, (colour, marker) in styles.items():
+        sel = fam == f
+        if not sel.any():
+            continue
+        learned = f.startswith("learned")
+        h = ax.errorbar(x[sel], y[sel], yerr=err[sel], fmt=marker, color=colour, ms=8 if learned else 6,
+                        mfc=colour if learned else "white", mew=1.6 if learned else 1.2, capsize=3,
+                        elinewidth=1.4 if learned else 0.9, alpha=0.95 if learned else 0.8,
+                        zorder=4 if learned else 3, label=f)
+        handles.setdefault(f, h)
+        fx, fy = _frontier(x[sel], y[sel])
+        if len(fx) > 1:
+            ax.plot(fx, fy, drawstyle="steps-pre", color=colour, lw=2.6 if learned else 1.1,
+                    alpha=0.9 if learned else 0.6, zorder=3.5 if learned else 2)
+    gx, gy = _frontier(x, y)
+    if len(gx):
+        h = ax.plot(gx, gy, drawstyle="steps-pre", color="black", lw=1.6, ls="--", zorder=1.5,
+                    label="global Pareto frontier")[0]
+        handles.setdefault("global Pareto frontier", h)
+        h = ax.scatter(gx, gy, s=170, facecolors="none", edgecolors="black", lw=1.4, zorder=5, label="Pareto-optimal")
+        handles.setdefault("Pareto-optimal", h)
+    if base.any() and np.isfinite(y[base]).any():
+        h = ax.errorbar(x[base], y[base], yerr=err[base], fmt="*", color="crimson", ms=16, mec="black", capsize=3,
+                        zorder=6, label="plain (uncached)")
+        handles.setdefault("plain (uncached)", h)
+    if use_delta:
+        ax.axhline(0.0, color="crimson", lw=0.8, ls=":", alpha=0.7)
+    ax.axvline(1.0, color="crimson", lw=0.8, ls=":", alpha=0.5)
+    if not np.isfinite(y).any():
+        ax.text(0.5, 0.5, f"no {name} logged" + (" (bench --fid)" if metric == "fid" else ""),
+                transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.set_xlabel("MACs speedup vs. uncached (×, higher is better)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_pareto(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """FID mean (± std) against MACs speedup, one panel per setting, families by colour and marker."""
+    """One column per setting: ΔFID (mean ± paired std; raw FID where no baseline FID) against MACs speedup,
+    families by colour and marker, learned families in bold; a second row with ΔKID / KID when KID was
+    logged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     settings = list(table.groupby(SETTING, dropna=False, sort=False))
-    families = sorted(set(table["family"].astype(str)) - {BASELINE})
-    colours = [f"C{i % 10}" for i in range(len(families))]
-    markers = "osD^v<>phX*"
-    style = {f: (colours[i], markers[i % len(markers)]) for i, f in enumerate(families)}
-    fig = Figure(figsize=(7.5 * len(settings) + 2.5, 5.5), layout="constrained")
+    metrics = ["fid"] + (["kid"] if np.isfinite(table["kid_mean"].to_numpy(dtype=float)).any() else [])
+    styles = _family_styles(sorted(set(table["family"].astype(str)) - {PLAIN}))
+    fig = Figure(figsize=(7.0 * len(settings) + 2.8, 5.0 * len(metrics)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(settings), squeeze=False)[0]
-    handles = {}
-    for ax, (key, group) in zip(axes, settings):
-        x = group["macs_speedup"].to_numpy(dtype=float)
-        y = group["fid_mean"].to_numpy(dtype=float)
-        err = np.nan_to_num(group["fid_std"].to_numpy(dtype=float))
-        fam = group["family"].astype(str).to_numpy()
-        for f in families:
-            sel = fam == f
-            if not sel.any():
-                continue
-            colour, marker = style[f]
-            h = ax.errorbar(x[sel], y[sel], yerr=err[sel], fmt=marker, color=colour, ms=6, capsize=3, alpha=0.85,
-                            label=f)
-            handles.setdefault(f, h)
-            fx, fy = _frontier(x[sel], y[sel])
-            if len(fx) > 1:
-                ax.plot(fx, fy, drawstyle="steps-pre", color=colour, lw=1.2, alpha=0.7)
-        gx, gy = _frontier(x, y)
-        if len(gx):
-            h = ax.plot(gx, gy, drawstyle="steps-pre", color="black", lw=2.2, ls="--", zorder=1.5,
-                        label="global Pareto frontier")[0]
-            handles.setdefault("global Pareto frontier", h)
-            h = ax.scatter(gx, gy, s=160, facecolors="none", edgecolors="black", lw=1.8, zorder=5,
-                           label="Pareto-optimal")
-            handles.setdefault("Pareto-optimal", h)
-        base = fam == BASELINE
-        if base.any():
-            h = ax.errorbar(x[base], y[base], yerr=err[base], fmt="*", color="crimson", ms=16, mec="black",
-                            capsize=3, zorder=6, label="baseline (no cache)")
-            handles.setdefault("baseline", h)
-            ax.axvline(1.0, color="crimson", lw=0.8, ls=":", alpha=0.6)
-        if not np.isfinite(y).any():
-            ax.text(0.5, 0.5, "no FID logged (bench --fid)", transform=ax.transAxes, ha="center", va="center",
-                    color="grey")
-        ax.set_xlabel("MACs speedup vs. baseline (×, higher is better)")
-        ax.set_ylabel("FID (mean ± std over seeds, lower is better)")
-        ax.set_title(_setting_title(key), fontsize=10)
-        ax.grid(True, alpha=0.3)
+    axes = fig.subplots(len(metrics), len(settings), squeeze=False, sharex="col")
+    handles: dict = {}
+    for col, (key, group) in enumerate(settings):
+        for row, metric in enumerate(metrics):
+            ax = axes[row, col]
+            _panel(ax, group, metric, styles, handles)
+            ax.tick_params(labelbottom=True)  # shared x per setting, but every panel keeps its tick labels
+            ax.set_title(_setting_title(key) + (f" · {metric.upper()}" if len(metrics) > 1 else ""), fontsize=10)
     if handles:
         fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", fontsize=8,
-                   title="family")
+                   title="family (filled, bold: learned)", title_fontsize=8)
     fig.savefig(path, dpi=120)
     return Path(path)
 

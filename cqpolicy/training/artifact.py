@@ -28,7 +28,7 @@ SCHEDULE_FILE = "schedule.json"
 KINDS = ("mlp", "scheduler")
 
 __all__ = ["FORMAT_VERSION", "POLICY_FILE", "WEIGHTS_FILE", "SCHEDULE_FILE", "ArtifactError", "save_artifact",
-           "load_artifact", "check_fits", "table_to_schedule"]
+           "load_artifact", "check_fits", "transfers_across_steps", "table_to_schedule"]
 
 
 class ArtifactError(ValueError):
@@ -138,6 +138,10 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         text = (path / POLICY_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ArtifactError(f"{path} is not a policy artifact (no {POLICY_FILE})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path / POLICY_FILE} is not UTF-8 JSON text") from None
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path / POLICY_FILE}: {err.strerror or err}") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as err:
@@ -157,26 +161,129 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         data = (path / WEIGHTS_FILE).read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"policy artifact {path} lacks {WEIGHTS_FILE} (partial copy?)") from None
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path / WEIGHTS_FILE}: {err.strerror or err}") from None
     if hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
         raise ArtifactError(f"policy artifact {path}: weights do not match policy.json (tampered or partial copy)")
     try:
         tensors = load_safetensors(data)
     except Exception as err:  # a hash match makes this unlikely: the artifact was written broken
         raise ArtifactError(f"policy artifact {path}: {WEIGHTS_FILE} is unreadable ({err})") from None
+    _check_structure(path, meta, tensors)
     return meta, tensors
 
 
+def _check_structure(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse, in one line, a ``policy.json`` that a policy could not be built from or would fail on mid-run
+    (the weights hash does not cover a hand-edited ``policy.json``)."""
+    where = path / POLICY_FILE
+
+    def bad(what: str):
+        return ArtifactError(f"{where}: {what} (a damaged or hand-edited artifact; retrain it with `cqpolicy train`)")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    model = meta["model"]
+    if not isinstance(model, dict):
+        raise bad("'model' is not a JSON object")
+    for key in ("class", "scheduler"):
+        if not isinstance(model.get(key), str):
+            raise bad(f"model.{key} is missing or not a string")
+    for key in ("num_blocks", "steps"):
+        if not is_int(model.get(key)) or model[key] < 1:
+            raise bad(f"model.{key} is missing or not a positive integer")
+    units = model.get("units")
+    if (not isinstance(units, list) or not units or not all(isinstance(u, str) and u for u in units)
+            or len(set(units)) != len(units)):
+        raise bad("model.units is missing or not a list of distinct unit names")
+    if model.get("model_hash") is not None and not isinstance(model["model_hash"], str):
+        raise bad("model.model_hash is not a string")  # absent or null: check_fits asks for a retrain
+    kind = meta["kind"]
+    if kind == "mlp":
+        from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
+
+        features = meta.get("features")
+        if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+            raise bad("features is missing or not a list of feature names")
+        unknown = [f for f in features if f not in set(RUNTIME_FEATURES) | set(STEP_FEATURES)]
+        if unknown:
+            raise bad(f"feature {unknown[0]!r} is not one a deployed policy computes")
+        if not is_int(meta.get("hidden")) or meta["hidden"] < 1:
+            raise bad("hidden is missing or not a positive integer")
+        norm = meta.get("normalization")
+        if not isinstance(norm, dict):
+            raise bad("normalization is missing")
+        for key in ("mean", "std"):
+            values = norm.get(key)
+            if not isinstance(values, list) or len(values) != len(features) or not all(map(is_number, values)):
+                raise bad(f"normalization.{key} is not {len(features)} finite numbers (one per feature)")
+        if not all(v > 0 for v in norm["std"]):
+            raise bad("normalization.std holds a value that is not positive")
+        if not is_number(meta.get("default_threshold")) or meta["default_threshold"] <= 0:
+            raise bad("default_threshold is missing or not a positive number")
+    elif kind == "scheduler":
+        table = tensors.get("table")
+        shape = (model["steps"], model["num_blocks"], len(units))
+        if table is None:
+            raise ArtifactError(f"policy artifact {path}: {WEIGHTS_FILE} holds no 'table'")
+        if tuple(table.shape) != shape:
+            raise bad(f"its table is {list(table.shape)}, not [steps, blocks, units] = {list(shape)}")
+
+
+def transfers_across_steps(meta: dict) -> bool:
+    """True when the policy is keyed on where sampling is (progress, log-SNR, staleness, inputs), not on the
+    step index: an MLP whose every input is one of the runtime features of ``cqpolicy.policies.features``.
+    A ``scheduler`` table (or interval schedule) is indexed by step and never transfers."""
+    from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
+
+    features = meta.get("features")
+    if meta.get("kind") != "mlp" or not isinstance(features, list) or not features:
+        return False
+    return all(isinstance(f, str) and f in set(RUNTIME_FEATURES) | set(STEP_FEATURES) for f in features)
+
+
 def check_fits(meta: dict, model_class: str, num_blocks: int, steps: int, scheduler: str,
-               source: str | None = None) -> None:
-    """Refuse a policy trained for another model class, block count, step count or scheduler."""
+               source: str | None = None, *, model_hashes=None, steps_transfer: bool = False) -> None:
+    """Refuse a policy trained for another model class, block count, model weights, step count or scheduler.
+
+    ``model_hashes``: the loaded model's weight hashes (``cqpolicy.models.fingerprint.model_fingerprints``, a
+    dict or a list of accepted values); the artifact's stored ``model.model_hash`` must be one of them, and an
+    artifact that stores none is refused. ``None`` skips the weight check (callers without a model).
+    ``steps_transfer``: accept another step count or scheduler (see ``transfers_across_steps``).
+    """
     model = meta.get("model") or {}
+    what = source or f"for {model.get('model_id', 'an unknown model')}"
     want = (model.get("class"), model.get("num_blocks"), model.get("steps"), model.get("scheduler"))
     have = (model_class, int(num_blocks), int(steps), scheduler)
     names = ("model class", "block count", "step count", "scheduler")
     diff = [name for name, w, h in zip(names, want, have) if w != h]
+    if steps_transfer:
+        diff = [name for name in diff if name not in ("step count", "scheduler")]
     if diff:
-        what = source or f"for {model.get('model_id', 'an unknown model')}"
+        why = ""
+        if {"step count", "scheduler"} & set(diff):
+            if meta.get("kind") == "scheduler":
+                why = "; a scheduler table is indexed by step"
+            elif not transfers_across_steps(meta):
+                why = "; its features are not all keyed on progress"
         raise ArtifactError(
             f"policy artifact {what} was trained for {want[2]} steps of {want[3]} on a {want[1]}-block {want[0]}; "
             f"this run has {have[2]} steps of {have[3]} on a {have[1]}-block {have[0]} "
-            f"(mismatch: {', '.join(diff)}); train a policy on traces of this setup")
+            f"(mismatch: {', '.join(diff)}{why}); train a policy on traces of this setup")
+    if model_hashes is None:
+        return
+    accepted = list(model_hashes.values()) if isinstance(model_hashes, dict) else list(model_hashes)
+    stored = model.get("model_hash")
+    if not isinstance(stored, str) or not stored:
+        raise ArtifactError(f"policy artifact {what} records no model weight hash (model.model_hash; made by an "
+                            f"older cqpolicy), so it cannot be checked against this model; retrain it with "
+                            f"`cqpolicy train` on traces of this model")
+    if stored not in accepted:
+        raise ArtifactError(
+            f"policy artifact {what} was trained on {model.get('model_id', 'a model')} with weight hash {stored}; "
+            f"this run's model has weight hash {accepted[0]} (same shape, other weights or config); train a policy on "
+            f"traces of this model")

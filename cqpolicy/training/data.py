@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from cqpolicy import seeds as seed_roles
 from cqpolicy.models.adapters import UNIT_NAMES
 from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES
 from cqpolicy.tracing.store import TraceError, TraceReader
@@ -214,6 +215,10 @@ class TraceDataModule(L.LightningDataModule):
 
         # the split: a seeded permutation of the distinct seeds, never of rows
         seeds = np.unique(seed)
+        try:  # a policy trained on the bench's samples would be scored on what it learned
+            seed_roles.refuse_test_seeds(seeds, f"the traces {', '.join(self.run_dirs)}")
+        except seed_roles.SeedOverlapError as exc:
+            raise TraceError(str(exc)) from None
         if len(seeds) < 2:
             raise TraceError(f"need at least 2 seeds to split into train and validation, the probed rows of "
                              f"{', '.join(self.run_dirs)} hold {len(seeds)} (seed {seeds[0]})")

@@ -13,8 +13,11 @@
 * ``kind: scheduler`` — a learned static step x block x unit table (an L2C-style router); ``max_reuse``
   caps its runs of consecutive reuses the same way.
 
-The artifact must fit the model: its class, block count, step count and scheduler are checked in
-``prepare``; a tampered weights file is refused when loaded.
+The artifact must fit the model: its class, block count and weight hash (``cqpolicy.models.fingerprint``)
+are checked in ``prepare``, and so are its step count and scheduler unless it is keyed on progress (an MLP
+whose features are all runtime features: progress, log-SNR, staleness, inputs; see
+``cqpolicy.training.artifact.transfers_across_steps``); a scheduler table, indexed by step, never transfers.
+A tampered weights file or a malformed ``policy.json`` is refused when loaded.
 """
 from __future__ import annotations
 
@@ -59,7 +62,14 @@ class LearnedPolicy(Policy):
 
             self.features = list(self.meta["features"])
             self.mlp = ReuseMLP(len(self.features), int(self.meta["hidden"]))
-            self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
+            try:
+                self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
+            except RuntimeError:  # names or shapes that do not fit policy.json's features and hidden
+                from cqpolicy.training.artifact import ArtifactError
+
+                raise ArtifactError(f"policy artifact {config.path}: its weights do not fit an MLP of "
+                                    f"{len(self.features)} features and {self.meta['hidden']} hidden units "
+                                    f"(a damaged or hand-edited policy.json)") from None
             self.mlp.eval().requires_grad_(False)
             self.mean = torch.tensor(self.meta["normalization"]["mean"], dtype=torch.float32)
             self.std = torch.tensor(self.meta["normalization"]["std"], dtype=torch.float32)
@@ -70,19 +80,28 @@ class LearnedPolicy(Policy):
             self.table = tensors["table"].bool()
         else:
             raise ValueError(f"policy 'learned': unknown artifact kind {self.kind!r}")
+        from cqpolicy.training.artifact import transfers_across_steps
+
+        self.transfers = transfers_across_steps(self.meta)  # keyed on progress: fits other step counts
         self.tracker = InputTracker()
         self._run_length: dict = {}
 
+    @property
+    def family(self) -> str:
+        return "learned-intervals" if self.meta.get("fit") == "intervals" else f"learned-{self.kind}"
+
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import transformer_blocks
+        from cqpolicy.models.fingerprint import model_fingerprints
         from cqpolicy.training.artifact import check_fits
 
         check_fits(self.meta, type(model.transformer).__name__, len(transformer_blocks(model.transformer)),
-                   settings.steps, settings.scheduler)
+                   settings.steps, settings.scheduler, source=self.config.path,
+                   model_hashes=model_fingerprints(model), steps_transfer=self.transfers)
 
     def reset(self, num_steps, num_blocks) -> None:
         model = self.meta["model"]
-        if num_steps is not None and num_steps != model["steps"]:
+        if num_steps is not None and num_steps != model["steps"] and not self.transfers:
             from cqpolicy.runtime import StepMismatchError
 
             raise StepMismatchError(f"policy artifact {self.config.path} was trained for {model['steps']} steps, "

@@ -202,6 +202,7 @@ class PartitionPolicy(Policy):
                 raise RuntimeError(f"policy {self.name!r}: calibration gave a {tuple(distance.shape)} distance "
                                    f"matrix for {steps} steps")
             self._schedules[key] = (optimal_partition(distance, cfg.groups, cfg.min_len, max_len), distance)
+            self.calibration_images = cfg.calibration_samples
         self.starts, self.distance = self._schedules[key]
         self.calibrated_steps = steps
         self._compute_steps = frozenset(self.starts)

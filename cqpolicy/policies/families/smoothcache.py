@@ -106,6 +106,7 @@ class SmoothCachePolicy(Policy):
                         for u in self.units}
             source = f"the schedule calibrated for {settings.steps} steps"
             self._calibrated[key] = errors, StaticSchedule(schedule, "smoothcache", source)
+            self.calibration_images = self.config.calibration_samples
         self.errors, self.static = self._calibrated[key]
 
     def _require(self) -> StaticSchedule:
