@@ -7,8 +7,8 @@ Builds a randomly initialised ``DiTTransformer2DModel`` in the DiT-XL-2-256 layo
 4 -> 8 channels with learned sigma, 32x32 latents, patch 2 = 256 tokens, 1000 classes; bf16 on CUDA; no download:
 weights do not change the cost) and times full ``cqpolicy.sampling.sample`` calls (DDIM, classifier-free
 guidance, so the model batch is twice the sample batch) for: the plain model (no hooks), ``none`` (hooks that
-never reuse: the runtime's own overhead), ``fora:interval=2``, ``fora:interval=3`` and a per-unit-type
-``schedule`` (attn1 computed every 8 steps, ff every 4, in phase, as in ``scripts/bench_unit_intervals.py``).
+never reuse: the runtime's own overhead), ``fora:interval=2``, ``fora:interval=3`` and the per-unit-type
+hand schedule ``fora:attn1_interval=8,ff_interval=4`` (attn1 computed every 8 steps, ff every 4, in phase).
 Per batch size, every repeat runs each method once, in turn (one warm-up round first); the time of a call is
 measured with CUDA events (``time.perf_counter`` on CPU), the table gives the median and the speedup against the
 plain model of the same run, and peak memory above the weights (``cqpolicy.evaluation.cost.PeakMemory``).
@@ -35,7 +35,6 @@ from cqpolicy.evaluation.cost import PeakMemory
 from cqpolicy.models import LoadedModel
 from cqpolicy.models.fmnist_dit import SCHEDULER_CONFIG  # DiT's DDIM schedule: 1000 steps, linear 1e-4..0.02
 from cqpolicy.policies import make_policy
-from cqpolicy.policies.families.schedule import save_schedule
 from cqpolicy.runtime import enable
 from cqpolicy.sampling import SampleSettings, sample
 
@@ -44,7 +43,6 @@ DIT_XL_2_256 = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72
 TINY = dict(DIT_XL_2_256, num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8)  # 16 tokens
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PLAIN = "plain model"
-UNIT_INTERVALS = {"attn1": 8, "ff": 4}  # the per-unit-type schedule: attn1 every 8 steps, ff every 4
 
 
 def build_model(tiny: bool, dtype: torch.dtype, device: str) -> LoadedModel:
@@ -58,12 +56,9 @@ def build_model(tiny: bool, dtype: torch.dtype, device: str) -> LoadedModel:
     return LoadedModel(name, transformer, dict(SCHEDULER_CONFIG))  # no VAE: decode is the identity
 
 
-def methods(out: Path, steps: int) -> dict[str, str | None]:
-    """Method name -> policy spec (None: the plain model, no hooks)."""
-    schedule = {unit: [int(s % k == 0) for s in range(steps)] for unit, k in UNIT_INTERVALS.items()}
-    path = save_schedule(schedule, out / f"schedule_attn8_ff4_{steps}steps.json")
-    return {PLAIN: None, "none": "none", "fora:interval=2": "fora:interval=2", "fora:interval=3": "fora:interval=3",
-            "schedule attn1/8 ff/4": f"schedule:path={path}"}
+# method name -> policy spec (None: the plain model, no hooks)
+METHODS = {PLAIN: None, "none": "none", "fora:interval=2": "fora:interval=2", "fora:interval=3": "fora:interval=3",
+           "attn1/8 ff/4": "fora:attn1_interval=8,ff_interval=4"}
 
 
 def timed_call(model: LoadedModel, policy, cache_format: str, batch: int, settings: SampleSettings):
@@ -121,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     model = build_model(args.tiny, DTYPES[dtype_name], str(device))
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    specs = methods(out, args.steps)
+    specs = METHODS
     rows, total = [], len(args.batch_sizes) * (1 + args.repeats) * len(specs)
     with tqdm(total=total, desc="bench_gpu", unit="call", dynamic_ncols=True) as bar:
         for batch in args.batch_sizes:

@@ -22,6 +22,14 @@ cp out/readme-grid/grid.png docs/fmnist-dit-grid.png
 #    replicates (resumable; a couple of hours), into docs/results/paper/
 $PY scripts/bench_paper.py --config configs/fmnist-dit-paper.yaml --out docs/results/paper
 
+# 3b. the baseline families side by side at N = 128 (the table before the paper one)
+POLICIES=(none fora:interval=2 fora:interval=3 fora:interval=2,unit=block smoothcache:threshold=0.1
+          dps:groups=25 recat:groups=25 dqar:entropy_threshold=1.0 teacache:threshold=0.3
+          taylorseer:interval=3,order=2 diffusers-fbc:threshold=0.1 diffusers-taylorseer:interval=3)
+if [ -n "$SCHED" ]; then POLICIES+=("schedule:path=$SCHED" "smoothcache-wheel:path=$SCHED"); fi
+$PY scripts/bench_table.py --steps 50 --batch-size 64 --num-samples 128 --seeds 0 1 2 --repeats 2 \
+    --json docs/results/bench.json --policies "${POLICIES[@]}" | tee docs/results/bench.md
+
 # 4. the cost of recording traces
 $PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 2 | tee docs/results/trace.md
 

@@ -23,7 +23,7 @@ def test_tiny_cpu_run_writes_a_row_per_method_and_batch(bench_gpu, tmp_path):
                            "--out", str(out)])
     table, saved = (out / "bench_gpu.md").read_text(), json.loads((out / "bench_gpu.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows, default=str))
-    names = [bench_gpu.PLAIN, "none", "fora:interval=2", "fora:interval=3", "schedule attn1/8 ff/4"]
+    names = [bench_gpu.PLAIN, "none", "fora:interval=2", "fora:interval=3", "attn1/8 ff/4"]
     assert [(r["batch_size"], r["method"]) for r in rows] == [(2, n) for n in names]
     for r in rows:
         assert len(r["times_s"]) == 1 and all(t > 0 for t in r["times_s"]) and r["median_s"] > 0
@@ -31,9 +31,9 @@ def test_tiny_cpu_run_writes_a_row_per_method_and_batch(bench_gpu, tmp_path):
         if r["method"] == bench_gpu.PLAIN:
             assert r["speedup"] == 1.0 and r["reuse_ratio"] == 0.0
     reuse = {r["method"]: r["reuse_ratio"] for r in rows if r["batch_size"] == 2}
-    # the policies really ran: at 4 steps fora-2 and fora-3 compute 2 of 4 steps, the schedule only step 0
+    # the policies really ran: at 4 steps fora-2 and fora-3 compute 2 of 4 steps, the per-unit-type schedule only step 0
     assert reuse == pytest.approx({bench_gpu.PLAIN: 0.0, "none": 0.0, "fora:interval=2": 0.5, "fora:interval=3": 0.5,
-                                   "schedule attn1/8 ff/4": 0.75})
+                                   "attn1/8 ff/4": 0.75})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")

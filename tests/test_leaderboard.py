@@ -297,3 +297,15 @@ def test_unknown_or_empty_experiment_is_a_value_error(logged):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"no bench or search runs in MLflow at .*run `cqpolicy bench` first"):
         collect_rows(["cqpolicy-bench-empty"])
+
+
+def test_a_hand_schedule_within_two_percent_of_the_macs_is_matched():
+    """A learned row 1% faster than a hand schedule of the same quality ties it (the twin is at matched MACs)."""
+    base = {0: (10.0, 0.01), 1: (11.0, 0.02), 2: (12.0, 0.03)}
+    case = {("baseline", "plain", 1.0): base,
+            (LEARNED, "learned-intervals", 4.43): {k: (v[0] + 0.05, v[1]) for k, v in base.items()},
+            ("fora:attn1_interval=8,ff_interval=4", "fora", 4.38): {0: (10.3, 0.01), 1: (11.0, 0.02),
+                                                                    2: (12.0, 0.03)},
+            ("fora:interval=5", "fora", 4.69): {k: (v[0] + 3.0, v[1]) for k, v in base.items()}}
+    row = leaderboard(_rows(case)).set_index("method").loc[LEARNED]
+    assert row["not_beaten_by_margin"] == "fora" and not row["beats_all"]

@@ -29,6 +29,25 @@ def test_shipped_classifier_and_reference_statistics_on_real_data():
     assert 0 < real < 3.0 < 100 * real < noise
 
 
+@needs_data
+def test_kid_is_unbiased_real_against_real_and_large_for_noise():
+    """KID of real training images against the real test reference: about 0 even at N = 64 (FID is not)."""
+    import torch
+
+    from cqpolicy.data import load_fashion_mnist
+    from cqpolicy.evaluation.quality import ClassifierKID, unbiased_poly_mmd
+
+    train_x, _ = load_fashion_mnist("train")
+    real = torch.from_numpy(train_x[:256].copy()).unsqueeze(1)
+    kid = ClassifierKID()
+    draws = [kid(real[i:i + 64]) for i in range(0, 256, 64)]
+    assert all(abs(d) < 0.5 for d in draws), draws
+    noise = torch.randint(0, 256, (64, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert kid(noise) > 10
+    x, y = torch.randn(40, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64) + 1
+    assert unbiased_poly_mmd(x, y) == pytest.approx(unbiased_poly_mmd(y, x))  # symmetric, any two sizes
+
+
 def test_fid_rejects_float_images():
     with pytest.raises(TypeError, match="uint8"):
         load_classifier()(torch.zeros(2, 1, 28, 28))

@@ -174,9 +174,13 @@ def _beats(row_fid: pd.Series, row_delta: float, best_fid: pd.Series, best_delta
     return bool(best_delta - row_delta > paired_std)
 
 
+MACS_MATCH = 0.02  # "equal MACs" within 2%: a hand schedule 1% cheaper than a learned one is its twin, not slower
+
+
 def _verdicts(table: pd.DataFrame, per_seed_fid: list[pd.Series]) -> pd.DataFrame:
     """The "families are frontiers" verdict of every non-plain row: for each other family G (``plain``
-    excluded) of its setting, G's rows with MACs speedup >= the row's; none: G is unopposed there (counts as
+    excluded) of its setting, G's rows with MACs speedup >= the row's (within ``MACS_MATCH``); none: G is
+    unopposed there (counts as
     beaten); else the best of them (lowest delta_fid, ties: higher MACs speedup) must be beaten by more than
     the paired std (``_beats``). A row without a delta_fid or a MACs speedup beats no opposed family and
     never beats all; plain rows get no verdict (False / "")."""
@@ -193,7 +197,7 @@ def _verdicts(table: pd.DataFrame, per_seed_fid: list[pd.Series]) -> pd.DataFram
             others = sorted(set(fam) - {PLAIN, fam[i]})
             lost, free = [], []
             for g in others:
-                at = setting.index[(fam == g) & (macs >= macs[i])]  # NaN compares False
+                at = setting.index[(fam == g) & (macs >= macs[i] * (1 - MACS_MATCH))]  # NaN compares False
                 if len(at) == 0 and not math.isnan(macs[i]):
                     free.append(g)
                     continue
@@ -344,7 +348,7 @@ FOOTNOTE = (
     "space as FID). ΔFID / ΔKID = mean over seeds of the value minus the same-seed baseline's ± the sample std "
     "of those paired differences (no ± with fewer than two paired seeds). Pareto = not dominated in "
     "(MACs speedup ↑, FID ↓) within the setting. **Beats**: a row beats another family G when, among G's rows "
-    "of the same setting with MACs speedup ≥ the row's, the best one (lowest ΔFID) has a ΔFID higher than "
+    "of the same setting with MACs speedup ≥ the row's (matched within 2%), the best one (lowest ΔFID) has a ΔFID higher than "
     "the row's by more than the paired std — the sample std, over the seeds both share, of the per-seed FID "
     "differences (this row minus that G row); with fewer than two shared seeds there is no std and G is not "
     "beaten. If G has no row at ≥ the row's MACs speedup, G is *unopposed* there: it counts as beaten but is "

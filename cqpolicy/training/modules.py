@@ -173,10 +173,12 @@ class LayerSchedulerModule(L.LightningModule):
 def chain_costs(impact: torch.Tensor, intervals: Sequence[int]) -> torch.Tensor:
     """Predicted harm of refreshing each (block, unit) every k steps: ``[len(intervals), blocks, units]``.
 
-    ``impact[t]`` is the harm of reusing at step t a cache computed one step before. A cache s steps stale
-    has drifted by at most the sum of the s one-step drifts (triangle inequality), so reusing it at step t
-    costs about ``impact[t-s+1] + ... + impact[t]``; summed over the steps an interval-k schedule reuses
-    (those with ``t % k != 0``). Unprobed cells (NaN, e.g. step 0) count as free.
+    ``impact[t]`` is the harm of reusing at step t a cache computed one step before. A heuristic, not a bound:
+    the unit's own output drift over s steps is at most the sum of its one-step drifts (triangle inequality),
+    but the labels are per-step-normalised, downstream-weighted model-output errors, for which the sum is only
+    an estimate; reusing an s-steps-stale cache at step t is priced ``impact[t-s+1] + ... + impact[t]``, summed
+    over the steps an interval-k schedule reuses (those with ``t % k != 0``). Unprobed cells (NaN, e.g. step 0)
+    count as free.
     """
     impact = torch.nan_to_num(impact.double(), nan=0.0)
     prefix = torch.cat([torch.zeros_like(impact[:1]), impact.cumsum(0)])  # prefix[t] = sum of impact[:t]
