@@ -10,8 +10,6 @@ with ``repeats=0`` each method's timed quality pass. FID, KID and class accuracy
 from __future__ import annotations
 
 import statistics
-import time
-from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm

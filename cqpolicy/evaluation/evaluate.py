@@ -10,7 +10,7 @@ import torch
 from cqpolicy.evaluation.cost import PeakMemory, measured_sample
 from cqpolicy.evaluation.quality import images_to_uint8
 from cqpolicy.models.loading import LoadedModel
-from cqpolicy.sampling import SampleSettings, sample
+from cqpolicy.sampling import SampleSettings
 
 
 def is_fashion_mnist_like(model: LoadedModel) -> bool:
