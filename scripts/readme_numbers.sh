@@ -31,7 +31,7 @@ $PY scripts/bench_table.py --steps 50 --batch-size 64 --num-samples 128 --seeds 
     --json docs/results/bench.json --policies "${POLICIES[@]}" | tee docs/results/bench.md
 
 # 4. the cost of recording traces
-$PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 2 | tee docs/results/trace.md
+$PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 1 | tee docs/results/trace.md
 
 # 5. uniform refresh (FORA) against phase-locked per-unit-type intervals: 64 samples x 3 seeds
 rm -rf out/unit-intervals
