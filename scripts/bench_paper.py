@@ -30,14 +30,14 @@ import torch
 from tqdm import tqdm
 
 from cqpolicy import seeds as seed_roles
-from cqpolicy.evaluation.bench import BASELINE, PLAIN_FAMILY, log_bench_rows
+from cqpolicy.evaluation.bench import BASELINE, cost_row, log_bench_rows
 from cqpolicy.evaluation.classifier import load_classifier
 from cqpolicy.evaluation.cost import measured_sample, model_costs
 from cqpolicy.evaluation.evaluate import default_labels
 from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID, class_accuracy, images_to_uint8, paired_fidelity
 from cqpolicy.models import load_model
 from cqpolicy.outputs import read_yaml
-from cqpolicy.policies import make_policy, spec_string
+from cqpolicy.policies import make_policy
 from cqpolicy.sampling import SampleSettings
 from cqpolicy.tracking.leaderboard import leaderboard, write_leaderboard
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         if not plain_file.is_file() or not base_row_file.is_file():
             run = measured_sample(model, None, "none", labels, seeds, settings)
             np.savez_compressed(plain_file, images=images_to_uint8(run.images).numpy())
-            base_row = score(BASELINE, PLAIN_FAMILY, "none", run, None, labels, classifier, fid, kid, per_image)
+            base_row = score(BASELINE, "none", run, None, labels, classifier, fid, kid, per_image)
             write_json(base_row_file, finish(base_row, base_row, model, settings, num_samples, first))
             log_bench_rows(EXPERIMENT, [json.loads(base_row_file.read_text())])
             bar.update(1)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
             policy = make_policy(spec)
             policy.prepare(model, settings)
             run = measured_sample(model, policy, fmt, labels, seeds, settings)
-            row = score(spec, policy.family, fmt, run, reference, labels, classifier, fid, kid, per_image, policy)
+            row = score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy)
             write_json(path, finish(row, base_row, model, settings, num_samples, first))
             log_bench_rows(EXPERIMENT, [json.loads(path.read_text())])
             bar.update(1)
@@ -152,14 +152,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def score(spec, family, fmt, run, reference, labels, classifier, fid, kid, per_image, policy=None) -> dict:
+def score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy=None) -> dict:
     images = images_to_uint8(run.images)
     fidelity = paired_fidelity(images, reference) if reference is not None else {"psnr": float("inf"), "ssim": 1.0}
-    calibration = int(getattr(policy, "calibration_images", 0) or 0)
-    return {"policy": spec, "policy_config": BASELINE if policy is None else spec_string(policy), "family": family,
-            "cache_dtype": fmt, "macs_per_image": run.macs / len(labels), "macs_source": run.macs_source,
-            "calibration_images": calibration, "calibration_macs": calibration * per_image,
-            "quality_pass_s": run.wall_s, "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes,
+    return {**cost_row(spec, policy, fmt, run, len(labels), per_image),
             "bit_identical": bool(reference is None or torch.equal(images, reference)),
             "psnr_vs_baseline": fidelity["psnr"], "ssim_vs_baseline": fidelity["ssim"],
             "class_accuracy": class_accuracy(images, labels, classifier), "fid": fid(images), "kid": kid(images)}

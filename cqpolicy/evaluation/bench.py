@@ -25,6 +25,16 @@ BASELINE = "baseline"
 PLAIN_FAMILY = "plain"
 
 
+def cost_row(name: str, policy, cache_format: str, run, num_samples: int, plain_macs_per_image: int) -> dict:
+    """What a method is and what its scored run cost (``run``: a ``MeasuredRun``; ``policy`` None = plain)."""
+    calibration = int(getattr(policy, "calibration_images", 0) or 0)
+    return {"policy": name, "policy_config": BASELINE if policy is None else spec_string(policy),
+            "family": PLAIN_FAMILY if policy is None else policy.family, "cache_dtype": cache_format,
+            "macs_per_image": run.macs / num_samples, "macs_source": run.macs_source,
+            "calibration_images": calibration, "calibration_macs": calibration * plain_macs_per_image,
+            "quality_pass_s": run.wall_s, "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes}
+
+
 def bench(model: LoadedModel, policies: list, settings: SampleSettings, num_samples: int, seed: int = 0,
           cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True) -> list[dict]:
     """One row per method (the plain-model baseline first). Sample ``i`` has class ``i mod classes`` and seed
@@ -59,12 +69,7 @@ def bench(model: LoadedModel, policies: list, settings: SampleSettings, num_samp
         run = measured_sample(model, policy, fmt, labels, seeds, settings)
         bar.update(1)
         images_u8 = images_to_uint8(run.images)
-        calibration = int(getattr(policy, "calibration_images", 0) or 0)
-        row = {"policy": name, "policy_config": BASELINE if policy is None else spec_string(policy),
-               "family": PLAIN_FAMILY if policy is None else policy.family, "cache_dtype": fmt,
-               "macs_per_image": run.macs / num_samples, "macs_source": run.macs_source,
-               "calibration_images": calibration, "calibration_macs": calibration * per_image,
-               "quality_pass_s": run.wall_s, "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes}
+        row = cost_row(name, policy, fmt, run, num_samples, per_image)
         if reference is None:
             reference = (run.images, images_u8)
         row["bit_identical"] = bool(torch.equal(run.images, reference[0]))
