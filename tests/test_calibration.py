@@ -21,3 +21,19 @@ def test_recorder_subsamples_long_token_sequences(tiny_dit_dir):
     assert short[0, "ff"].shape == (2, 1, 5, 16)
     assert torch.equal(short[0, "ff"][:, :, 0], full[0, "ff"][:, :, 0])  # first and last tokens kept
     assert torch.equal(short[0, "ff"][:, :, -1], full[0, "ff"][:, :, -1])
+
+
+def test_calibration_run_is_reused_across_policy_objects(tiny_dit_dir, monkeypatch):
+    """SmoothCache, DPS and ReCaT calibrate on the same uncached run: a bench replicate samples it once."""
+    import cqpolicy.sampling as sampling
+
+    model = load_model(str(tiny_dit_dir))
+    calls, real = [], sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = SampleSettings(steps=4, guidance_scale=2.0)
+    first = record_unit_outputs(model, s, num_samples=2)
+    again = record_unit_outputs(model, s, num_samples=2)
+    assert len(calls) == 1 and all(torch.equal(first[k], again[k]) for k in first)
+    record_unit_outputs(model, s, num_samples=3)  # another setting: a new run
+    record_unit_outputs(load_model(str(tiny_dit_dir)), s, num_samples=3)  # another model object: a new run
+    assert len(calls) == 3

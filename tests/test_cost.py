@@ -100,3 +100,26 @@ def test_unit_costs_add_up(tiny):
     for block in range(3):
         assert costs.unit_macs[block, "attn1"] + costs.unit_macs[block, "ff"] < costs.unit_macs[block, "block"]
     assert sum(costs.unit_macs[b, "block"] for b in range(3)) < costs.row_macs
+
+
+def test_leaf_counts_of_a_plain_run_give_the_flop_counters_macs(tiny):
+    """Block 0's timestep embedding also runs from outside block 0: rows are counted per call, not per block."""
+    settings = SampleSettings(steps=3, guidance_scale=3.0, batch_size=2)
+    labels, seeds = [0, 1, 2], [5, 6, 7]
+    costs = model_costs(tiny, settings)
+    assert costs.leaf_macs and all(v > 0 for v in costs.leaf_macs.values())
+    with costs.leaf_counter(tiny.transformer, len(seeds)) as leaves:
+        sample(tiny, labels, seeds, settings, progress=False)
+    assert leaves["macs"] == count_macs(lambda: sample(tiny, labels, seeds, settings, progress=False))[0]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("spec", ["diffusers-fbc:threshold=0.2", "diffusers-taylorseer:interval=3,warmup=1"])
+def test_peer_runs_are_counted_exactly_by_their_leaves(tiny, spec, guidance):
+    """Peer hooks skip blocks and attention modules we do not hook: the leaf row counts see what really ran."""
+    settings = SampleSettings(steps=7, guidance_scale=guidance, batch_size=3)
+    labels, seeds = [0, 1, 2, 3, 4], [11, 12, 13, 14, 15]
+    run = measured_sample(tiny, make_policy(spec), "fp16", labels, seeds, settings)
+    assert run.macs_source == "leaf-module row counts"
+    assert run.macs == flop_counted(tiny, make_policy(spec), labels, seeds, settings)
+    assert run.macs < measured_sample(tiny, None, "fp16", labels, seeds, settings).macs

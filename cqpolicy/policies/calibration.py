@@ -35,6 +35,9 @@ class _Recorder(Policy):
         return False
 
 
+_LAST: list = []  # [(weakref to the transformer, key, outputs)]: the newest calibration run only (it is large)
+
+
 @torch.no_grad()
 def record_unit_outputs(model, settings, units: tuple[str, ...] = ("attn1", "ff"), num_samples: int = 8,
                         seed: int = CALIBRATION_SEED, max_tokens: int | None = 64
@@ -45,14 +48,22 @@ def record_unit_outputs(model, settings, units: tuple[str, ...] = ("attn1", "ff"
     class ``i mod num_classes`` and seed ``seed + i``. Outputs are kept in fp16 and, for token sequences
     longer than ``max_tokens``, on ``max_tokens`` evenly spaced tokens (``fmnist-dit`` has 49: all kept).
     """
+    import weakref
     from dataclasses import replace
 
     from cqpolicy.runtime import enable
     from cqpolicy.sampling import sample
 
+    # SmoothCache, DPS and ReCaT calibrate on the same uncached run, once per bench replicate: run it once.
+    key = (str(model.dtype), int(settings.steps), str(settings.scheduler), float(settings.guidance_scale),
+           tuple(units), int(num_samples), int(seed), max_tokens)
+    if _LAST and _LAST[0][0]() is model.transformer and _LAST[0][1] == key:
+        return dict(_LAST[0][2])
     recorder = _Recorder(tuple(units), max_tokens)
     labels = torch.arange(num_samples) % model.num_classes
     seeds = [seed + i for i in range(num_samples)]
     with enable(model.transformer, recorder):
         sample(model, labels, seeds, replace(settings, batch_size=num_samples), progress=False)
-    return {key: torch.stack(values).float() for key, values in recorder.outputs.items()}
+    outputs = {unit: torch.stack(values).float() for unit, values in recorder.outputs.items()}
+    _LAST[:] = [(weakref.ref(model.transformer), key, outputs)]
+    return dict(outputs)
