@@ -36,6 +36,7 @@ from cqpolicy.evaluation.cost import measured_sample, model_costs
 from cqpolicy.evaluation.evaluate import default_labels
 from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID, class_accuracy, images_to_uint8, paired_fidelity
 from cqpolicy.models import load_model
+from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.outputs import read_yaml
 from cqpolicy.policies import make_policy
 from cqpolicy.sampling import SampleSettings
@@ -110,26 +111,40 @@ def main(argv=None) -> int:
     labels = default_labels(num_samples, model.num_classes)
     classifier, fid, kid = load_classifier(), ClassifierFID(), ClassifierKID()
     per_image = model_costs(model, settings).plain(1, settings)
+    fingerprint = model_fingerprint(model)
+    for old in sorted((out / "rows").glob("*/*.json")):
+        if json.loads(old.read_text()).get("model_fingerprint") != fingerprint:
+            raise PaperError(f"{old} was measured on other weights than {model.name}'s now: "
+                             f"bench into a new --out (or remove {out / 'rows'})")
     todo = [(k, m) for k in replicates for m in [(BASELINE, "none")] + methods
             if not (out / "rows" / str(k) / f"{slug(*m)}.json").is_file()]
     bar = tqdm(total=len(todo), desc="paper bench", unit="row", dynamic_ncols=True)
-    for k in replicates:
+
+    def plain(k):
+        """Replicate ``k``'s plain row and uint8 images, sampled once and kept for a resumed run."""
         first = seed_roles.test_start(k)
-        seeds = [first + i for i in range(num_samples)]
         rows_dir = out / "rows" / str(k)
         rows_dir.mkdir(parents=True, exist_ok=True)
         plain_file = out / "work" / f"plain-{k}-{num_samples}.npz"
         base_row_file = rows_dir / f"{slug(BASELINE, 'none')}.json"
         if not plain_file.is_file() or not base_row_file.is_file():
-            run = measured_sample(model, None, "none", labels, seeds, settings)
+            bar.set_postfix_str(f"replicate {k}: plain model")
+            run = measured_sample(model, None, "none", labels, [first + i for i in range(num_samples)], settings)
             np.savez_compressed(plain_file, images=images_to_uint8(run.images).numpy())
             base_row = score(BASELINE, "none", run, None, labels, classifier, fid, kid, per_image)
-            write_json(base_row_file, finish(base_row, base_row, model, settings, num_samples, first))
+            write_json(base_row_file, finish(base_row, base_row, model, settings, num_samples, first, fingerprint))
             log_bench_rows(EXPERIMENT, [json.loads(base_row_file.read_text())])
             bar.update(1)
         with np.load(plain_file) as data:
-            reference = torch.from_numpy(data["images"])
-        base_row = json.loads(base_row_file.read_text())
+            return json.loads(base_row_file.read_text()), torch.from_numpy(data["images"])
+
+    for k in replicates:  # every replicate's plain model first: the noise floor is known early
+        plain(k)
+    for k in replicates:
+        first = seed_roles.test_start(k)
+        seeds = [first + i for i in range(num_samples)]
+        rows_dir = out / "rows" / str(k)
+        base_row, reference = plain(k)
         for spec, fmt in methods:
             path = rows_dir / f"{slug(spec, fmt)}.json"
             if path.is_file():
@@ -139,7 +154,7 @@ def main(argv=None) -> int:
             policy.prepare(model, settings)
             run = measured_sample(model, policy, fmt, labels, seeds, settings)
             row = score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy)
-            write_json(path, finish(row, base_row, model, settings, num_samples, first))
+            write_json(path, finish(row, base_row, model, settings, num_samples, first, fingerprint))
             log_bench_rows(EXPERIMENT, [json.loads(path.read_text())])
             bar.update(1)
     bar.close()
@@ -161,13 +176,13 @@ def score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, po
             "class_accuracy": class_accuracy(images, labels, classifier), "fid": fid(images), "kid": kid(images)}
 
 
-def finish(row: dict, base: dict, model, settings, num_samples: int, first_seed: int) -> dict:
+def finish(row: dict, base: dict, model, settings, num_samples: int, first_seed: int, fingerprint: str) -> dict:
     return {**row, "macs_speedup": base["macs_per_image"] / row["macs_per_image"],
             "wall_speedup": base["quality_pass_s"] / row["quality_pass_s"],
             "wall_measured_on": "the quality pass (all samples), against the plain model's of the same replicate",
             "num_samples": num_samples, "steps": settings.steps, "seed": first_seed,
             "batch_size": settings.batch_size, "guidance_scale": settings.guidance_scale,
-            "scheduler": settings.scheduler, "repeats": 0, "model": model.name}
+            "scheduler": settings.scheduler, "repeats": 0, "model": model.name, "model_fingerprint": fingerprint}
 
 
 if __name__ == "__main__":

@@ -39,3 +39,16 @@ def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path, reques
     again = sorted((out / "rows").glob("*/*.json"))
     assert len(again) == 6
     assert all(p.stat().st_mtime_ns == stamp[p] for p in again if p != rows[-1])
+    # rows of other weights are never mixed into the table: one line, nothing touched
+    other = tmp_path / "other-weights"
+    from conftest import tiny_fmnist_dit
+    from cqpolicy.models import fmnist_dit
+
+    tiny_fmnist_dit(seed=7).save_pretrained(other / "transformer")
+    fmnist_dit.build_scheduler().save_pretrained(other / "scheduler")
+    config.write_text(config.read_text().replace(str(tiny_dit_dir), str(other)))
+    import pytest
+
+    with pytest.raises(script.PaperError, match="other weights"):
+        script.main(["--config", str(config), "--out", str(out)])
+    assert all(p.stat().st_mtime_ns == stamp[p] for p in again if p != rows[-1])
