@@ -215,7 +215,7 @@ def stage_search(config, model, settings, stage_dir, results, progress):
     s = config.get("search") or {}
     mlp = results["retrain"]["mlp"]
     # the learned threshold is searched around the artifact's default (its labels' median): label scales differ
-    from cqpolicy.training.artifact import load_artifact
+    from cqpolicy.policies.artifact import load_artifact
 
     default = float(load_artifact(mlp)[0]["default_threshold"])
     lo, hi = (default * float(v) for v in s.get("threshold_factor", [0.05, 20.0]))
@@ -260,7 +260,7 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
 
 def _table_speedup(artifact: str) -> float:
     """A scheduler artifact's share of computed cells as a speedup (MACs are counted in the bench itself)."""
-    from cqpolicy.training.artifact import load_artifact
+    from cqpolicy.policies.artifact import load_artifact
 
     return 1.0 / float(load_artifact(artifact)[0]["metrics"]["compute_fraction"])
 

@@ -177,8 +177,8 @@ def test_argument_errors_are_one_line_not_the_whole_usage(capsys, argv, fragment
 def _artifact(tmp_path, kind="mlp"):
     """A deployable artifact written directly (no training): an untrained MLP or an all-compute table."""
     from cqpolicy.policies.features import STEP_FEATURES
-    from cqpolicy.training.artifact import save_artifact
-    from cqpolicy.training.modules import ReuseMLP
+    from cqpolicy.policies.artifact import save_artifact
+    from cqpolicy.policies.networks import ReuseMLP
 
     model = {"class": "DiTTransformer2DModel", "model_id": "tiny", "model_hash": "0" * 16, "num_blocks": 2,
              "units": ["attn1", "ff"], "steps": 2, "scheduler": "ddim", "guidance_scale": 3.0}

@@ -20,8 +20,8 @@ from cqpolicy.policies.families.learned import LearnedConfig, LearnedPolicy
 from cqpolicy.policies.features import STEP_FEATURES
 from cqpolicy.runtime import StepMismatchError
 from cqpolicy.sampling import SampleSettings, sample
-from cqpolicy.training.artifact import ArtifactError, check_fits, save_artifact, transfers_across_steps
-from cqpolicy.training.modules import ReuseMLP
+from cqpolicy.policies.artifact import ArtifactError, check_fits, save_artifact, transfers_across_steps
+from cqpolicy.policies.networks import ReuseMLP
 
 BLOCKS, STEPS, UNITS = 2, 6, ("attn1", "ff")
 

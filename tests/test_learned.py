@@ -83,7 +83,7 @@ def test_step_level_features_at_run_time_equal_the_ones_trained_on(tiny_dit_dir,
     from cqpolicy import seeds as seed_roles
     from cqpolicy.tracing.collect import collect
     from cqpolicy.training.data import TraceDataModule
-    from cqpolicy.training.modules import ReuseMLP
+    from cqpolicy.policies.networks import ReuseMLP
 
     mlp, _ = artifacts
     meta = json.loads((mlp / "policy.json").read_text())
@@ -114,3 +114,28 @@ def test_step_level_features_at_run_time_equal_the_ones_trained_on(tiny_dit_dir,
             checked += 1
             stale += x[since].item() > 0
     assert checked == 4 * 2 * 5 * 2 * units and stale > 0  # every probed row, some of them after reuses
+
+
+def test_deploying_a_learned_policy_imports_no_trainer(tiny_dit_dir, artifacts):
+    """Imports run one way: sampling under a trained MLP and scheduler loads neither Lightning nor the trainer
+    nor the trace reader."""
+    import subprocess
+    import sys
+
+    mlp, sched = artifacts
+    code = f"""
+import sys
+import cqpolicy
+from cqpolicy.models import load_model
+from cqpolicy.sampling import SampleSettings, sample
+model = load_model({str(tiny_dit_dir)!r})
+for path in ({str(mlp)!r}, {str(sched)!r}):
+    with cqpolicy.enable(model.transformer, "learned:path=" + path):
+        sample(model, [1, 2], [0, 1], SampleSettings(steps=6, guidance_scale=2.0), progress=False)
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")
+             or m.startswith(("cqpolicy.training", "cqpolicy.tracing")))
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

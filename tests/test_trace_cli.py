@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from cqpolicy import seeds as seed_roles
 from cqpolicy.cli import main

@@ -27,7 +27,7 @@ from cqpolicy.tracing import RunInfo, TraceError, TraceReader, TraceWriter
 
 TRACE_SEED0 = seed_roles.start("trace")
 from cqpolicy.tracing.collect import LABEL_COLUMNS, TRACE_SCHEMA
-from cqpolicy.training.artifact import ArtifactError, check_fits, load_artifact, save_artifact
+from cqpolicy.policies.artifact import ArtifactError, check_fits, load_artifact, save_artifact
 from cqpolicy.training.data import TraceDataModule
 from cqpolicy.training.modules import LayerSchedulerModule, ReuseMLP, ReusePolicyModule, chain_costs, fit_intervals
 from cqpolicy.training.train import checkpoint_dir, train_policy

@@ -60,7 +60,7 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
         "batch_size": settings.batch_size, "wall_s": run.wall_s,
         "time_per_image_s": run.wall_s / num_samples, "peak_memory_bytes": mem.peak_bytes,
     }
-    if count_cost:  # exact for this run (and free unless the policy is a peer engine: see evaluation.cost)
+    if count_cost:  # exact for this run (evaluation.cost)
         metrics["macs"] = run.macs
         metrics["macs_per_image"] = run.macs / num_samples
         metrics["macs_source"] = run.macs_source

@@ -1,9 +1,9 @@
 """Training: trace rows -> a learned reuse policy (MLP or layer scheduler) -> a verified policy artifact.
 
 Submodules: ``data`` (``TraceDataModule``: features, split by seed, train-only normalisation), ``modules``
-(``ReuseMLP``, ``ReusePolicyModule``, ``LayerSchedulerModule``), ``artifact`` (``save_artifact``,
-``load_artifact``, ``check_fits``), ``train`` (``train_policy``). Names are imported lazily, so loading an
-artifact does not import Lightning.
+(``ReusePolicyModule``, ``LayerSchedulerModule``), ``train`` (``train_policy``). The artifact format and the
+deployed net live with the policies (``cqpolicy.policies.artifact``, ``cqpolicy.policies.networks``): training
+imports them, never the other way round, so deploying a policy does not import Lightning.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import importlib
 
 _EXPORTS = {
     "TraceDataModule": "data", "ImpactTableDataModule": "data",
-    "ReuseMLP": "modules", "ReusePolicyModule": "modules", "LayerSchedulerModule": "modules",
-    "ArtifactError": "artifact", "save_artifact": "artifact", "load_artifact": "artifact", "check_fits": "artifact",
+    "ReusePolicyModule": "modules", "LayerSchedulerModule": "modules",
     "train_policy": "train",
 }
 

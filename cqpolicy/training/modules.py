@@ -26,30 +26,11 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
+from cqpolicy.policies.networks import ReuseMLP  # noqa: F401  (the deployed net; trained here)
 from cqpolicy.training.data import LOG_EPS
 
 __all__ = ["ReuseMLP", "ReusePolicyModule", "LayerSchedulerModule", "weighted_mse", "harm_scores", "chain_costs",
            "fit_intervals"]
-
-
-class ReuseMLP(nn.Module):
-    """``in_features -> hidden -> hidden -> 1`` with SiLU; returns ``[rows, 1]`` predicted log impact.
-
-    Normalised inputs are first clamped to the range the training split spanned (buffers ``low`` / ``high``,
-    saved with the weights): the MLP never extrapolates, and a feature that was constant in training (e.g.
-    ``steps_since_compute`` in traces that never reused) is held at its training value instead of reaching
-    the net as a huge normalised number when it varies at run time.
-    """
-
-    def __init__(self, in_features: int, hidden: int = 64):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 1))
-        self.register_buffer("low", torch.full((in_features,), -math.inf))
-        self.register_buffer("high", torch.full((in_features,), math.inf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.clamp(x, self.low, self.high))
 
 
 def weighted_mse(pred: torch.Tensor, y: torch.Tensor, impact: torch.Tensor, tolerance: float,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cqpolicy.policies.features import FEATURE_SETS
-from cqpolicy.training.artifact import ArtifactError, check_target, save_artifact
+from cqpolicy.policies.artifact import ArtifactError, check_target, save_artifact
 from cqpolicy.training.data import LOG_EPS, ImpactTableDataModule, TraceDataModule
 from cqpolicy.training.modules import (LayerSchedulerModule, ReusePolicyModule, chain_costs, fit_intervals, harm_scores,
                                        weighted_mse)

@@ -16,7 +16,7 @@
 The artifact must fit the model: its class, block count and weight hash (``cqpolicy.models.fingerprint``)
 are checked in ``prepare``, and so are its step count and scheduler unless it is keyed on progress (an MLP
 whose features are all runtime features: progress, log-SNR, staleness, inputs; see
-``cqpolicy.training.artifact.transfers_across_steps``); a scheduler table, indexed by step, never transfers.
+``cqpolicy.policies.artifact.transfers_across_steps``); a scheduler table, indexed by step, never transfers.
 A tampered weights file or a malformed ``policy.json`` is refused when loaded.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LearnedConfig:
 @register("learned", LearnedConfig)
 class LearnedPolicy(Policy):
     def __init__(self, config: LearnedConfig = LearnedConfig()):
-        from cqpolicy.training.artifact import load_artifact
+        from cqpolicy.policies.artifact import load_artifact
 
         if not config.path:
             raise ValueError("policy 'learned' needs path=ARTIFACT_DIR")
@@ -58,14 +58,14 @@ class LearnedPolicy(Policy):
         self.kind = self.meta["kind"]
         self.units = tuple(self.meta["model"]["units"])
         if self.kind == "mlp":
-            from cqpolicy.training.modules import ReuseMLP
+            from cqpolicy.policies.networks import ReuseMLP
 
             self.features = list(self.meta["features"])
             self.mlp = ReuseMLP(len(self.features), int(self.meta["hidden"]))
             try:
                 self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
             except RuntimeError:  # names or shapes that do not fit policy.json's features and hidden
-                from cqpolicy.training.artifact import ArtifactError
+                from cqpolicy.policies.artifact import ArtifactError
 
                 raise ArtifactError(f"policy artifact {config.path}: its weights do not fit an MLP of "
                                     f"{len(self.features)} features and {self.meta['hidden']} hidden units "
@@ -80,7 +80,7 @@ class LearnedPolicy(Policy):
             self.table = tensors["table"].bool()
         else:
             raise ValueError(f"policy 'learned': unknown artifact kind {self.kind!r}")
-        from cqpolicy.training.artifact import transfers_across_steps
+        from cqpolicy.policies.artifact import transfers_across_steps
 
         self.transfers = transfers_across_steps(self.meta)  # keyed on progress: fits other step counts
         self.tracker = InputTracker()
@@ -93,7 +93,7 @@ class LearnedPolicy(Policy):
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import transformer_blocks
         from cqpolicy.models.fingerprint import model_fingerprints
-        from cqpolicy.training.artifact import check_fits
+        from cqpolicy.policies.artifact import check_fits
 
         check_fits(self.meta, type(model.transformer).__name__, len(transformer_blocks(model.transformer)),
                    settings.steps, settings.scheduler, source=self.config.path,
