@@ -37,7 +37,7 @@ SCHEDULER_CONFIG = dict(
     timestep_spacing="leading",
 )
 
-DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_GUIDANCE_SCALE = 2.0
 
 
 def build_transformer():
