@@ -138,13 +138,12 @@ def main(argv=None) -> int:
         with np.load(plain_file) as data:
             return json.loads(base_row_file.read_text()), torch.from_numpy(data["images"])
 
-    for k in replicates:  # every replicate's plain model first: the noise floor is known early
-        plain(k)
+    plains = {k: plain(k) for k in replicates}  # every replicate's plain model first: the noise floor early
     for k in replicates:
         first = seed_roles.test_start(k)
         seeds = [first + i for i in range(num_samples)]
         rows_dir = out / "rows" / str(k)
-        base_row, reference = plain(k)
+        base_row, reference = plains[k]
         for spec, fmt in methods:
             path = rows_dir / f"{slug(spec, fmt)}.json"
             if path.is_file():
