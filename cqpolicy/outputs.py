@@ -68,6 +68,28 @@ def read_yaml(path: str | os.PathLike, error: type[Exception], what: str):
     if not path.is_file():
         raise error(f"{what} {path} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], missing: str):
+    """``json.loads`` of ``path``; a missing (message ``missing``), unreadable or malformed file raises ``error``
+    in one line."""
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(missing) from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 JSON text") from None
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None

@@ -236,12 +236,8 @@ def stage_search(config, model, settings, stage_dir, results, progress):
 
 def stage_bench(config, model, settings, stage_dir, results, progress):
     b = config.get("bench") or {}
-    front = sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"])
-    pareto = _spread(front, int(b.get("max_pareto", 3)))
-    learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
-    learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
+    pareto, learned = learned_methods(config, results, int(b.get("max_pareto", 3)))
     interval_paths = list((results["train"].get("intervals") or {}).values())
-    learned += [(f"learned:path={path}", "fp16") for path in interval_paths]
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
     for p in pareto + [{"macs_speedup": _table_speedup(path), "cache_dtype": "fp16"} for path in interval_paths]:
@@ -256,6 +252,18 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     log_bench_rows(f"cqpolicy-bench-{stage_dir.parent.name}", rows, {BENCH_TAG: bench_id})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
+
+
+def learned_methods(config: dict, results: dict, max_pareto: int | None = None) -> tuple[list, list]:
+    """The learned policies a finished run benches, as ``(spec, cache format)``: ``max_pareto`` of the study's
+    Pareto points spread along the front (all if None), the scheduler under the reuse cap, the interval fits.
+    Returns (the Pareto points benched, every method)."""
+    front = sorted(results["search"]["pareto"], key=lambda r: r["macs_speedup"])
+    pareto = front if max_pareto is None else _spread(front, max_pareto)
+    learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
+    learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
+    learned += [(f"learned:path={path}", "fp16") for path in (results["train"].get("intervals") or {}).values()]
+    return pareto, learned
 
 
 def _table_speedup(artifact: str) -> float:

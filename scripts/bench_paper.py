@@ -9,9 +9,11 @@ For each test replicate ``k`` (samples ``k * 1_000_000 + i``, which nothing lear
 saw) the plain model runs first; its images are kept under ``OUT/work/`` so a resumed run scores every method
 against the same uncached samples (paired PSNR / SSIM). Each finished (replicate, method) row is written to
 ``OUT/rows/<k>/<method>.json`` at once and logged to MLflow (experiment ``cqpolicy-bench-paper``); a re-run
-skips finished rows. MACs are exact for the scored run; wall speedup is the method's quality-pass time
-against the plain model's quality pass of the same replicate (sequential, same batch size: a ratio, not a
-clock). At the end ``OUT/leaderboard.{csv,md}`` and ``OUT/pareto.png`` are written from every row so far:
+skips finished rows. MACs are exact for the scored run. Wall speedup is measured once per method, on the
+first batch of the first replicate it runs on: the plain model and the method in turn, ``--wall-repeats``
+times, in this process, the ratio of their median times (``OUT/wall/<method>.json``); a load that changes
+during the hours of the bench reaches both alike, which timing the quality passes one after the other would
+not. At the end ``OUT/leaderboard.{csv,md}`` and ``OUT/pareto.png`` are written from every row so far:
 FID / KID mean ± std over replicates, paired ΔFID / ΔKID ± std, and each row's verdict against every other
 family's frontier.
 """
@@ -21,6 +23,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,11 +35,11 @@ import torch
 from tqdm import tqdm
 
 from cqpolicy import seeds as seed_roles
-from cqpolicy.evaluation.bench import BASELINE, cost_row, log_bench_rows
+from cqpolicy.evaluation.bench import BASELINE, cost_row, interleaved_walls, log_bench_rows, quality_row
 from cqpolicy.evaluation.classifier import load_classifier
 from cqpolicy.evaluation.cost import measured_sample, model_costs
 from cqpolicy.evaluation.evaluate import default_labels
-from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID, class_accuracy, images_to_uint8, paired_fidelity
+from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID, images_to_uint8
 from cqpolicy.models import load_model
 from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.outputs import read_yaml
@@ -53,28 +58,56 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/fmnist-dit-paper.yaml")
     p.add_argument("--learned-from", default=None, help="main-job folder (default: the config's learned_from)")
+    p.add_argument("--learned-config", default=None, help="its config (default: the config's learned_config)")
     p.add_argument("--num-samples", type=int, default=None, help="per replicate (default: the config's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="test replicates (default: the config's)")
     p.add_argument("--only", nargs="*", default=None, help="bench only the methods whose spec contains one of these")
+    p.add_argument("--wall-repeats", type=int, default=2, help="interleaved timing pairs per method")
     p.add_argument("--out", default="docs/results/paper")
     return p.parse_args(argv)
 
 
-def learned_methods(run_dir: Path) -> list[tuple[str, str]]:
-    """The learned policies a finished ``cqpolicy run`` benches: study Pareto points, scheduler, intervals."""
-    done = {stage: run_dir / stage / "done.json" for stage in ("train", "retrain", "search")}
-    if not all(path.is_file() for path in done.values()):
-        return []
-    train, retrain, search = (json.loads(path.read_text()) for path in done.values())
-    methods = [(p["policy"], p["cache_dtype"]) for p in search.get("pareto", [])]
-    methods.append((f"learned:path={retrain['scheduler']}", "fp16"))
-    methods += [(f"learned:path={path}", "fp16") for path in (train.get("intervals") or {}).values()]
+def learned_methods(run_dir: Path, run_config: str, frozen: Path) -> list[tuple[str, str]]:
+    """The learned policies of a finished ``cqpolicy run`` (its study's Pareto points, the capped scheduler, the
+    interval fits; the main job's own list), each artifact copied once into ``frozen``: the table's rows name files
+    that stay, a later main job cannot swap them, and a resumed bench needs no ``out/run``."""
+    from cqpolicy.pipeline import Stage, learned_methods as run_methods, load_config
+
+    listed = frozen / "methods.json"
+    stages = {name: Stage(run_dir, name) for name in ("train", "retrain", "search")}
+    if not all(stage.done for stage in stages.values()):
+        return [tuple(m) for m in json.loads(listed.read_text())] if listed.is_file() else []
+    _, methods = run_methods(load_config(run_config), {name: st.result() for name, st in stages.items()})
+    methods = [(freeze(spec, run_dir, frozen), fmt) for spec, fmt in methods]
+    if listed.is_file() and [tuple(m) for m in json.loads(listed.read_text())] != methods:
+        raise PaperError(f"{run_dir} has other learned policies than the ones {listed} benches: "
+                         f"bench into a new --out")
+    write_json(listed, methods)
     return methods
 
 
+def freeze(spec: str, run_dir: Path, frozen: Path) -> str:
+    """``spec`` with its artifact copied to ``frozen/<its path under run_dir>`` (refused if a different copy is there)."""
+    match = re.search(r"path=([^,]+)", spec)
+    source = Path(match.group(1))
+    target = frozen / "-".join(source.resolve().relative_to(run_dir.resolve()).parts)
+    if not target.exists():
+        shutil.copytree(source, target)
+    elif _tree_digest(target) != _tree_digest(source):
+        raise PaperError(f"{target} holds another artifact than {source}: bench into a new --out")
+    return spec.replace(match.group(0), f"path={target}")
+
+
+def _tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def slug(spec: str, fmt: str) -> str:
-    text = f"{spec}|{fmt}"
-    return text.split(":")[0] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    """A file name for a method: its family and a hash of spec and cache format."""
+    return spec.split(":")[0] + "-" + hashlib.sha256(f"{spec}|{fmt}".encode()).hexdigest()[:12]
 
 
 def write_json(path: Path, data) -> None:
@@ -100,13 +133,15 @@ def main(argv=None) -> int:
     g = config.get("guidance_scale")
     settings = SampleSettings(steps=int(config.get("steps", 50)), batch_size=int(config.get("batch_size", 64)),
                               guidance_scale=model.default_guidance_scale if g is None else float(g))
-    methods = [(spec, "fp16") for spec in config.get("methods", [])]
-    methods += learned_methods(Path(args.learned_from or config.get("learned_from", "out/run")))
+    out = Path(args.out)
+    methods = learned_methods(Path(args.learned_from or config.get("learned_from", "out/run")),
+                               args.learned_config or config.get("learned_config", "configs/fmnist-dit.yaml"),
+                               out / "policies")  # first: the rows the table is for
+    methods += [(spec, "fp16") for spec in config.get("methods", [])]
     if args.only:
         methods = [m for m in methods if any(word in m[0] for word in args.only)]
     for spec, _ in methods:
         make_policy(spec)  # bad specs fail before anything runs
-    out = Path(args.out)
     (out / "work").mkdir(parents=True, exist_ok=True)
     labels = default_labels(num_samples, model.num_classes)
     classifier, fid, kid = load_classifier(), ClassifierFID(), ClassifierKID()
@@ -139,21 +174,25 @@ def main(argv=None) -> int:
             return json.loads(base_row_file.read_text()), torch.from_numpy(data["images"])
 
     plains = {k: plain(k) for k in replicates}  # every replicate's plain model first: the noise floor early
-    for k in replicates:
-        first = seed_roles.test_start(k)
-        seeds = [first + i for i in range(num_samples)]
-        rows_dir = out / "rows" / str(k)
-        base_row, reference = plains[k]
-        for spec, fmt in methods:
-            path = rows_dir / f"{slug(spec, fmt)}.json"
+    (out / "wall").mkdir(exist_ok=True)
+    for spec, fmt in methods:  # method by method, so a method's rows over all replicates are done early
+        policy = None
+        for k in replicates:
+            path = out / "rows" / str(k) / f"{slug(spec, fmt)}.json"
             if path.is_file():
                 continue
-            bar.set_postfix_str(f"replicate {k}: {spec[:40]}")
-            policy = make_policy(spec)
-            policy.prepare(model, settings)
+            bar.set_postfix_str(f"{spec[:48]}, replicate {k}")
+            if policy is None:
+                policy = make_policy(spec)
+                policy.prepare(model, settings)
+            first = seed_roles.test_start(k)
+            seeds = [first + i for i in range(num_samples)]
+            base_row, reference = plains[k]
             run = measured_sample(model, policy, fmt, labels, seeds, settings)
             row = score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy)
-            write_json(path, finish(row, base_row, model, settings, num_samples, first, fingerprint))
+            wall = wall_record(out / "wall" / f"{slug(spec, fmt)}.json", model, policy, fmt, labels, seeds, settings,
+                               args.wall_repeats)
+            write_json(path, finish(row, base_row, model, settings, num_samples, first, fingerprint, wall))
             log_bench_rows(EXPERIMENT, [json.loads(path.read_text())])
             bar.update(1)
     bar.close()
@@ -168,17 +207,30 @@ def main(argv=None) -> int:
 
 def score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy=None) -> dict:
     images = images_to_uint8(run.images)
-    fidelity = paired_fidelity(images, reference) if reference is not None else {"psnr": float("inf"), "ssim": 1.0}
     return {**cost_row(spec, policy, fmt, run, len(labels), per_image),
             "bit_identical": bool(reference is None or torch.equal(images, reference)),
-            "psnr_vs_baseline": fidelity["psnr"], "ssim_vs_baseline": fidelity["ssim"],
-            "class_accuracy": class_accuracy(images, labels, classifier), "fid": fid(images), "kid": kid(images)}
+            **quality_row(images, reference, labels, classifier, fid, kid)}
 
 
-def finish(row: dict, base: dict, model, settings, num_samples: int, first_seed: int, fingerprint: str) -> dict:
+def wall_record(path: Path, model, policy, fmt, labels, seeds, settings, repeats: int) -> dict:
+    """The method's wall speedup, timed once (first batch, interleaved with the plain model) and kept in ``path``."""
+    if not path.is_file():
+        n = min(settings.batch_size, len(seeds))
+        times = interleaved_walls(model, [(None, "none"), (policy, fmt)], labels[:n], seeds[:n], settings,
+                                  max(1, repeats), warmup=False)  # the quality pass just warmed both up
+        plain_s, method_s = statistics.median(times[0]), statistics.median(times[1])
+        write_json(path, {"plain_s": times[0], "method_s": times[1], "wall_speedup": plain_s / method_s,
+                          "batch_size": n, "first_seed": seeds[0]})
+    return json.loads(path.read_text())
+
+
+def finish(row: dict, base: dict, model, settings, num_samples: int, first_seed: int, fingerprint: str,
+           wall: dict | None = None) -> dict:
     return {**row, "macs_speedup": base["macs_per_image"] / row["macs_per_image"],
-            "wall_speedup": base["quality_pass_s"] / row["quality_pass_s"],
-            "wall_measured_on": "the quality pass (all samples), against the plain model's of the same replicate",
+            "wall_speedup": 1.0 if wall is None else wall["wall_speedup"],
+            "wall_measured_on": "the plain model" if wall is None else
+            f"median of {len(wall['plain_s'])} interleaved runs of one batch of {wall['batch_size']} with the plain "
+            f"model (samples {wall['first_seed']}+)",
             "num_samples": num_samples, "steps": settings.steps, "seed": first_seed,
             "batch_size": settings.batch_size, "guidance_scale": settings.guidance_scale,
             "scheduler": settings.scheduler, "repeats": 0, "model": model.name, "model_fingerprint": fingerprint}

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Re-measure every number in the README's Results section on the embedded model (about 9 hours on 2 cores,
+# Re-measure every number in the README's Results section on the embedded model (about 4 hours on 2 cores,
 # most of it the paper table, which resumes where it stopped; run it on an otherwise idle machine: wall-clock
-# ratios are measured side by side). The main job (.venv/bin/cqpolicy run) comes first: the paper table benches
-# its learned policies.
+# ratios are measured side by side). The main job comes first: the paper table benches its learned policies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p docs/results
 PY=.venv/bin/python
+
+# main job: traces, training, study, bench, report (out/run/report/); its README table
+rm -rf out/run
+.venv/bin/cqpolicy run --out out/run
+cp out/run/report/leaderboard/leaderboard.{md,csv} out/run/report/leaderboard/pareto.png out/run/report/grids.png \
+    out/run/report/learned-*.png docs/results/main-job/
+$PY scripts/readme_table.py docs/results/main-job/leaderboard.csv | tee docs/results/main-job/readme-table.md
 
 # 0. the default guidance scale, chosen on model-selection samples (seeds 40,000,000+), never on test samples
 $PY scripts/select_guidance.py --scales 1.5 2 2.5 3 --num-samples 500 --json docs/results/guidance.json \
@@ -22,8 +28,9 @@ rm -rf out/readme-grid
 cp out/readme-grid/grid.png docs/fmnist-dit-grid.png
 
 # 3. the paper-scale table: every family's frontier and the main job's learned policies, N = 1000 x 3 test
-#    replicates (resumable; about 7 hours here), into docs/results/paper/
+#    replicates (resumable; about 3 hours here), into docs/results/paper/; its README table
 $PY scripts/bench_paper.py --config configs/fmnist-dit-paper.yaml --out docs/results/paper
+$PY scripts/readme_table.py docs/results/paper/leaderboard.csv | tee docs/results/paper/readme-table.md
 
 # 4. the cost of recording traces
 $PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 1 | tee docs/results/trace.md

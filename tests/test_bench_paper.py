@@ -1,5 +1,6 @@
 """scripts/bench_paper.py on a tiny model: rows per (replicate, method), resume, the leaderboard's columns."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +34,13 @@ def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path, reques
     assert set(table["seeds"].astype(str)) == {"0 1000000"}
     fora = table[table["method"].str.startswith("fora")].iloc[0]
     assert fora["macs_speedup"] > 1.5 and fora["num_samples"] == 4
+    walls = sorted((out / "wall").glob("*.json"))
+    assert len(walls) == 2  # timed once per method, not per replicate
+    for path in rows:
+        row = json.loads(path.read_text())
+        assert row["wall_speedup"] > 0
+        if row["family"] != "plain":
+            assert "interleaved" in row["wall_measured_on"]
     stamp = {p: p.stat().st_mtime_ns for p in rows}
     rows[-1].unlink()  # a lost row is benched again, the others are kept as they were
     assert script.main(["--config", str(config), "--out", str(out)]) == 0
@@ -52,3 +60,34 @@ def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path, reques
     with pytest.raises(script.PaperError, match="other weights"):
         script.main(["--config", str(config), "--out", str(out)])
     assert all(p.stat().st_mtime_ns == stamp[p] for p in again if p != rows[-1])
+
+
+def test_learned_artifacts_are_frozen_once(tmp_path, request):
+    """The learned rows name copies under OUT/policies/, listed for a resumed bench without the run; a run with
+    other artifacts is refused."""
+    script = load_script(request)
+    run = tmp_path / "run"
+    for name in ("train/mlp", "train/scheduler", "train/intervals-0.2"):
+        (run / name).mkdir(parents=True)
+        (run / name / "policy.json").write_text(name)
+    done = {"train": {"mlp": str(run / "train/mlp"), "scheduler": str(run / "train/scheduler"),
+                      "intervals": {"0.2": str(run / "train/intervals-0.2")}},
+            "search": {"pareto": [{"policy": f"learned:path={run / 'train/mlp'},threshold=0.5,max_reuse=2",
+                                   "cache_dtype": "fp16", "macs_speedup": 2.0}]}}
+    done["retrain"] = {**done["train"], "retrained": False}
+    for stage, result in done.items():
+        (run / stage / "done.json").parent.mkdir(parents=True, exist_ok=True)
+        (run / stage / "done.json").write_text(json.dumps(result))
+    frozen = tmp_path / "paper" / "policies"
+    config = str(Path(request.config.rootpath) / "configs" / "fmnist-dit.yaml")
+    methods = script.learned_methods(run, config, frozen)
+    assert [m[0].split(",")[0] for m in methods] == [f"learned:path={frozen / n}" for n in
+                                                     ("train-mlp", "train-scheduler", "train-intervals-0.2")]
+    assert "max_reuse=2" in methods[1][0] and "threshold=0.5" in methods[0][0]
+    assert (frozen / "train-intervals-0.2" / "policy.json").read_text() == "train/intervals-0.2"
+    assert script.learned_methods(tmp_path / "gone", config, frozen) == methods
+    (run / "train/mlp/policy.json").write_text("retrained")
+    import pytest
+
+    with pytest.raises(script.PaperError, match="another artifact"):
+        script.learned_methods(run, config, frozen)

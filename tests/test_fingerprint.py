@@ -157,3 +157,16 @@ def test_cli_refuses_an_artifact_of_other_weights_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "weight hash" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_trace_under_an_artifact_of_other_weights_writes_nothing(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, seed in ((a, 0), (b, 1)):
+        tiny_fmnist_dit(BLOCKS, seed).save_pretrained(root / "transformer")
+        fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
+    path = scheduler_artifact(tmp_path / "sched", model_fingerprint(load_model(str(a))))
+    code = main(["trace", "--model", str(b), "--steps", str(STEPS), "--num-samples", "2",
+                 "--policy", f"learned:path={path}", "--out", str(tmp_path / "trace")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "weight hash" in err[0], err
+    assert not (tmp_path / "trace").exists()  # not even a manifest

@@ -85,6 +85,10 @@ def test_run_rejects_a_bad_config(tmp_path, capsys):
     bad.write_text("model: fmnist-dit\nspeed: 3\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "unknown key 'speed'" in capsys.readouterr().err
+    bad.write_bytes(b"model: \xff\xfe\n")  # not UTF-8: the one line names the file
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "not UTF-8" in err[0]
 
 
 def test_matched_fora_interval_follows_the_share_of_computed_steps():

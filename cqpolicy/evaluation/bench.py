@@ -35,6 +35,17 @@ def cost_row(name: str, policy, cache_format: str, run, num_samples: int, plain_
             "quality_pass_s": run.wall_s, "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes}
 
 
+def quality_row(images_u8, reference_u8, labels, classifier=None, fid=None, kid=None) -> dict:
+    """A scored run's quality: paired PSNR / SSIM against the plain run's images (``reference_u8``; None: this run
+    is the plain one), and where a classifier / metric is given, class accuracy, FID and KID."""
+    from cqpolicy.evaluation.quality import class_accuracy
+
+    fidelity = {"psnr": float("inf"), "ssim": 1.0} if reference_u8 is None else paired_fidelity(images_u8, reference_u8)
+    return {"psnr_vs_baseline": fidelity["psnr"], "ssim_vs_baseline": fidelity["ssim"],
+            "class_accuracy": None if classifier is None else class_accuracy(images_u8, labels, classifier),
+            "fid": None if fid is None else fid(images_u8), "kid": None if kid is None else kid(images_u8)}
+
+
 def bench(model: LoadedModel, policies: list, settings: SampleSettings, num_samples: int, seed: int = 0,
           cache_format: str = "fp16", fid: bool = False, repeats: int = 3, progress: bool = True) -> list[dict]:
     """One row per method (the plain-model baseline first). Sample ``i`` has class ``i mod classes`` and seed
@@ -52,7 +63,7 @@ def bench(model: LoadedModel, policies: list, settings: SampleSettings, num_samp
     fid_metric = kid_metric = classifier = None
     if fmnist:
         from cqpolicy.evaluation.classifier import load_classifier
-        from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID, class_accuracy
+        from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID
 
         classifier = load_classifier()
         fid_metric, kid_metric = (ClassifierFID(), ClassifierKID()) if fid else (None, None)
@@ -73,27 +84,16 @@ def bench(model: LoadedModel, policies: list, settings: SampleSettings, num_samp
         if reference is None:
             reference = (run.images, images_u8)
         row["bit_identical"] = bool(torch.equal(run.images, reference[0]))
-        fidelity = paired_fidelity(images_u8, reference[1])
-        row["psnr_vs_baseline"], row["ssim_vs_baseline"] = fidelity["psnr"], fidelity["ssim"]
-        row["class_accuracy"] = class_accuracy(images_u8, labels, classifier) if fmnist else None
-        if fid:
-            row["fid"] = fid_metric(images_u8) if fid_metric is not None else None
-            row["kid"] = kid_metric(images_u8) if kid_metric is not None else None
+        row.update(quality_row(images_u8, reference[1], labels, classifier, fid_metric, kid_metric))
         rows.append(row)
-    # Wall time: first batch, methods interleaved in every repeat, one warm-up round first.
-    times = {i: [] for i in range(len(methods))}
-    for r in range(repeats + 1 if repeats else 0):
-        for i, (_, policy, fmt) in enumerate(methods):
-            run = measured_sample(model, policy, fmt, labels[:n_first], seeds[:n_first], settings)
-            if r > 0:
-                times[i].append(run.wall_s)
-            bar.update(1)
+    times = interleaved_walls(model, [(p, f) for _, p, f in methods], labels[:n_first], seeds[:n_first], settings,
+                              repeats, warmup=True, on_run=lambda: bar.update(1)) if repeats else {}
     bar.close()
     base_macs = rows[0]["macs_per_image"]
     base_wall = statistics.median(times[0]) if repeats else rows[0]["quality_pass_s"]
     for i, row in enumerate(rows):
         wall = statistics.median(times[i]) if repeats else row["quality_pass_s"]
-        row.update({"wall_s_per_batch": wall if repeats else None, "wall_times": times[i],
+        row.update({"wall_s_per_batch": wall if repeats else None, "wall_times": times.get(i, []),
                     "wall_speedup": base_wall / wall,
                     "wall_measured_on": "interleaved repeats of the first batch" if repeats
                     else "the quality pass (all samples, methods in turn)",
@@ -102,6 +102,22 @@ def bench(model: LoadedModel, policies: list, settings: SampleSettings, num_samp
                     "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
                     "repeats": repeats, "model": model.name})
     return rows
+
+
+def interleaved_walls(model, methods, labels, seeds, settings, repeats: int, warmup: bool = True,
+                      on_run=None) -> dict[int, list[float]]:
+    """Wall seconds of each ``(policy, cache format)`` of ``methods`` (policy None: the plain model, prepared
+    policies otherwise) sampling the same batch, interleaved: every repeat runs each method once in turn, so a
+    change in the machine's load reaches all of them alike. ``warmup``: one untimed round first."""
+    times = {i: [] for i in range(len(methods))}
+    for r in range(repeats + int(warmup)):
+        for i, (policy, fmt) in enumerate(methods):
+            run = measured_sample(model, policy, fmt, labels, seeds, settings)
+            if r >= int(warmup):
+                times[i].append(run.wall_s)
+            if on_run is not None:
+                on_run()
+    return times
 
 
 def bench_rows(model, methods, settings, num_samples: int, replicates, repeats: int = 0, progress: bool = True):

@@ -61,7 +61,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-from cqpolicy.outputs import fsync_dir as _fsync_dir  # noqa: E402
+from cqpolicy.outputs import fsync_dir as _fsync_dir, read_json  # noqa: E402
 
 
 def table_to_schedule(table: torch.Tensor, units) -> dict:
@@ -134,18 +134,7 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"policy artifact {path} does not exist or is not a folder")
-    try:
-        text = (path / POLICY_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is not a policy artifact (no {POLICY_FILE})") from None
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{path / POLICY_FILE} is not UTF-8 JSON text") from None
-    except OSError as err:
-        raise ArtifactError(f"cannot read {path / POLICY_FILE}: {err.strerror or err}") from None
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path / POLICY_FILE} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    meta = read_json(path / POLICY_FILE, ArtifactError, f"{path} is not a policy artifact (no {POLICY_FILE})")
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path / POLICY_FILE} is not a JSON object")
     version = meta.get("format_version")

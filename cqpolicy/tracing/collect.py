@@ -117,7 +117,7 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
     settings.validate()
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
-    make_policy(policy)  # a bad spec fails before any work
+    make_policy(policy).prepare(model, settings)  # a bad spec, or one refused for this model, fails before any file
     num_blocks = len(transformer_blocks(model.transformer))
     info = RunInfo(model_id=model.name, model_hash=model_fingerprint(model), scheduler=settings.scheduler,
                    steps=settings.steps, guidance_scale=settings.guidance_scale, policy=policy,

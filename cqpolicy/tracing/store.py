@@ -130,7 +130,7 @@ def _check_key_schema(schema: pa.Schema, where: str) -> None:
             raise TraceError(f"{where}: key column {name!r} must be {typ}, got {schema.field(idx).type}")
 
 
-from cqpolicy.outputs import fsync_dir as _fsync_dir  # noqa: E402
+from cqpolicy.outputs import fsync_dir as _fsync_dir, read_json  # noqa: E402
 
 
 def _temp_path(final: Path) -> Path:
@@ -180,14 +180,7 @@ def _list_shards(run_dir: Path) -> list[tuple[int, int, Path]]:
 
 def _load_manifest(run_dir: Path) -> dict:
     path = run_dir / MANIFEST_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TraceError(f"{run_dir} is not a trace run (no {MANIFEST_NAME})") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TraceError(f"{path} is not valid JSON ({err})") from None
+    manifest = read_json(path, TraceError, f"{run_dir} is not a trace run (no {MANIFEST_NAME})")
     if not isinstance(manifest, dict):
         raise TraceError(f"{path} is not a JSON object")
     version = manifest.get("schema_version")
