@@ -25,6 +25,18 @@ def module_mlflow_db():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_fmnist_dit(num_layers: int = 2, seed: int = 0):
     """fmnist-dit layout (1x28x28, 10 classes, patch 4), but narrow and shallow, randomly initialised."""
     from diffusers import DiTTransformer2DModel

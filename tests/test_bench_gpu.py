@@ -1,20 +1,14 @@
 """Smoke test of scripts/bench_gpu.py on CPU with its tiny model."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
-
+from conftest import load_script
 
 @pytest.fixture(scope="module")
 def bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_gpu")
 
 
 def test_tiny_cpu_run_writes_a_row_per_method_and_batch(bench_gpu, tmp_path):

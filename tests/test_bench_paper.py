@@ -1,25 +1,18 @@
 """scripts/bench_paper.py on a tiny model: rows per (replicate, method), resume, the leaderboard's columns."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from conftest import load_script
+
 REQUIRED = ["method", "family", "cache_dtype", "macs_speedup", "wall_speedup", "fid_mean", "fid_std", "delta_fid",
             "delta_fid_std", "kid_mean", "kid_std", "num_samples", "seeds"]
 
 
-def load_script(request):
-    path = Path(request.config.rootpath) / "scripts" / "bench_paper.py"
-    spec = importlib.util.spec_from_file_location("bench_paper", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path, request, capsys):
-    script = load_script(request)
+def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path):
+    script = load_script("bench_paper")
     config = tmp_path / "paper.yaml"
     config.write_text(yaml.safe_dump({"model": str(tiny_dit_dir), "steps": 4, "batch_size": 4, "num_samples": 4,
                                       "seeds": [0, 1], "methods": ["fora:interval=2", "teacache:threshold=0.3"],
@@ -65,7 +58,7 @@ def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path, reques
 def test_learned_artifacts_are_frozen_once(tmp_path, request):
     """The learned rows name copies under OUT/policies/, listed for a resumed bench without the run; a run with
     other artifacts is refused."""
-    script = load_script(request)
+    script = load_script("bench_paper")
     run = tmp_path / "run"
     for name in ("train/mlp", "train/scheduler", "train/intervals-0.2"):
         (run / name).mkdir(parents=True)

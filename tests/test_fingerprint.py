@@ -146,27 +146,22 @@ def test_mlp_keyed_on_the_step_index_does_not_transfer(tmp_path):
         LearnedPolicy(LearnedConfig(path=str(path)))
 
 
-def test_cli_refuses_an_artifact_of_other_weights_in_one_line(tmp_path, capsys):
+def two_model_dirs(tmp_path):
+    """Folders of two tiny DiTs of the same depth and other weights."""
     a, b = tmp_path / "a", tmp_path / "b"
     for root, seed in ((a, 0), (b, 1)):
         tiny_fmnist_dit(BLOCKS, seed).save_pretrained(root / "transformer")
         fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
+    return a, b
+
+
+@pytest.mark.parametrize("command", ["sample", "trace"])
+def test_cli_refuses_an_artifact_of_other_weights_in_one_line(tmp_path, capsys, command):
+    """One line, exit 2, and no output folder: not even a trace manifest."""
+    a, b = two_model_dirs(tmp_path)
     path = scheduler_artifact(tmp_path / "sched", model_fingerprint(load_model(str(a))))
-    code = main(["sample", "--model", str(b), "--steps", str(STEPS), "--num-samples", "2",
+    code = main([command, "--model", str(b), "--steps", str(STEPS), "--num-samples", "2",
                  "--policy", f"learned:path={path}", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "weight hash" in err[0], err
     assert not (tmp_path / "out").exists()
-
-
-def test_trace_under_an_artifact_of_other_weights_writes_nothing(tmp_path, capsys):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for root, seed in ((a, 0), (b, 1)):
-        tiny_fmnist_dit(BLOCKS, seed).save_pretrained(root / "transformer")
-        fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
-    path = scheduler_artifact(tmp_path / "sched", model_fingerprint(load_model(str(a))))
-    code = main(["trace", "--model", str(b), "--steps", str(STEPS), "--num-samples", "2",
-                 "--policy", f"learned:path={path}", "--out", str(tmp_path / "trace")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "weight hash" in err[0], err
-    assert not (tmp_path / "trace").exists()  # not even a manifest

@@ -1,18 +1,9 @@
 """scripts/readme_table.py: the README's condensed leaderboard keeps the options that differ from the defaults."""
-import importlib.util
-from pathlib import Path
+from conftest import load_script
 
 
-def load_script(request):
-    path = Path(request.config.rootpath) / "scripts" / "readme_table.py"
-    spec = importlib.util.spec_from_file_location("readme_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_short_specs_drop_defaults_but_never_the_knob(request):
-    short = load_script(request).short_spec
+def test_short_specs_drop_defaults_but_never_the_knob():
+    short = load_script("readme_table").short_spec
     assert short("fora:interval=2,warmup=0,unit=attn1+ff,attn1_interval=0,ff_interval=0") == "fora:interval=2"
     assert short("fora:interval=2,warmup=0,unit=attn1+ff,attn1_interval=8,ff_interval=4") == \
         "fora:attn1_interval=8,ff_interval=4"
