@@ -20,7 +20,7 @@ from pathlib import Path
 from cqpolicy import seeds as seed_roles
 from cqpolicy.evaluation.bench import bench
 from cqpolicy.models import load_model
-from cqpolicy.models.adapters import transformer_blocks
+from cqpolicy.models.adapters import cache_blocks
 from cqpolicy.sampling import SampleSettings
 
 
@@ -50,7 +50,7 @@ def main():
         p.error(f"--out {out} is not empty")
     (out / "schedules").mkdir(parents=True)
     model = load_model(args.model)
-    blocks = len(transformer_blocks(model.transformer))
+    blocks = len(cache_blocks(model.transformer))
     specs = [f"fora:interval={k}" for k in args.foras]
     for pair in args.pairs:
         a, f = (int(v) for v in pair.split(":"))

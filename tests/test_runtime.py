@@ -137,7 +137,7 @@ def test_enable_twice_and_bad_specs_are_errors(tiny_dit_dir):
                           ("fora:interval", "expected key=value")):
         with pytest.raises(ValueError, match=message):
             make_policy(spec)
-    with pytest.raises(ValueError, match="no transformer_blocks"):
+    with pytest.raises(ValueError, match="no cqpolicy adapter for Linear"):
         cqpolicy.enable(torch.nn.Linear(2, 2), "none")
 
 

@@ -150,7 +150,7 @@ _COSTS: dict = {}
 def model_costs(model, settings) -> ModelCosts:
     """Count (once per model and guidance setting) one 1-step sampling call of one image under the FLOP
     counter, with a forward hook on every cache unit reading the counter before and after it."""
-    from cqpolicy.models.adapters import UNIT_NAMES, find_cache_units
+    from cqpolicy.models.adapters import find_cache_units
     from cqpolicy.sampling import sample
     from cqpolicy.sampling.sampler import uses_cfg
 
@@ -161,7 +161,7 @@ def model_costs(model, settings) -> ModelCosts:
     from torch.utils.flop_counter import FlopCounterMode
     import weakref
 
-    units = find_cache_units(model.transformer, UNIT_NAMES)
+    units = find_cache_units(model.transformer, model.adapter.unit_names)
     unit_flops, model_flops, handles = {}, [0], []
     leaves = _LeafTally(model.transformer, counter_total=lambda: counter.get_total_flops())
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -1,4 +1,5 @@
-"""Model adapters: load DiT-style diffusers models (the embedded ``fmnist-dit`` or any DiT checkpoint)."""
+"""Models: loading (the embedded ``fmnist-dit``, local diffusers folders, cached hub ids) and one adapter per
+model family (``adapters``), the only place that knows a family's modules."""
 from cqpolicy.models.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
 
 __all__ = ["EMBEDDED", "LoadedModel", "ModelLoadError", "load_model"]

@@ -1,10 +1,15 @@
-"""Where the cache units of a model are.
+"""Model adapters: what the runtime, sampler, recorder and costs need to know about one diffusers model family.
 
-A *cache unit* is a submodule whose output the runtime may replace by a cached one: for diffusers DiT
-blocks (``BasicTransformerBlock`` with adaLN-zero) the self-attention ``attn1`` and the feed-forward ``ff``
-(their outputs come before the adaLN gate and the residual, so a reused output is still gated by the
-current step's conditioning), or the whole ``block`` (its residual ``output - input`` is cached).
-Other families (UNets) add their own ``find_cache_units`` entry here; the runtime only sees CacheUnits.
+One ``ModelAdapter`` per model class, registered by class name (as diffusers keeps block metadata per class in
+``hooks/_helpers.py``). It answers where the cache units are and what kind each is, how to call the denoiser
+(``x, t, cond`` and the classifier-free-guidance null condition), which rows of a call are the unconditional
+branch, and how to run the model from a block onward (the trace recorder's probes). Nothing outside
+``cqpolicy.models`` names a model family's modules.
+
+A *cache unit* is a submodule whose output the runtime may replace by a cached one. For diffusers DiT blocks
+(``BasicTransformerBlock`` with adaLN-zero) they are the self-attention ``attn1`` and the feed-forward ``ff``
+(their outputs come before the adaLN gate and the residual, so a reused output is still gated by the current
+step's conditioning), or the whole ``block`` (its residual ``output - input`` is cached).
 """
 from __future__ import annotations
 
@@ -27,52 +32,90 @@ class NoCacheUnitsError(ValueError):
     """The model has no blocks the runtime recognises."""
 
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    blocks = getattr(model, "transformer_blocks", None)
-    if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-        raise NoCacheUnitsError(f"{type(model).__name__} has no transformer_blocks: no cache units to hook "
-                                f"(supported: diffusers DiT-style transformers)")
-    return list(blocks)
+class ModelAdapter:
+    """The interface; one subclass per model family, registered with ``@register_adapter``."""
+
+    model_class: str = ""  # the diffusers class name it serves
+    unit_names: tuple[str, ...] = ()
+
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The blocks whose units the runtime hooks, in execution order (a unit's ``block`` indexes this)."""
+        raise NotImplementedError
+
+    def unit(self, block: torch.nn.Module, index: int, name: str) -> CacheUnit:
+        raise NotImplementedError
+
+    def denoise(self, model: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        """The raw model output for inputs ``x`` at ``timesteps`` under condition ``cond`` (all channels)."""
+        raise NotImplementedError
+
+    def null_condition(self, model: torch.nn.Module, cond: torch.Tensor) -> torch.Tensor:
+        """The condition of the unconditional classifier-free-guidance branch, one row per row of ``cond``."""
+        raise NotImplementedError
+
+    def unconditional_rows(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """From the arguments of a model call: int8 per row, 1 = the unconditional branch (None: unknown)."""
+        return None
+
+    def block_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """From a block call: the tensors ``forward_from_block`` restarts from (hidden states first)."""
+        raise NotImplementedError
+
+    def forward_from_block(self, model: torch.nn.Module, start: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The rest of a model call from block ``start``'s input; equals the model's output when fed that input."""
+        raise NotImplementedError
+
+    def num_classes(self, model: torch.nn.Module) -> int:
+        raise NotImplementedError
+
+    def latent_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def num_heads(self, model: torch.nn.Module) -> int | None:
+        """Attention heads of the cached tensors' last dimension (per-head cache formats), if any."""
+        return None
+
+    def unit_patterns(self, names: tuple[str, ...]) -> list[str]:
+        """Regular expressions of the units' module names (for peer engines that select modules by name)."""
+        raise NotImplementedError
+
+
+_ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _ADAPTERS[cls.model_class] = cls()
+    return cls
+
+
+def supported_classes() -> tuple[str, ...]:
+    return tuple(sorted(_ADAPTERS))
+
+
+def adapter_for(model: torch.nn.Module | type | str) -> ModelAdapter:
+    """The adapter of ``model`` (a module, its class or its class name); one-line error when none claims it."""
+    name = model if isinstance(model, str) else (model if isinstance(model, type) else type(model)).__name__
+    adapter = _ADAPTERS.get(name)
+    if adapter is None:
+        raise NoCacheUnitsError(f"no cqpolicy adapter for {name}: no cache units to hook (supported: "
+                                f"{', '.join(supported_classes())})")
+    return adapter
+
+
+def cache_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    blocks = adapter_for(model).blocks(model)
+    if not blocks:
+        raise NoCacheUnitsError(f"{type(model).__name__} has no blocks: no cache units to hook")
+    return blocks
 
 
 def find_cache_units(model: torch.nn.Module, names: tuple[str, ...]) -> list[CacheUnit]:
-    unknown = set(names) - set(UNIT_NAMES)
+    adapter = adapter_for(model)
+    unknown = set(names) - set(adapter.unit_names)
     if unknown:
-        raise ValueError(f"unknown cache unit(s) {sorted(unknown)}; choose from {', '.join(UNIT_NAMES)}")
-    units = []
-    for i, block in enumerate(transformer_blocks(model)):
-        for name in names:
-            if name == "block":
-                units.append(CacheUnit(i, name, block, residual=True))
-                continue
-            module = getattr(block, name, None)
-            if module is None:
-                raise NoCacheUnitsError(f"block {i} ({type(block).__name__}) has no {name!r} submodule")
-            units.append(CacheUnit(i, name, module, residual=False))
-    return units
-
-
-def forward_from_block(model: torch.nn.Module, start: int, hidden_states: torch.Tensor, timestep: torch.Tensor,
-                       class_labels: torch.Tensor) -> torch.Tensor:
-    """The rest of a DiT forward: blocks ``start..L-1`` on ``hidden_states`` (block ``start``'s input), then
-    the adaLN-zero output head and unpatchify; equals ``model(...).sample`` when fed block ``start``'s input.
-
-    Probes use it to re-run a step from one unit onward instead of the whole model.
-    """
-    import torch.nn.functional as F
-
-    for block in transformer_blocks(model)[start:]:
-        hidden_states = block(hidden_states, attention_mask=None, encoder_hidden_states=None,
-                              encoder_attention_mask=None, timestep=timestep, cross_attention_kwargs=None,
-                              class_labels=class_labels)
-    conditioning = model.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
-    shift, scale = model.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
-    hidden_states = model.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
-    hidden_states = model.proj_out_2(hidden_states)
-    p, c = model.patch_size, model.out_channels
-    side = int(hidden_states.shape[1] ** 0.5)
-    hidden_states = hidden_states.reshape(-1, side, side, p, p, c)
-    return torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, c, side * p, side * p)
+        raise ValueError(f"unknown cache unit(s) {sorted(unknown)} for {adapter.model_class}; choose from "
+                         f"{', '.join(adapter.unit_names)}")
+    return [adapter.unit(block, i, name) for i, block in enumerate(cache_blocks(model)) for name in names]
 
 
 def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]:
@@ -82,3 +125,73 @@ def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]
         raise ValueError(f"policy {family!r}: {field} must be distinct '+'-joined names from "
                          f"{', '.join(UNIT_NAMES)}, got {text!r}")
     return parts
+
+
+@register_adapter
+class DiTAdapter(ModelAdapter):
+    """diffusers ``DiTTransformer2DModel`` (facebook/DiT-XL-2-256, the embedded ``fmnist-dit``): adaLN-zero
+    ``BasicTransformerBlock``s, a label embedding whose last row is the null class."""
+
+    model_class = "DiTTransformer2DModel"
+    unit_names = UNIT_NAMES
+
+    def blocks(self, model):
+        blocks = getattr(model, "transformer_blocks", None)
+        return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
+
+    def unit(self, block, index, name):
+        if name == "block":
+            return CacheUnit(index, name, block, residual=True)
+        module = getattr(block, name, None)
+        if module is None:
+            raise NoCacheUnitsError(f"block {index} ({type(block).__name__}) has no {name!r} submodule")
+        return CacheUnit(index, name, module, residual=False)
+
+    def denoise(self, model, x, timesteps, cond):
+        return model(x, timestep=timesteps, class_labels=cond).sample
+
+    def null_condition(self, model, cond):
+        # diffusers' LabelEmbedding appends the CFG null row after the real classes (1000 for ImageNet DiT)
+        return torch.full_like(cond, self.num_classes(model))
+
+    def unconditional_rows(self, model, args, kwargs):
+        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        null = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None)
+        # rows fed the null class are the unconditional branch (works inside an unmodified DiTPipeline too)
+        return (labels == null).to(torch.int8) if torch.is_tensor(labels) and null is not None else None
+
+    def block_input(self, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden, kwargs.get("timestep"), kwargs.get("class_labels")
+
+    def forward_from_block(self, model, start, inputs):
+        """Blocks ``start..L-1``, then the adaLN-zero output head and unpatchify."""
+        import torch.nn.functional as F
+
+        hidden_states, timestep, class_labels = inputs
+        for block in self.blocks(model)[start:]:
+            hidden_states = block(hidden_states, attention_mask=None, encoder_hidden_states=None,
+                                  encoder_attention_mask=None, timestep=timestep, cross_attention_kwargs=None,
+                                  class_labels=class_labels)
+        conditioning = model.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+        shift, scale = model.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        hidden_states = model.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+        hidden_states = model.proj_out_2(hidden_states)
+        p, c = model.patch_size, model.out_channels
+        side = int(hidden_states.shape[1] ** 0.5)
+        hidden_states = hidden_states.reshape(-1, side, side, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, c, side * p, side * p)
+
+    def num_classes(self, model):
+        return int(model.config.num_embeds_ada_norm)
+
+    def latent_shape(self, model):
+        c = model.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def num_heads(self, model):
+        return getattr(model.config, "num_attention_heads", None)
+
+    def unit_patterns(self, names):
+        return [rf"transformer_blocks\.\d+\.{name}" if name != "block" else r"transformer_blocks\.\d+"
+                for name in names]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cqpolicy.models import fmnist_dit
+from cqpolicy.models.adapters import ModelAdapter, NoCacheUnitsError, adapter_for
 
 EMBEDDED = {fmnist_dit.NAME: fmnist_dit.SHIPPED_DIR}
 
@@ -38,18 +39,20 @@ class LoadedModel:
         return self.transformer.config
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        c = self.config
-        return (c.in_channels, c.sample_size, c.sample_size)
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.transformer)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.adapter.latent_shape(self.transformer)
 
     @property
     def num_classes(self) -> int:
-        return int(self.config.num_embeds_ada_norm)
+        return self.adapter.num_classes(self.transformer)
 
     @property
     def null_class(self) -> int:
-        # diffusers' LabelEmbedding appends the CFG null row after the real classes (1000 for ImageNet DiT).
-        return self.num_classes
+        return int(self.adapter.null_condition(self.transformer, torch.zeros(1, dtype=torch.long))[0])
 
     @property
     def learned_sigma(self) -> bool:
@@ -111,8 +114,10 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
         known = ", ".join(sorted(EMBEDDED))
         raise ModelLoadError(f"unknown model {spec!r}: use an embedded name ({known}), a local diffusers "
                              f"directory or a cached hub id")
-    if not isinstance(model.transformer, DiTTransformer2DModel):
-        raise ModelLoadError(f"{spec!r} is a {type(model.transformer).__name__}, not a DiTTransformer2DModel")
+    try:
+        adapter_for(model.transformer)
+    except NoCacheUnitsError as exc:
+        raise ModelLoadError(f"{spec!r}: {exc}") from None
     model.transformer.to(device).eval().requires_grad_(False)
     if model.vae is not None:
         model.vae.to(device).eval().requires_grad_(False)

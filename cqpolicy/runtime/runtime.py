@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from cqpolicy.models.adapters import CacheUnit, find_cache_units, transformer_blocks
+from cqpolicy.models.adapters import CacheUnit, adapter_for, cache_blocks, find_cache_units
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.runtime.cache_store import CacheFormat, CacheStore
 
@@ -50,11 +50,7 @@ class _StepHook(ModelHook):
         x = args[0] if args else kwargs["hidden_states"]
         if self.runtime._overrides is None:  # probe passes are not part of the sampling run
             self.runtime.model_rows += int(x.shape[0])
-        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
-        null_class = getattr(getattr(module, "config", None), "num_embeds_ada_norm", None)
-        # rows fed the null class are the unconditional CFG branch (works inside DiTPipeline too)
-        self.runtime.cfg_branch = (labels == null_class).to(torch.int8) \
-            if torch.is_tensor(labels) and null_class is not None else None
+        self.runtime.cfg_branch = self.runtime.adapter.unconditional_rows(module, args, kwargs)
         return args, kwargs
 
 
@@ -140,10 +136,10 @@ class CacheRuntime:
     def __init__(self, model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16"):
         if getattr(model, "_cqpolicy_runtime", None) is not None:
             raise RuntimeError("a cqpolicy runtime is already enabled on this model; disable it first")
-        self.num_blocks = len(transformer_blocks(model))
+        self.adapter = adapter_for(model)
+        self.num_blocks = len(cache_blocks(model))
         if isinstance(cache_format, str):
-            config = getattr(model, "config", None)
-            cache_format = CacheFormat.parse(cache_format, num_heads=getattr(config, "num_attention_heads", None))
+            cache_format = CacheFormat.parse(cache_format, num_heads=self.adapter.num_heads(model))
         self.model = model
         self.policy = policy
         self.units = find_cache_units(model, policy.units)

@@ -81,7 +81,7 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
     cfg = uses_cfg(settings.guidance_scale)
     class_input = labels.to(noise.device)
     if cfg:  # conditional half first, null-class half second (as DiTPipeline)
-        class_input = torch.cat([class_input, torch.full_like(class_input, model.null_class)])
+        class_input = torch.cat([class_input, model.adapter.null_condition(transformer, class_input)])
     x = noise * scheduler.init_noise_sigma
     runtime = active_runtime(transformer)
     if runtime is not None:
@@ -94,7 +94,7 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
         x_in = torch.cat([x, x]) if cfg else x
         x_in = scheduler.scale_model_input(x_in, t)
         timesteps = t.reshape(1).to(x.device).expand(x_in.shape[0])
-        out = transformer(x_in, timestep=timesteps, class_labels=class_input).sample
+        out = model.adapter.denoise(transformer, x_in, timesteps, class_input)
         if output_callback is not None:
             output_callback(i, t, x_in, out)
         eps = out[:, :channels]  # learned-sigma models predict [eps, variance]: keep eps

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cqpolicy import seeds as seed_roles
-from cqpolicy.models.adapters import transformer_blocks
+from cqpolicy.models.adapters import cache_blocks
 from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.policies import make_policy
 from cqpolicy.policies.base import DelegatingPolicy, UnitQuery
@@ -118,7 +118,7 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
     make_policy(policy).prepare(model, settings)  # a bad spec, or one refused for this model, fails before any file
-    num_blocks = len(transformer_blocks(model.transformer))
+    num_blocks = len(cache_blocks(model.transformer))
     info = RunInfo(model_id=model.name, model_hash=model_fingerprint(model), scheduler=settings.scheduler,
                    steps=settings.steps, guidance_scale=settings.guidance_scale, policy=policy,
                    extra={"package_version": __version__, "num_blocks": num_blocks,

@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from cqpolicy.models.adapters import forward_from_block, transformer_blocks
+from cqpolicy.models.adapters import adapter_for, cache_blocks
 from cqpolicy.policies.families.partition import linear_cka
 from cqpolicy.policies.base import DelegatingPolicy, Policy, UnitQuery
 from cqpolicy.policies.features import InputTracker, computed_rows, cos_rows, flat_rows, rel_l1_rows
@@ -62,8 +62,7 @@ class _CaptureHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if not self.recorder._probing:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.recorder._block_inputs[self.block] = (hidden, kwargs.get("timestep"), kwargs.get("class_labels"))
+            self.recorder._block_inputs[self.block] = self.recorder.adapter.block_input(args, kwargs)
         return args, kwargs
 
 
@@ -90,8 +89,8 @@ class TraceRecorder(DelegatingPolicy):
 
     # -- hooks of our own, state per call -------------------------------------------------------------
     def attach(self, model):
-        self.model = model
-        for i, block in enumerate(transformer_blocks(model)):
+        self.model, self.adapter = model, adapter_for(model)
+        for i, block in enumerate(cache_blocks(model)):
             registry = HookRegistry.check_if_exists_or_initialize(block)
             registry.register_hook(_CaptureHook(self, i), CAPTURE_HOOK)
             self._registries.append(registry)
@@ -200,7 +199,8 @@ class TraceRecorder(DelegatingPolicy):
         runtime = active_runtime(self.model)
         impacts = {}
         ref = flat_rows(reference)
-        for block, (hidden, timestep, labels) in sorted(self._block_inputs.items()):
+        for block, inputs in sorted(self._block_inputs.items()):
+            hidden = inputs[0]
             keys = [(block, u) for u in self.record_units
                     if (block, u) in self._pending and self._pending[block, u]["candidate"] is not None]
             if not keys:
@@ -214,8 +214,8 @@ class TraceRecorder(DelegatingPolicy):
             self._probing = True
             try:
                 with runtime.probing(overrides):
-                    out = forward_from_block(self.model, block, hidden.repeat(k, 1, 1), timestep.repeat(k),
-                                             labels.repeat(k))[:, :channels]
+                    repeated = tuple(t.repeat(k, *([1] * (t.ndim - 1))) for t in inputs)
+                    out = self.adapter.forward_from_block(self.model, block, repeated)[:, :channels]
             finally:
                 self._probing = False
             errors = (flat_rows(out).view(k, rows, -1) - ref).norm(dim=2) / ref.norm(dim=1).clamp_min(1e-12)

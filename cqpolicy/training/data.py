@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from cqpolicy import seeds as seed_roles
-from cqpolicy.models.adapters import UNIT_NAMES
+from cqpolicy.models.adapters import UNIT_NAMES, DiTAdapter
 from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES
 from cqpolicy.tracing.store import TraceError, TraceReader
 
@@ -285,7 +285,7 @@ class TraceDataModule(L.LightningDataModule):
     def model_meta(self) -> dict:
         """The ``model`` entry of a policy artifact: what sampling setup the traces (and so the policy) fit."""
         m = self.manifest
-        return {"class": m.get("model_class", "DiTTransformer2DModel"), "model_id": m["model_id"],
+        return {"class": m.get("model_class", DiTAdapter.model_class), "model_id": m["model_id"],
                 "model_hash": m["model_hash"], "num_blocks": self.num_blocks, "units": list(self.units),
                 "steps": self.steps, "scheduler": m["scheduler"], "guidance_scale": float(m["guidance_scale"])}
 

@@ -91,11 +91,11 @@ class LearnedPolicy(Policy):
         return "learned-intervals" if self.meta.get("fit") == "intervals" else f"learned-{self.kind}"
 
     def prepare(self, model, settings) -> None:
-        from cqpolicy.models.adapters import transformer_blocks
+        from cqpolicy.models.adapters import cache_blocks
         from cqpolicy.models.fingerprint import model_fingerprints
         from cqpolicy.policies.artifact import check_fits
 
-        check_fits(self.meta, type(model.transformer).__name__, len(transformer_blocks(model.transformer)),
+        check_fits(self.meta, type(model.transformer).__name__, len(cache_blocks(model.transformer)),
                    settings.steps, settings.scheduler, source=self.config.path,
                    model_hashes=model_fingerprints(model), steps_transfer=self.transfers)
 

@@ -101,11 +101,13 @@ class DiffusersTaylorSeer(_DiffusersHookPeer):
     def _apply(self, model):
         from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
+        from cqpolicy.models.adapters import adapter_for
+
         # Its default patterns ("^transformer_blocks.*attn", full match) miss DiT's attn1: name our units.
         apply_taylorseer_cache(model, TaylorSeerCacheConfig(
             cache_interval=self.config.interval, disable_cache_before_step=self.config.warmup,
             max_order=self.config.order, taylor_factors_dtype=torch.float32,
-            cache_identifiers=[r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]))
+            cache_identifiers=adapter_for(model).unit_patterns(("attn1", "ff"))))
 
 
 @dataclass(frozen=True)

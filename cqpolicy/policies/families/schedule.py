@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from cqpolicy.models.adapters import UNIT_NAMES, transformer_blocks
+from cqpolicy.models.adapters import UNIT_NAMES, cache_blocks
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.registry import register
 from cqpolicy.runtime.runtime import StepMismatchError
@@ -214,7 +214,7 @@ class StaticSchedule:
 
     def prepare(self, model, settings) -> None:
         self.check_steps(settings.steps)
-        self.check_blocks(len(transformer_blocks(model.transformer)))
+        self.check_blocks(len(cache_blocks(model.transformer)))
 
     def reset(self, num_steps: int | None, num_blocks: int) -> None:
         self.check_steps(num_steps)

@@ -171,10 +171,10 @@ class TablePolicy(Policy):
                              f"has {num_blocks}: it was made for another model")
 
     def prepare(self, model, settings) -> None:
-        from cqpolicy.models.adapters import transformer_blocks
+        from cqpolicy.models.adapters import cache_blocks
 
         self.static.check_steps(settings.steps)
-        self._check_blocks(len(transformer_blocks(model.transformer)))
+        self._check_blocks(len(cache_blocks(model.transformer)))
 
     def reset(self, num_steps: int | None, num_blocks: int) -> None:
         self._check_blocks(num_blocks)
