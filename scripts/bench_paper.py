@@ -162,11 +162,13 @@ def main(argv=None) -> int:
         rows_dir.mkdir(parents=True, exist_ok=True)
         plain_file = out / "work" / f"plain-{k}-{num_samples}.npz"
         base_row_file = rows_dir / f"{slug(BASELINE, 'none')}.json"
-        if not plain_file.is_file() or not base_row_file.is_file():
+        if not _plain_matches(plain_file, base_row_file):  # the row and the kept images come from one run
             bar.set_postfix_str(f"replicate {k}: plain model")
             run = measured_sample(model, None, "none", labels, [first + i for i in range(num_samples)], settings)
-            np.savez_compressed(plain_file, images=images_to_uint8(run.images).numpy())
-            base_row = score(BASELINE, "none", run, None, labels, classifier, fid, kid, per_image)
+            images = images_to_uint8(run.images).numpy()
+            np.savez_compressed(plain_file, images=images)
+            base_row = {**score(BASELINE, "none", run, None, labels, classifier, fid, kid, per_image),
+                        "images_sha256": hashlib.sha256(images.tobytes()).hexdigest()}
             write_json(base_row_file, finish(base_row, base_row, model, settings, num_samples, first, fingerprint))
             log_bench_rows(EXPERIMENT, [json.loads(base_row_file.read_text())])
             bar.update(1)
@@ -203,6 +205,16 @@ def main(argv=None) -> int:
     print(Path(paths["markdown"]).read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())} from {len(rows)} rows")
     return 0
+
+
+def _plain_matches(images_file: Path, row_file: Path) -> bool:
+    """Whether the kept plain images are the ones the plain row scored (a run killed between writing the images
+    and the row, or a row from another checkout, must not be paired with them)."""
+    if not images_file.is_file() or not row_file.is_file():
+        return False
+    with np.load(images_file) as data:
+        digest = hashlib.sha256(data["images"].tobytes()).hexdigest()
+    return json.loads(row_file.read_text()).get("images_sha256") == digest
 
 
 def score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy=None) -> dict:

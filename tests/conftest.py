@@ -51,15 +51,37 @@ def tiny_fmnist_dit(num_layers: int = 2, seed: int = 0):
     return model.eval()
 
 
+def tiny_unet(conditional: bool = True, seed: int = 0):
+    """A UNet2DModel of the ddpm-cifar10 layout (a plain and an attention level, a mid block), 1x16x16, narrow,
+    randomly initialised; conditional: 10 classes plus the CFG null class in its class embedding."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+                       num_class_embeds=11 if conditional else None).eval()
+
+
+def save_with_scheduler(model, root, folder: str = "transformer"):
+    """``model`` saved as ``root/<folder>/`` beside the fmnist-dit scheduler in ``root/scheduler/``; returns root."""
+    from cqpolicy.models import fmnist_dit
+
+    model.save_pretrained(root / folder)
+    fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.fixture
+def tiny_unet_dir(tmp_path):
+    """A tiny class-conditional UNet2DModel saved as unet/ + scheduler/ (a DDPM pipeline's layout)."""
+    return save_with_scheduler(tiny_unet(), tmp_path / "tiny-unet", "unet")
+
+
 @pytest.fixture
 def tiny_dit_dir(tmp_path):
     """A tiny random fmnist-style DiT saved as transformer/ + scheduler/ (the shipped layout)."""
-    from cqpolicy.models import fmnist_dit
-
-    root = tmp_path / "tiny-dit"
-    tiny_fmnist_dit().save_pretrained(root / "transformer")
-    fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
-    return root
+    return save_with_scheduler(tiny_fmnist_dit(), tmp_path / "tiny-dit")
 
 
 @pytest.fixture

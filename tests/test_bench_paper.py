@@ -41,12 +41,9 @@ def test_paper_bench_resumes_and_writes_the_table(tiny_dit_dir, tmp_path):
     assert len(again) == 6
     assert all(p.stat().st_mtime_ns == stamp[p] for p in again if p != rows[-1])
     # rows of other weights are never mixed into the table: one line, nothing touched
-    other = tmp_path / "other-weights"
-    from conftest import tiny_fmnist_dit
-    from cqpolicy.models import fmnist_dit
+    from conftest import save_with_scheduler, tiny_fmnist_dit
 
-    tiny_fmnist_dit(seed=7).save_pretrained(other / "transformer")
-    fmnist_dit.build_scheduler().save_pretrained(other / "scheduler")
+    other = save_with_scheduler(tiny_fmnist_dit(seed=7), tmp_path / "other-weights")
     config.write_text(config.read_text().replace(str(tiny_dit_dir), str(other)))
     import pytest
 
@@ -84,3 +81,19 @@ def test_learned_artifacts_are_frozen_once(tmp_path, request):
 
     with pytest.raises(script.PaperError, match="another artifact"):
         script.learned_methods(run, config, frozen)
+
+
+def test_plain_images_and_row_of_different_runs_are_not_paired(tiny_dit_dir, tmp_path):
+    """Kept images whose plain row came from elsewhere (a run killed between the two files) are sampled again."""
+    script = load_script("bench_paper")
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_dit_dir), "steps": 2, "batch_size": 2, "num_samples": 2,
+                                      "seeds": [0], "methods": [], "learned_from": str(tmp_path / "no-run")}))
+    out = tmp_path / "paper"
+    assert script.main(["--config", str(config), "--out", str(out)]) == 0
+    row_file = next((out / "rows" / "0").glob("baseline-*.json"))
+    row = json.loads(row_file.read_text())
+    assert row["images_sha256"] and script._plain_matches(out / "work" / "plain-0-2.npz", row_file)
+    row_file.write_text(json.dumps({**row, "images_sha256": "another run"}))
+    assert script.main(["--config", str(config), "--out", str(out)]) == 0
+    assert json.loads(row_file.read_text())["images_sha256"] == row["images_sha256"]  # sampled and scored again

@@ -148,7 +148,7 @@ def test_a_folder_that_is_not_a_loadable_model_is_one_line(tiny_dit_dir, tmp_pat
     (broken / "config.json").write_text("{not json")
     code, _, err = run(["sample", "--model", str(broken.parent), "--steps", "2", "--num-samples", "2",
                         "--out", str(tmp_path / "o1")], capsys)
-    assert_one_line_error("sample", code, err, "config.json", "not a valid JSON")
+    assert_one_line_error("sample", code, err, "config.json", "not valid JSON")
     no_weights = tmp_path / "no-weights" / "transformer"
     no_weights.mkdir(parents=True)
     (no_weights / "config.json").write_text((tiny_dit_dir / "transformer" / "config.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cqpolicy
-from conftest import tiny_fmnist_dit
+from conftest import save_with_scheduler, tiny_fmnist_dit
 from cqpolicy.cli import main
 from cqpolicy.models import LoadedModel, fmnist_dit, load_model
 from cqpolicy.models.fingerprint import model_fingerprint, model_fingerprints
@@ -148,11 +148,8 @@ def test_mlp_keyed_on_the_step_index_does_not_transfer(tmp_path):
 
 def two_model_dirs(tmp_path):
     """Folders of two tiny DiTs of the same depth and other weights."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    for root, seed in ((a, 0), (b, 1)):
-        tiny_fmnist_dit(BLOCKS, seed).save_pretrained(root / "transformer")
-        fmnist_dit.build_scheduler().save_pretrained(root / "scheduler")
-    return a, b
+    return tuple(save_with_scheduler(tiny_fmnist_dit(BLOCKS, seed), tmp_path / name)
+                 for name, seed in (("a", 0), ("b", 1)))
 
 
 @pytest.mark.parametrize("command", ["sample", "trace"])

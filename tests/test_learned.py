@@ -47,9 +47,7 @@ def test_learned_policies_deploy_and_their_threshold_matters(tiny_dit_dir, artif
 
 
 def test_learned_refuses_other_models_and_tampered_weights(tiny_dit_dir, artifacts, tmp_path, capsys):
-    from conftest import tiny_fmnist_dit
-
-    from cqpolicy.models import fmnist_dit
+    from conftest import save_with_scheduler, tiny_fmnist_dit
 
     mlp, sched = artifacts
     capsys.readouterr()
@@ -59,9 +57,7 @@ def test_learned_refuses_other_models_and_tampered_weights(tiny_dit_dir, artifac
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "6 steps" in err[0] and "indexed by step" in err[0]
     # another model of the same depth (other weights): refused on its weight hash
-    other = tmp_path / "other-dit"
-    tiny_fmnist_dit(seed=1).save_pretrained(other / "transformer")
-    fmnist_dit.build_scheduler().save_pretrained(other / "scheduler")
+    other = save_with_scheduler(tiny_fmnist_dit(seed=1), tmp_path / "other-dit")
     for artifact in (mlp, sched):
         code = main(["sample", "--model", str(other), "--steps", "6", "--num-samples", "2",
                      "--policy", f"learned:path={artifact}", "--out", str(tmp_path / "o3")])

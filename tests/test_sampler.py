@@ -83,7 +83,7 @@ def test_unknown_model_is_a_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="unknown model"):
         load_model("no-such-model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no diffusers DiT"):
+    with pytest.raises(ModelLoadError, match="holds no diffusers model"):
         load_model(str(tmp_path / "empty"))
     with pytest.raises(ModelLoadError, match="local Hugging Face cache"):
         load_model("facebook/DiT-XL-2-256-not-cached")

@@ -9,7 +9,9 @@ branch, and how to run the model from a block onward (the trace recorder's probe
 A *cache unit* is a submodule whose output the runtime may replace by a cached one. For diffusers DiT blocks
 (``BasicTransformerBlock`` with adaLN-zero) they are the self-attention ``attn1`` and the feed-forward ``ff``
 (their outputs come before the adaLN gate and the residual, so a reused output is still gated by the current
-step's conditioning), or the whole ``block`` (its residual ``output - input`` is cached).
+step's conditioning), or the whole ``block`` (its residual ``output - input`` is cached). For a ``UNet2DModel``
+every resnet and attention layer is a block with one unit, ``layer``, whose output is cached; each layer has a
+depth (its down / up level, the mid block deepest), which DeepCache's skip branch refers to.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-UNIT_NAMES = ("attn1", "ff", "block")
+UNIT_NAMES = ("attn1", "ff", "block", "layer")  # every family's unit kinds; each adapter has a subset
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ModelAdapter:
 
     model_class: str = ""  # the diffusers class name it serves
     unit_names: tuple[str, ...] = ()
+    default_units: tuple[str, ...] = ()  # what a policy that names no units (``none``) hooks
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The blocks whose units the runtime hooks, in execution order (a unit's ``block`` indexes this)."""
@@ -70,6 +73,14 @@ class ModelAdapter:
 
     def latent_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def depths(self, model: torch.nn.Module) -> list[int] | None:
+        """Per block, its depth in a UNet (0 = the shallowest level, the mid block deepest); None: not a UNet."""
+        return None
+
+    def conditional(self, model: torch.nn.Module) -> bool:
+        """Whether the model takes a condition with a null value (classifier-free guidance is possible)."""
+        return True
 
     def num_heads(self, model: torch.nn.Module) -> int | None:
         """Attention heads of the cached tensors' last dimension (per-head cache formats), if any."""
@@ -127,13 +138,19 @@ def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]
     return parts
 
 
+def _no_probes(family: str):
+    return NotImplementedError(f"local probes (running a {family} from one unit onward) are not available yet: "
+                               f"trace with --probes none or downstream")
+
+
 @register_adapter
 class DiTAdapter(ModelAdapter):
     """diffusers ``DiTTransformer2DModel`` (facebook/DiT-XL-2-256, the embedded ``fmnist-dit``): adaLN-zero
     ``BasicTransformerBlock``s, a label embedding whose last row is the null class."""
 
     model_class = "DiTTransformer2DModel"
-    unit_names = UNIT_NAMES
+    unit_names = ("attn1", "ff", "block")
+    default_units = ("attn1", "ff")
 
     def blocks(self, model):
         blocks = getattr(model, "transformer_blocks", None)
@@ -195,3 +212,72 @@ class DiTAdapter(ModelAdapter):
     def unit_patterns(self, names):
         return [rf"transformer_blocks\.\d+\.{name}" if name != "block" else r"transformer_blocks\.\d+"
                 for name in names]
+
+
+@register_adapter
+class UNet2DAdapter(ModelAdapter):
+    """diffusers ``UNet2DModel`` (the google/ddpm-cifar10-32 layout): unconditional, or class-conditional through
+    its ``class_embedding``, whose last row is then the classifier-free-guidance null class (``num_class_embeds``
+    = classes + 1)."""
+
+    model_class = "UNet2DModel"
+    unit_names = default_units = ("layer",)
+
+    @staticmethod
+    def _levels(model):
+        """(depth, block) in execution order: down blocks at depth 0.., the mid block deepest, up blocks back up."""
+        down, up = list(model.down_blocks), list(model.up_blocks)
+        return ([(i, b) for i, b in enumerate(down)] + ([(len(down), model.mid_block)] if model.mid_block else [])
+                + [(len(up) - 1 - j, b) for j, b in enumerate(up)])
+
+    @staticmethod
+    def _layers(block):
+        """A block's resnet and attention layers in the order its forward runs them."""
+        resnets = list(getattr(block, "resnets", []))
+        attentions = [a for a in getattr(block, "attentions", None) or [] if a is not None]
+        if type(block).__name__.startswith("UNetMidBlock"):  # resnet, then (attention, resnet) pairs
+            return resnets[:1] + [m for pair in zip(attentions, resnets[1:]) for m in pair]
+        return [m for i, r in enumerate(resnets) for m in ([r, attentions[i]] if i < len(attentions) else [r])]
+
+    def blocks(self, model):
+        return [layer for _, block in self._levels(model) for layer in self._layers(block)]
+
+    def depths(self, model):
+        return [depth for depth, block in self._levels(model) for _ in self._layers(block)]
+
+    def unit(self, block, index, name):
+        return CacheUnit(index, name, block, residual=False)
+
+    def denoise(self, model, x, timesteps, cond):
+        return model(x, timesteps, class_labels=cond if self.conditional(model) else None).sample
+
+    def conditional(self, model):
+        return bool(model.config.num_class_embeds)
+
+    def null_condition(self, model, cond):
+        if not self.conditional(model):
+            raise ValueError("an unconditional UNet2DModel has no null condition: sample with --guidance-scale 1")
+        return torch.full_like(cond, int(model.config.num_class_embeds) - 1)
+
+    def unconditional_rows(self, model, args, kwargs):
+        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        if not self.conditional(model) or not torch.is_tensor(labels):
+            return None
+        return (labels == int(model.config.num_class_embeds) - 1).to(torch.int8)
+
+    def block_input(self, args, kwargs):
+        raise _no_probes("UNet2DModel")
+
+    def forward_from_block(self, model, start, inputs):
+        raise _no_probes("UNet2DModel")
+
+    def num_classes(self, model):
+        return int(model.config.num_class_embeds) - 1 if self.conditional(model) else 1
+
+    def latent_shape(self, model):
+        c = model.config
+        size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)
+        return (c.in_channels, *((size, size) if isinstance(size, int) else size))
+
+    def unit_patterns(self, names):
+        return [r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions)\.\d+"]

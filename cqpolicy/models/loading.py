@@ -1,9 +1,10 @@
-"""Load a DiT-style diffusers model by embedded name, local directory or hub id.
+"""Load a diffusers denoiser of a family some adapter claims, by embedded name, local directory or hub id.
 
 Accepted specs:
 * ``fmnist-dit``: the embedded Fashion-MNIST DiT shipped inside this package;
-* a directory holding a ``DiTPipeline`` (``model_index.json``), or ``transformer/`` (+ ``scheduler/``,
-  optional ``vae/``) folders, or a bare ``DiTTransformer2DModel`` (``config.json``);
+* a directory holding a pipeline (``model_index.json``) or its folders: ``transformer/`` or ``unet/`` (+
+  ``scheduler/``, optional ``vae/``), or a bare model (``config.json``); the model class comes from its
+  config's ``_class_name`` and must be one ``cqpolicy.models.adapters`` supports;
 * a hub id such as ``facebook/DiT-XL-2-256``, read from the local Hugging Face cache only.
 """
 from __future__ import annotations
@@ -67,22 +68,43 @@ class LoadedModel:
         return next(self.transformer.parameters()).device
 
 
-def _load_components(root: Path, name: str, dtype) -> LoadedModel:
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+DENOISER_FOLDERS = ("transformer", "unet")
 
-    transformer = DiTTransformer2DModel.from_pretrained(root / "transformer", dtype=dtype)
+
+def _denoiser(folder: Path, dtype) -> torch.nn.Module:
+    """The diffusers model saved in ``folder``, of the class its config names, if an adapter claims that class."""
+    import diffusers
+
+    from cqpolicy.outputs import read_json
+
+    config = read_json(folder / "config.json", ModelLoadError, f"{folder} holds no config.json")
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    try:
+        adapter_for(str(name))
+    except NoCacheUnitsError as exc:
+        raise ModelLoadError(f"{folder}: {exc}") from None
+    return getattr(diffusers, name).from_pretrained(folder, dtype=dtype)
+
+
+def _load_components(root: Path, name: str, dtype) -> LoadedModel:
+    """A pipeline folder: the denoiser (``transformer/`` or ``unet/``), the scheduler config, the VAE if any."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    folder = next(root / f for f in DENOISER_FOLDERS if (root / f / "config.json").is_file())
     if (root / "scheduler").is_dir():
         scheduler_config = dict(DDIMScheduler.load_config(root / "scheduler"))
     else:
         scheduler_config = dict(fmnist_dit.SCHEDULER_CONFIG)
     vae = AutoencoderKL.from_pretrained(root / "vae", dtype=dtype) if (root / "vae").is_dir() else None
-    return LoadedModel(name, transformer, scheduler_config, vae)
+    return LoadedModel(name, _denoiser(folder, dtype), scheduler_config, vae)
+
+
+def _has_components(root: Path) -> bool:
+    return any((root / f / "config.json").is_file() for f in DENOISER_FOLDERS)
 
 
 def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load ``spec`` (see module doc) in ``dtype`` onto ``device``, in eval mode."""
-    from diffusers import DiTPipeline, DiTTransformer2DModel
-
     path = Path(spec)
     if spec in EMBEDDED:
         root = EMBEDDED[spec]
@@ -92,32 +114,30 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
         model = _load_components(root, spec, dtype)
         model.default_guidance_scale = fmnist_dit.DEFAULT_GUIDANCE_SCALE
     elif path.is_dir():
-        if (path / "model_index.json").is_file():
-            pipe = DiTPipeline.from_pretrained(path, dtype=dtype)
-            model = LoadedModel(str(path), pipe.transformer, dict(pipe.scheduler.config), pipe.vae)
-        elif (path / "transformer" / "config.json").is_file():
+        if _has_components(path):
             model = _load_components(path, str(path), dtype)
         elif (path / "config.json").is_file():
-            transformer = DiTTransformer2DModel.from_pretrained(path, dtype=dtype)
-            model = LoadedModel(str(path), transformer, dict(fmnist_dit.SCHEDULER_CONFIG))
+            model = LoadedModel(str(path), _denoiser(path, dtype), dict(fmnist_dit.SCHEDULER_CONFIG))
         else:
-            raise ModelLoadError(f"{path} holds no diffusers DiT model (no model_index.json, transformer/ "
+            raise ModelLoadError(f"{path} holds no diffusers model (no {'/ or '.join(DENOISER_FOLDERS)}/ folder "
                                  f"or config.json)")
     elif "/" in spec and not path.exists() and not spec.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
         try:
-            pipe = DiTPipeline.from_pretrained(spec, dtype=dtype, local_files_only=True)
+            root = Path(snapshot_download(spec, local_files_only=True))
         except Exception as exc:  # noqa: BLE001 - hub errors come in many types
             raise ModelLoadError(f"hub model {spec!r} is not in the local Hugging Face cache and nothing can be "
                                  f"downloaded here ({type(exc).__name__})") from exc
-        model = LoadedModel(spec, pipe.transformer, dict(pipe.scheduler.config), pipe.vae)
+        if not _has_components(root):
+            raise ModelLoadError(f"hub model {spec!r} has no {' or '.join(DENOISER_FOLDERS)} folder")
+        model = _load_components(root, spec, dtype)
     else:
         known = ", ".join(sorted(EMBEDDED))
         raise ModelLoadError(f"unknown model {spec!r}: use an embedded name ({known}), a local diffusers "
                              f"directory or a cached hub id")
-    try:
-        adapter_for(model.transformer)
-    except NoCacheUnitsError as exc:
-        raise ModelLoadError(f"{spec!r}: {exc}") from None
+    if not model.adapter.conditional(model.transformer):
+        model.default_guidance_scale = 1.0  # nothing to guide with
     model.transformer.to(device).eval().requires_grad_(False)
     if model.vae is not None:
         model.vae.to(device).eval().requires_grad_(False)

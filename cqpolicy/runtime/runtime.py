@@ -142,7 +142,7 @@ class CacheRuntime:
             cache_format = CacheFormat.parse(cache_format, num_heads=self.adapter.num_heads(model))
         self.model = model
         self.policy = policy
-        self.units = find_cache_units(model, policy.units)
+        self.units = find_cache_units(model, policy.units or self.adapter.default_units)
         self.store = CacheStore(cache_format)
         self.counts: Counter = Counter()
         # rows each (block, unit) computed and rows the model was called on, over every call: with the per-row
@@ -167,7 +167,11 @@ class CacheRuntime:
             registry.register_hook(_UnitHook(self, unit), UNIT_HOOK)
             self._registries.append(registry)
         model._cqpolicy_runtime = self
-        policy.attach(model)
+        try:
+            policy.attach(model)
+        except BaseException:  # a policy that refuses this model leaves it as it was
+            self._remove_hooks()
+            raise
 
     # -- call and step context ------------------------------------------------------------------------
     def begin_call(self, num_steps: int | None) -> None:
@@ -247,6 +251,9 @@ class CacheRuntime:
     def disable(self) -> None:
         if self._registries:
             self.policy.detach(self.model)
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         for registry in self._registries:
             name = STEP_HOOK if registry._module_ref is self.model else UNIT_HOOK
             registry.remove_hook(name, recurse=False)
@@ -264,7 +271,7 @@ class CacheRuntime:
 
 
 def enable(model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16") -> CacheRuntime:
-    """Hook ``policy`` into ``model`` (a diffusers DiT transformer); returns the handle.
+    """Hook ``policy`` into ``model`` (a diffusers model some adapter claims); returns the handle.
 
     ``handle.disable()`` removes every hook; ``with enable(...)`` does the same on exit.
     """

@@ -1,5 +1,6 @@
 """One module per policy family; importing this package registers them all."""
 from cqpolicy.policies.families import (  # noqa: F401
+    deepcache,
     dps,
     dqar,
     fora,

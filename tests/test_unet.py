@@ -1,0 +1,158 @@
+"""The UNet2DModel family on tiny random models: loading, `none` bit-identical, layers as cache units, DeepCache."""
+import pytest
+import torch
+
+import cqpolicy
+from conftest import tiny_unet
+from cqpolicy.cli import main
+from cqpolicy.evaluation.cost import count_macs, measured_sample
+from cqpolicy.models import fmnist_dit, load_model
+from cqpolicy.models.adapters import UNet2DAdapter, adapter_for
+from cqpolicy.models.loading import LoadedModel
+from cqpolicy.policies import make_policy
+from cqpolicy.policies.base import DelegatingPolicy
+from cqpolicy.sampling import SampleSettings, sample
+
+SETTINGS = SampleSettings(steps=6, guidance_scale=2.0, batch_size=3)
+
+
+def unet_model(conditional=True):
+    return LoadedModel("tiny-unet", tiny_unet(conditional), dict(fmnist_dit.SCHEDULER_CONFIG))
+
+
+def test_a_unet_folder_loads_with_its_adapter(tiny_unet_dir):
+    model = load_model(str(tiny_unet_dir))
+    assert isinstance(model.adapter, UNet2DAdapter)
+    assert model.latent_shape == (1, 16, 16) and model.num_classes == 10 and model.null_class == 10
+    # layers in execution order, each with its level: down 0, down 1, mid (deepest), up 1, up 0
+    assert model.adapter.depths(model.transformer) == [0, 1, 1, 2, 2, 2, 1, 1, 1, 1, 0, 0]
+    order = []
+    for i, layer in enumerate(model.adapter.blocks(model.transformer)):
+        layer.register_forward_pre_hook(lambda m, a, i=i: order.append(i))
+    sample(model, [0], [0], SampleSettings(steps=1, guidance_scale=1.0, batch_size=1), progress=False)
+    assert order == list(range(12))
+
+
+@pytest.mark.parametrize("conditional, guidance", [(True, 2.0), (True, 1.0), (False, 1.0)])
+def test_none_is_bit_identical_to_the_plain_unet(conditional, guidance):
+    model = unet_model(conditional)
+    settings = SampleSettings(steps=4, guidance_scale=guidance, batch_size=2)
+    labels = [1, 2, 3] if conditional else [0, 0, 0]
+    plain = sample(model, labels, [0, 1, 2], settings, progress=False)
+    with cqpolicy.enable(model.transformer, "none") as handle:
+        hooked = sample(model, labels, [0, 1, 2], settings, progress=False)
+        assert handle.calls == 2 and len(handle.units) == 12
+    assert torch.equal(plain, hooked)
+
+
+def test_an_unconditional_unet_refuses_guidance_in_one_line():
+    model = unet_model(conditional=False)
+    assert not model.adapter.conditional(model.transformer) and model.num_classes == 1
+    with pytest.raises(ValueError, match="no null condition: sample with --guidance-scale 1"):
+        sample(model, [0], [0], SampleSettings(steps=2, guidance_scale=2.0), progress=False)
+
+
+class Watch(DelegatingPolicy):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.computed = {}
+
+    def decide(self, query):
+        decision = super().decide(query)
+        self.computed.setdefault(query.step, set())
+        if decision and query.has_cache or not query.has_cache:
+            self.computed[query.step].add(query.block)
+        return decision
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_deepcache_recomputes_the_shallow_path_only_and_its_macs_are_exact(branch):
+    model = unet_model()
+    depths = model.adapter.depths(model.transformer)
+    policy = Watch(make_policy(f"deepcache:interval=3,branch={branch}"))
+    run = measured_sample(model, policy, "fp32", [0, 1, 2], [0, 1, 2], SETTINGS)
+    shallow = {i for i, d in enumerate(depths) if d <= branch}
+    for step, blocks in policy.computed.items():
+        assert blocks == (set(range(12)) if step % 3 == 0 else shallow), step
+    with cqpolicy.enable(model.transformer, make_policy(f"deepcache:interval=3,branch={branch}"), "fp32"):
+        counted, _ = count_macs(lambda: sample(model, [0, 1, 2], [0, 1, 2], SETTINGS, progress=False))
+    assert run.macs == counted  # the runtime's row counts x per-layer MACs, against the FLOP counter
+    plain = measured_sample(model, None, "none", [0, 1, 2], [0, 1, 2], SETTINGS)
+    assert run.macs < plain.macs and not torch.equal(run.images, plain.images)
+
+
+def test_a_deeper_branch_recomputes_more():
+    model = unet_model()
+    macs = [measured_sample(model, make_policy(f"deepcache:interval=3,branch={b}"), "fp16", [0], [0], SETTINGS).macs
+            for b in (0, 1)]
+    assert macs[0] < macs[1]
+
+
+def test_fora_runs_on_unet_layers_and_dit_units_are_refused():
+    model = unet_model()
+    run = measured_sample(model, make_policy("fora:interval=2,unit=layer"), "fp16", [0, 1], [0, 1], SETTINGS)
+    assert run.reuse_ratio == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match=r"unknown cache unit\(s\) \['attn1', 'ff'\] for UNet2DModel"):
+        cqpolicy.enable(model.transformer, make_policy("fora:interval=2"))
+    assert adapter_for(model.transformer) is model.adapter and not hasattr(model.transformer, "_cqpolicy_runtime")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("deepcache:interval=2,branch=2", "branch 2 leaves nothing to reuse"),
+    ("deepcache:interval=0", "interval must be at least 1"),
+])
+def test_bad_deepcache_settings_are_one_line(tiny_unet_dir, tmp_path, capsys, spec, message):
+    code = main(["sample", "--model", str(tiny_unet_dir), "--steps", "2", "--num-samples", "1",
+                 "--policy", spec, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepcache_on_a_dit_is_one_line(tiny_dit_dir, tmp_path, capsys):
+    code = main(["sample", "--model", str(tiny_dit_dir), "--steps", "2", "--num-samples", "1",
+                 "--policy", "deepcache", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "for DiTTransformer2DModel" in err[0], err
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_deepcache_gives_the_images_of_deepcache_itself(branch):
+    """Reference DeepCache: at a refresh step keep the feature the deep path hands the shallow up block (the output
+    of the up block below it, or of the mid block); in between, replace that feature by the kept one. Our layer
+    caching (fp32 cache) reproduces its images: bit for bit at branch 0; at branch 1 to float rounding, because
+    the cache keeps a contiguous copy of the mid block's output and the next convolution rounds differently on
+    another memory layout."""
+    model = unet_model()
+    unet = model.transformer
+    up = list(unet.up_blocks)
+    feeder = unet.mid_block if branch == len(up) - 1 else up[len(up) - 2 - branch]
+    kept, step = {}, [-1]
+
+    def hook(module, args, output):
+        if step[0] % 3 == 0:
+            kept["feature"] = output
+            return output
+        return kept["feature"]
+
+    handle = feeder.register_forward_hook(hook)
+    try:
+        reference = sample(model, [0, 1, 2], [0, 1, 2], SETTINGS, progress=False,
+                           step_callback=lambda i, n, t: step.__setitem__(0, i))
+    finally:
+        handle.remove()
+    run = measured_sample(model, make_policy(f"deepcache:interval=3,branch={branch}"), "fp32", [0, 1, 2], [0, 1, 2],
+                          SETTINGS)
+    torch.testing.assert_close(run.images, reference, rtol=1e-6, atol=1e-4)
+    assert branch or torch.equal(run.images, reference)
+
+
+def test_a_model_class_no_adapter_claims_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "sd" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    code = main(["sample", "--model", str(folder.parent), "--steps", "2", "--num-samples", "1",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "no cqpolicy adapter for UNet2DConditionModel" in err[0] and "UNet2DModel" in err[0]
