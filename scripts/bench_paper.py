@@ -4,6 +4,7 @@ N = 1000 samples per test replicate x 3 replicates, resumable per (replicate, me
 
     python scripts/bench_paper.py                                   # configs/fmnist-dit-paper.yaml
     python scripts/bench_paper.py --num-samples 64 --seeds 0 --out out/paper-smoke   # a quick look
+    python scripts/bench_paper.py --table-only                      # the table from the rows so far
 
 For each test replicate ``k`` (samples ``k * 1_000_000 + i``, which nothing learned, calibrated or searched
 saw) the plain model runs first; its images are kept under ``OUT/work/`` so a resumed run scores every method
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="test replicates (default: the config's)")
     p.add_argument("--only", nargs="*", default=None, help="bench only the methods whose spec contains one of these")
     p.add_argument("--wall-repeats", type=int, default=2, help="interleaved timing pairs per method")
+    p.add_argument("--table-only", action="store_true", help="bench nothing: write the table from the rows so far")
     p.add_argument("--out", default="docs/results/paper")
     return p.parse_args(argv)
 
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = read_yaml(args.config, PaperError, "paper config")
     num_samples = int(args.num_samples or config.get("num_samples", 1000))
+    if args.table_only:
+        return write_table(Path(args.out), num_samples)
     replicates = [int(k) for k in (args.seeds or config.get("seeds", [0, 1, 2]))]
     model = load_model(config.get("model", "fmnist-dit"))
     g = config.get("guidance_scale")
@@ -198,10 +202,16 @@ def main(argv=None) -> int:
             log_bench_rows(EXPERIMENT, [json.loads(path.read_text())])
             bar.update(1)
     bar.close()
+    return write_table(out, num_samples)
+
+
+def write_table(out: Path, num_samples: int) -> int:
+    """``OUT/leaderboard.{md,csv}`` and ``OUT/pareto.png`` from every row on disk (of ``num_samples`` per replicate)."""
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*/*.json"))]
     rows = [r for r in rows if r["num_samples"] == num_samples]
-    table = leaderboard(as_leaderboard_rows(rows))
-    paths = write_leaderboard(table, out, overwrite=True)
+    if not rows:
+        raise PaperError(f"no rows of {num_samples} samples in {out / 'rows'}")
+    paths = write_leaderboard(leaderboard(as_leaderboard_rows(rows)), out, overwrite=True)
     print(Path(paths["markdown"]).read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())} from {len(rows)} rows")
     return 0
