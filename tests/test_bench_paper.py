@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import load_script
@@ -100,3 +101,21 @@ def test_plain_images_and_row_of_different_runs_are_not_paired(tiny_dit_dir, tmp
     row_file.write_text(json.dumps({**row, "images_sha256": "another run"}))
     assert script.main(["--config", str(config), "--out", str(out)]) == 0
     assert json.loads(row_file.read_text())["images_sha256"] == row["images_sha256"]  # sampled and scored again
+
+
+def test_a_burst_of_load_gets_more_timing_pairs_and_the_median(tmp_path, monkeypatch):
+    script = load_script("bench_paper")
+    timings = iter([(51.0, 7.3), (26.2, 5.3), (11.4, 5.4), (11.2, 5.2), (11.3, 5.3)])
+
+    def fake(model, methods, labels, seeds, settings, repeats, warmup):
+        plain, method = next(timings)
+        return {0: [plain], 1: [method]}
+
+    monkeypatch.setattr(script, "interleaved_walls", fake)
+    from cqpolicy.sampling import SampleSettings
+
+    record = script.wall_record(tmp_path / "w.json", None, None, "fp16", [0] * 4, [0] * 4,
+                                SampleSettings(batch_size=4), repeats=2)
+    assert len(record["plain_s"]) == 4 and record["settled"]  # timed past the burst
+    assert record["wall_speedup"] == pytest.approx(11.3 / 5.3)  # the medians of the last 2 pairs
+    assert script.wall_record(tmp_path / "w.json", None, None, "fp16", [], [], None, 2) == record  # kept
