@@ -57,8 +57,12 @@ class ModelAdapter:
         raise NotImplementedError
 
     def unconditional_rows(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """From the arguments of a model call: int8 per row, 1 = the unconditional branch (None: unknown)."""
-        return None
+        """From the arguments of a model call: int8 per row, 1 = the row was fed the null condition, so it is the
+        unconditional branch (works inside an unmodified pipeline too); None: no condition to tell by."""
+        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        if not torch.is_tensor(labels) or not self.conditional(model):
+            return None
+        return (labels == self.null_condition(model, labels)).to(torch.int8)
 
     def block_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         """From a block call: the tensors ``forward_from_block`` restarts from (hidden states first)."""
@@ -171,12 +175,6 @@ class DiTAdapter(ModelAdapter):
         # diffusers' LabelEmbedding appends the CFG null row after the real classes (1000 for ImageNet DiT)
         return torch.full_like(cond, self.num_classes(model))
 
-    def unconditional_rows(self, model, args, kwargs):
-        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
-        null = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None)
-        # rows fed the null class are the unconditional branch (works inside an unmodified DiTPipeline too)
-        return (labels == null).to(torch.int8) if torch.is_tensor(labels) and null is not None else None
-
     def block_input(self, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         return hidden, kwargs.get("timestep"), kwargs.get("class_labels")
@@ -258,12 +256,6 @@ class UNet2DAdapter(ModelAdapter):
         if not self.conditional(model):
             raise ValueError("an unconditional UNet2DModel has no null condition: sample with --guidance-scale 1")
         return torch.full_like(cond, int(model.config.num_class_embeds) - 1)
-
-    def unconditional_rows(self, model, args, kwargs):
-        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
-        if not self.conditional(model) or not torch.is_tensor(labels):
-            return None
-        return (labels == int(model.config.num_class_embeds) - 1).to(torch.int8)
 
     def block_input(self, args, kwargs):
         raise _no_probes("UNet2DModel")

@@ -86,21 +86,22 @@ def _denoiser(folder: Path, dtype) -> torch.nn.Module:
     return getattr(diffusers, name).from_pretrained(folder, dtype=dtype)
 
 
+def _denoiser_folder(root: Path) -> Path | None:
+    """A pipeline folder's ``transformer/`` or ``unet/`` (the first holding a config), or None."""
+    return next((root / f for f in DENOISER_FOLDERS if (root / f / "config.json").is_file()), None)
+
+
 def _load_components(root: Path, name: str, dtype) -> LoadedModel:
     """A pipeline folder: the denoiser (``transformer/`` or ``unet/``), the scheduler config, the VAE if any."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    folder = next(root / f for f in DENOISER_FOLDERS if (root / f / "config.json").is_file())
+    folder = _denoiser_folder(root)
     if (root / "scheduler").is_dir():
         scheduler_config = dict(DDIMScheduler.load_config(root / "scheduler"))
     else:
         scheduler_config = dict(fmnist_dit.SCHEDULER_CONFIG)
     vae = AutoencoderKL.from_pretrained(root / "vae", dtype=dtype) if (root / "vae").is_dir() else None
     return LoadedModel(name, _denoiser(folder, dtype), scheduler_config, vae)
-
-
-def _has_components(root: Path) -> bool:
-    return any((root / f / "config.json").is_file() for f in DENOISER_FOLDERS)
 
 
 def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
@@ -114,7 +115,7 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
         model = _load_components(root, spec, dtype)
         model.default_guidance_scale = fmnist_dit.DEFAULT_GUIDANCE_SCALE
     elif path.is_dir():
-        if _has_components(path):
+        if _denoiser_folder(path) is not None:
             model = _load_components(path, str(path), dtype)
         elif (path / "config.json").is_file():
             model = LoadedModel(str(path), _denoiser(path, dtype), dict(fmnist_dit.SCHEDULER_CONFIG))
@@ -129,7 +130,7 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
         except Exception as exc:  # noqa: BLE001 - hub errors come in many types
             raise ModelLoadError(f"hub model {spec!r} is not in the local Hugging Face cache and nothing can be "
                                  f"downloaded here ({type(exc).__name__})") from exc
-        if not _has_components(root):
+        if _denoiser_folder(root) is None:
             raise ModelLoadError(f"hub model {spec!r} has no {' or '.join(DENOISER_FOLDERS)} folder")
         model = _load_components(root, spec, dtype)
     else:
