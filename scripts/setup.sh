@@ -16,5 +16,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
-# Optional peer for side-by-side benches (its own deps would move torch: --no-deps).
-.venv/bin/python -m pip install -q --no-deps dit-smoothcache
+# Optional peers for side-by-side benches (their own deps would move torch: --no-deps).
+.venv/bin/python -m pip install -q --no-deps dit-smoothcache DeepCache==0.1.1

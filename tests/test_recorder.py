@@ -16,7 +16,7 @@ SETTINGS = SampleSettings(steps=5, guidance_scale=2.0)
 
 
 def record(model, inner="none", labels=(1, 2), seeds=(0, 1), local=True):
-    recorder = TraceRecorder(make_policy(inner), local_probes=local)
+    recorder = TraceRecorder(make_policy(inner), model.adapter.default_units, local_probes=local)
     channels = model.latent_shape[0]
     with enable(model.transformer, recorder):
         images = sample(model, list(labels), list(seeds), SETTINGS, progress=False,

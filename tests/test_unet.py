@@ -1,4 +1,7 @@
 """The UNet2DModel family on tiny random models: loading, `none` bit-identical, layers as cache units, DeepCache."""
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -150,9 +153,81 @@ def test_deepcache_gives_the_images_of_deepcache_itself(branch):
 def test_a_model_class_no_adapter_claims_is_one_line(tmp_path, capsys):
     folder = tmp_path / "sd" / "unet"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    (folder / "config.json").write_text('{"_class_name": "UNet3DConditionModel"}')
     code = main(["sample", "--model", str(folder.parent), "--steps", "2", "--num-samples", "1",
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "no cqpolicy adapter for UNet2DConditionModel" in err[0] and "UNet2DModel" in err[0]
+    assert "no cqpolicy adapter for UNet3DConditionModel" in err[0] and "UNet2DModel" in err[0]
+
+
+def test_recording_a_unet_leaves_its_run_unchanged_and_measures_entropy_at_attention_layers():
+    from test_recorder import record
+
+    model = unet_model()
+    plain = sample(model, [1, 2], [0, 1], SampleSettings(steps=5, guidance_scale=2.0), progress=False)
+    images, cols = record(model)
+    assert torch.equal(images, plain)
+    assert len(cols["seed"]) == 5 * 12 * 4 and set(cols["unit"]) == {"layer"}  # steps x layers x rows
+    attention = {i for i, layer in enumerate(model.adapter.blocks(model.transformer))
+                 if model.adapter.is_attention(layer)}
+    assert attention == {2, 4, 7, 9}  # down 1 (resnet, attention), mid (resnet, attention, resnet), up 1 (2 pairs)
+    at_attention = np.isin(cols["block"], list(attention))
+    assert ((cols["entropy"][at_attention] > 0) & (cols["entropy"][at_attention] <= 1)).all()
+    assert np.isnan(cols["entropy"][~at_attention]).all()
+    step0 = cols["step"] == 0
+    assert np.isnan(cols["impact_local"][step0]).all() and (cols["impact_local"][~step0] > 0).all()
+
+
+@pytest.mark.parametrize("target", [(2, 0, "layer"), (3, 5, "layer"), (4, 11, "layer")])
+def test_unet_local_impact_equals_a_forced_reuse_run(target):
+    """A UNet has no single block input to restart from: the probe reruns the call with the earlier layers fed
+    their outputs; the label must still be the model-output error of reusing that one layer."""
+    from test_recorder import ForceOnce, record
+
+    from cqpolicy.runtime import enable
+
+    model = unet_model()
+    _, cols = record(model)
+    step, block, unit = target
+    outputs = {}
+    capture = lambda i, t, x, out: outputs.__setitem__(i, out.clone())  # noqa: E731
+    settings = SampleSettings(steps=5, guidance_scale=2.0)
+    sample(model, [1, 2], [0, 1], settings, progress=False, output_callback=capture)
+    reference = outputs[step]
+    with enable(model.transformer, ForceOnce(step, block, unit), cache_format="fp32"):
+        sample(model, [1, 2], [0, 1], settings, progress=False, output_callback=capture)
+    expected = ((outputs[step] - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).numpy()
+    rows = (cols["step"] == step) & (cols["block"] == block) & (cols["unit"] == unit)
+    np.testing.assert_allclose(cols["impact_local"][rows], expected, rtol=1e-3, atol=1e-6)
+    assert expected.min() > 0
+
+
+def test_unet_traces_train_policies_that_deploy(tiny_unet_dir, tmp_path):
+    """Trace -> train -> deploy on a UNet's layers through the CLI, for each learned kind."""
+    traces = tmp_path / "traces"
+    assert main(["trace", "--model", str(tiny_unet_dir), "--steps", "4", "--num-samples", "6", "--batch-size", "2",
+                 "--probes", "local,downstream", "--out", str(traces)]) == 0
+    model = load_model(str(tiny_unet_dir))
+    settings = SampleSettings(steps=4, guidance_scale=2.0, batch_size=2)
+    plain = measured_sample(model, None, "none", [0, 1], [0, 1], settings)
+    for kind in ("mlp", "scheduler", "intervals"):
+        out = tmp_path / kind
+        assert main(["train", "--traces", str(traces), "--kind", kind, "--max-epochs", "2", "--out", str(out)]) == 0
+        assert json.loads((out / "policy.json").read_text())["model"]["units"] == ["layer"]
+        threshold = ",threshold=1e9" if kind == "mlp" else ""  # everything predicted safe: reuses wherever allowed
+        run = measured_sample(model, make_policy(f"learned:path={out}{threshold}"), "fp16", [0, 1], [0, 1], settings)
+        assert run.reuse_ratio > 0 and run.macs < plain.macs, kind
+        assert torch.isfinite(run.images).all() and not torch.equal(run.images, plain.images), kind
+
+
+@pytest.mark.parametrize("spec", ["dps:groups=3,units=layer", "recat:groups=3,units=layer",
+                                  "smoothcache:threshold=0.5,units=layer", "teacache:threshold=0.5,unit=layer",
+                                  "taylorseer:interval=2,order=1,units=layer"])
+def test_calibrated_and_forecasting_families_run_on_unet_layers(spec):
+    model = unet_model()
+    policy = make_policy(spec)
+    policy.prepare(model, SETTINGS)
+    run = measured_sample(model, policy, "fp32", [0, 1, 2], [0, 1, 2], SETTINGS)
+    plain = measured_sample(model, None, "none", [0, 1, 2], [0, 1, 2], SETTINGS)
+    assert 0 < run.reuse_ratio < 1 and run.macs < plain.macs and torch.isfinite(run.images).all()

@@ -11,11 +11,14 @@ A *cache unit* is a submodule whose output the runtime may replace by a cached o
 (their outputs come before the adaLN gate and the residual, so a reused output is still gated by the current
 step's conditioning), or the whole ``block`` (its residual ``output - input`` is cached). For a ``UNet2DModel``
 every resnet and attention layer is a block with one unit, ``layer``, whose output is cached; each layer has a
-depth (its down / up level, the mid block deepest), which DeepCache's skip branch refers to.
+depth (its down / up level, the mid block deepest), which DeepCache's skip branch refers to. A
+``UNet2DConditionModel`` (Stable Diffusion) is laid out the same way, its attention layers being
+``Transformer2DModel``s with cross-attention to the prompt.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,6 +31,8 @@ class CacheUnit:
     name: str
     module: torch.nn.Module
     residual: bool  # cache output - first input (whole blocks) rather than the output itself
+    # for modules returning a tuple or diffusers output (the tensor first): wraps the tensor as the module would
+    pack: Callable[[torch.Tensor, dict], object] | None = None
 
 
 class NoCacheUnitsError(ValueError):
@@ -64,6 +69,12 @@ class ModelAdapter:
             return None
         return (labels == self.null_condition(model, labels)).to(torch.int8)
 
+    # The trace recorder's probes rerun the model with one unit forced to reuse. A family whose blocks form one
+    # chain restarts from the probed block's input (``block_input`` / ``forward_from_block``); any other (a UNet,
+    # whose skip connections leave no single input to restart from) reruns the whole call (``call_inputs`` /
+    # ``forward_call``) with the units before the probed one fed their outputs of the call.
+    restarts_at_blocks: bool = False
+
     def block_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         """From a block call: the tensors ``forward_from_block`` restarts from (hidden states first)."""
         raise NotImplementedError
@@ -71,6 +82,21 @@ class ModelAdapter:
     def forward_from_block(self, model: torch.nn.Module, start: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The rest of a model call from block ``start``'s input; equals the model's output when fed that input."""
         raise NotImplementedError
+
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, ...]:
+        """From a model call: the inputs ``forward_call`` takes (latents first; None where absent)."""
+        raise NotImplementedError
+
+    def forward_call(self, model: torch.nn.Module, inputs: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        """The raw model output for ``call_inputs``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def is_attention(module: torch.nn.Module) -> bool:
+        """Whether ``module`` is a diffusers self-attention whose entropy the recorder can measure."""
+        from diffusers.models.attention_processor import Attention
+
+        return isinstance(module, Attention) and not module.is_cross_attention
 
     def num_classes(self, model: torch.nn.Module) -> int:
         raise NotImplementedError
@@ -142,11 +168,6 @@ def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]
     return parts
 
 
-def _no_probes(family: str):
-    return NotImplementedError(f"local probes (running a {family} from one unit onward) are not available yet: "
-                               f"trace with --probes none or downstream")
-
-
 @register_adapter
 class DiTAdapter(ModelAdapter):
     """diffusers ``DiTTransformer2DModel`` (facebook/DiT-XL-2-256, the embedded ``fmnist-dit``): adaLN-zero
@@ -155,6 +176,7 @@ class DiTAdapter(ModelAdapter):
     model_class = "DiTTransformer2DModel"
     unit_names = ("attn1", "ff", "block")
     default_units = ("attn1", "ff")
+    restarts_at_blocks = True
 
     def blocks(self, model):
         blocks = getattr(model, "transformer_blocks", None)
@@ -257,11 +279,14 @@ class UNet2DAdapter(ModelAdapter):
             raise ValueError("an unconditional UNet2DModel has no null condition: sample with --guidance-scale 1")
         return torch.full_like(cond, int(model.config.num_class_embeds) - 1)
 
-    def block_input(self, args, kwargs):
-        raise _no_probes("UNet2DModel")
+    def call_inputs(self, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        return x, t, kwargs.get("class_labels", args[2] if len(args) > 2 else None)
 
-    def forward_from_block(self, model, start, inputs):
-        raise _no_probes("UNet2DModel")
+    def forward_call(self, model, inputs):
+        x, t, labels = inputs
+        return model(x, t, class_labels=labels).sample
 
     def num_classes(self, model):
         return int(model.config.num_class_embeds) - 1 if self.conditional(model) else 1
@@ -273,3 +298,49 @@ class UNet2DAdapter(ModelAdapter):
 
     def unit_patterns(self, names):
         return [r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions)\.\d+"]
+
+
+def _pack_transformer_output(out: torch.Tensor, kwargs: dict):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
+
+
+@register_adapter
+class UNet2DConditionAdapter(UNet2DAdapter):
+    """diffusers ``UNet2DConditionModel`` (the Stable Diffusion layout): resnet layers and ``Transformer2DModel``
+    layers (self- and cross-attention to the prompt embedding) at each level, the same depths as a
+    ``UNet2DModel``. Its condition is a prompt embedding and its null condition the negative prompt's, which only
+    the pipeline knows: run it inside its diffusers pipeline with ``cqpolicy.enable(pipe.unet, policy)``."""
+
+    model_class = "UNet2DConditionModel"
+
+    def unit(self, block, index, name):
+        returns_tuple = type(block).__name__ == "Transformer2DModel"
+        return CacheUnit(index, name, block, residual=False, pack=_pack_transformer_output if returns_tuple else None)
+
+    def denoise(self, model, x, timesteps, cond):
+        return model(x, timesteps, encoder_hidden_states=cond).sample
+
+    def conditional(self, model):
+        return True
+
+    def null_condition(self, model, cond):
+        raise ValueError("a UNet2DConditionModel's null condition is its pipeline's negative prompt embedding: run "
+                         "it inside its diffusers pipeline (cqpolicy.enable(pipe.unet, policy))")
+
+    def unconditional_rows(self, model, args, kwargs):
+        return None  # a pipeline stacks negative and positive prompt embeddings: nothing marks which is which
+
+    def num_classes(self, model):
+        raise ValueError("a UNet2DConditionModel is conditioned on prompts, not classes: run it inside its "
+                         "diffusers pipeline (cqpolicy.enable(pipe.unet, policy))")
+
+    def call_inputs(self, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        return x, t, kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+
+    def forward_call(self, model, inputs):
+        x, t, prompt = inputs
+        return model(x, t, encoder_hidden_states=prompt).sample

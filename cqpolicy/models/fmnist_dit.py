@@ -11,6 +11,7 @@ from pathlib import Path
 NAME = "fmnist-dit"
 NUM_CLASSES = 10
 SHIPPED_DIR = Path(__file__).parent / "fmnist-dit"
+FOLDER = "transformer"  # the denoiser's folder in the diffusers pipeline layout
 
 TRANSFORMER_CONFIG = dict(
     num_attention_heads=4,
@@ -37,10 +38,12 @@ SCHEDULER_CONFIG = dict(
     timestep_spacing="leading",
 )
 
+# diffusers' LabelEmbedding drops 10% of labels to the null class itself in train mode: nothing to add
+LABEL_DROPOUT = 0.0
 DEFAULT_GUIDANCE_SCALE = 2.0
 
 
-def build_transformer():
+def build_denoiser():
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(**TRANSFORMER_CONFIG)

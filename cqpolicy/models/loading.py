@@ -1,7 +1,7 @@
 """Load a diffusers denoiser of a family some adapter claims, by embedded name, local directory or hub id.
 
 Accepted specs:
-* ``fmnist-dit``: the embedded Fashion-MNIST DiT shipped inside this package;
+* ``fmnist-dit`` / ``fmnist-unet``: the embedded Fashion-MNIST DiT and UNet shipped inside this package;
 * a directory holding a pipeline (``model_index.json``) or its folders: ``transformer/`` or ``unet/`` (+
   ``scheduler/``, optional ``vae/``), or a bare model (``config.json``); the model class comes from its
   config's ``_class_name`` and must be one ``cqpolicy.models.adapters`` supports;
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from cqpolicy.models import fmnist_dit
+from cqpolicy.models import fmnist_dit, fmnist_unet
 from cqpolicy.models.adapters import ModelAdapter, NoCacheUnitsError, adapter_for
 
-EMBEDDED = {fmnist_dit.NAME: fmnist_dit.SHIPPED_DIR}
+EMBEDDED = {m.NAME: m for m in (fmnist_dit, fmnist_unet)}  # name -> its module (weights in SHIPPED_DIR)
 
 
 class ModelLoadError(ValueError):
@@ -108,12 +108,13 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
     """Load ``spec`` (see module doc) in ``dtype`` onto ``device``, in eval mode."""
     path = Path(spec)
     if spec in EMBEDDED:
-        root = EMBEDDED[spec]
-        if not (root / "transformer" / "config.json").is_file():
+        embedded = EMBEDDED[spec]
+        root = embedded.SHIPPED_DIR
+        if not (root / embedded.FOLDER / "config.json").is_file():
             raise ModelLoadError(f"the weights of embedded model {spec!r} are missing from {root}; "
-                                 f"reinstall cqpolicy or train them with scripts/train_fmnist_dit.py")
+                                 f"reinstall cqpolicy or train them with scripts/train_fmnist.py --model {spec}")
         model = _load_components(root, spec, dtype)
-        model.default_guidance_scale = fmnist_dit.DEFAULT_GUIDANCE_SCALE
+        model.default_guidance_scale = embedded.DEFAULT_GUIDANCE_SCALE
     elif path.is_dir():
         if _denoiser_folder(path) is not None:
             model = _load_components(path, str(path), dtype)

@@ -31,7 +31,7 @@ class Policy:
     """Base class: compute everything. Subclasses set ``units`` and override ``decide``."""
 
     name = "base"
-    units: tuple[str, ...] = ("attn1", "ff")
+    units: tuple[str, ...] = ()  # the cache units it decides for; () = the model family's default units
 
     def prepare(self, model, settings) -> None:
         """Called once before sampling with the LoadedModel and SampleSettings: calibrating policies
@@ -90,11 +90,15 @@ class DelegatingPolicy(Policy):
     def __init__(self, inner: Policy):
         self.inner = inner
         self.units = inner.units
+        self.default_units: tuple[str, ...] = ()
 
     def prepare(self, model, settings) -> None:
         self.inner.prepare(model, settings)
 
     def attach(self, model) -> None:
+        from cqpolicy.models.adapters import adapter_for
+
+        self.default_units = adapter_for(model).default_units
         self.inner.attach(model)
 
     def detach(self, model) -> None:
@@ -106,15 +110,19 @@ class DelegatingPolicy(Policy):
     def reset(self, num_steps, num_blocks) -> None:
         self.inner.reset(num_steps, num_blocks)
 
+    def _inner_decides(self, unit: str) -> bool:
+        # the runtime hooks the family's default units for a policy naming none, and this wrapper may add more
+        return unit in self.inner.units if self.inner.units else unit in self.default_units
+
     def decide(self, query: UnitQuery):
-        return self.inner.decide(query) if query.unit in self.inner.units else True
+        return self.inner.decide(query) if self._inner_decides(query.unit) else True
 
     def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
-        if query.unit in self.inner.units:
+        if self._inner_decides(query.unit):
             self.inner.observe(query, output)
 
     def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
-        return self.inner.reuse(query, cached) if query.unit in self.inner.units else cached
+        return self.inner.reuse(query, cached) if self._inner_decides(query.unit) else cached
 
     @property
     def caches(self) -> bool:

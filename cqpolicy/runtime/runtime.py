@@ -46,10 +46,11 @@ class _StepHook(ModelHook):
         self.runtime = runtime
 
     def pre_forward(self, module, *args, **kwargs):
+        if self.runtime._overrides is not None:  # probe passes are not part of the sampling run
+            return args, kwargs
         self.runtime._on_model_call(_timestep_value(args, kwargs))
-        x = args[0] if args else kwargs["hidden_states"]
-        if self.runtime._overrides is None:  # probe passes are not part of the sampling run
-            self.runtime.model_rows += int(x.shape[0])
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        self.runtime.model_rows += int(x.shape[0])
         self.runtime.cfg_branch = self.runtime.adapter.unconditional_rows(module, args, kwargs)
         return args, kwargs
 
@@ -69,11 +70,13 @@ class _UnitHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         rt, unit = self.runtime, self.unit
-        forward = self.fn_ref.original_forward
+        original = self.fn_ref.original_forward
+        forward = original if unit.pack is None else lambda *a, **k: original(*a, **k)[0]
         x = args[0] if args else kwargs["hidden_states"]
         batch = x.shape[0]
         if rt._overrides is not None:  # a probe pass: no policy, no cache writes, no counts
-            return self._probe_forward(forward, x, batch, args, kwargs)
+            out = self._probe_forward(forward, x, batch, args, kwargs)
+            return out if unit.pack is None else unit.pack(out, kwargs)
         has_cache = self.key in rt.store
         query = UnitQuery(step=rt.step, num_steps=rt.num_steps, timestep=rt.timestep, block=unit.block,
                           unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache,
@@ -113,7 +116,7 @@ class _UnitHook(ModelHook):
             if rt.policy.caches:
                 rt.store.put(self.key, stored)
             rt.held_peak = max(rt.held_peak, rt.store.nbytes + rt.policy.state_nbytes)
-        return out
+        return out if unit.pack is None else unit.pack(out, kwargs)
 
 
     def _probe_forward(self, forward, x, batch, args, kwargs):

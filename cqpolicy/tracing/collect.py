@@ -51,7 +51,7 @@ class _ForcedReuse(DelegatingPolicy):
 
     def __init__(self, inner, targets: list[tuple[int, int, str]], cfg: bool):
         super().__init__(inner)
-        self.units = tuple(dict.fromkeys((*inner.units, "attn1", "ff")))
+        self.units = tuple(dict.fromkeys((*inner.units, *(unit for _, _, unit in targets))))
         self.targets, self.cfg = targets, cfg
 
     @property
@@ -74,8 +74,9 @@ def _downstream(model, policy: str, labels, seeds, settings, images, rng, num_bl
     from cqpolicy.evaluation.evaluate import is_fashion_mnist_like
     from cqpolicy.evaluation.quality import images_to_uint8
 
+    units = model.adapter.default_units
     targets = [(int(rng.integers(1, settings.steps)), int(rng.integers(num_blocks)),
-                ("attn1", "ff")[int(rng.integers(2))]) for _ in seeds]
+                units[int(rng.integers(len(units)))]) for _ in seeds]
     forced = _ForcedReuse(make_policy(policy), targets, uses_cfg(settings.guidance_scale))
     forced.prepare(model, settings)
     with enable(model.transformer, forced, cache_format="fp32"):
@@ -126,7 +127,7 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
                           "batch_size": settings.batch_size})
     # labels follow the absolute seed, so workers on disjoint seed ranges record what one run would
     labels_all = [(seed + i) % model.num_classes for i in range(num_samples)]
-    writer = TraceWriter(out_dir, info, TRACE_SCHEMA, label_columns=LABEL_COLUMNS)
+    writer = TraceWriter(out_dir, info, TRACE_SCHEMA, label_columns=LABEL_COLUMNS, unmeasured_columns=("entropy",))
     writer.remove_stale_temporaries()
     done = writer.done_seeds()
     cfg = uses_cfg(settings.guidance_scale)
@@ -148,7 +149,7 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
                 timing["skipped_batches"] += 1
                 bar.update(settings.steps)
                 continue
-            recorder = TraceRecorder(make_policy(policy), local_probes="local" in probes)
+            recorder = TraceRecorder(make_policy(policy), model.adapter.default_units, local_probes="local" in probes)
             recorder.prepare(model, settings)
             started = time.perf_counter()
 

@@ -3,17 +3,19 @@
 ``TraceRecorder`` wraps the policy being traced (``none`` by default): it passes every decision through
 unchanged, so the cache state is exactly what that deployed policy sees, and records per (row, step, block,
 unit) signals around each unit. With local probes on, after every model call it re-runs the model **from
-each block onward** with one unit forced to reuse its last computed output (the two units of a block are
-stacked in one batch), and labels the row with the relative error of the model output that reuse causes.
+each block onward** with one unit forced to reuse its last computed output (the units of a block are stacked
+in one batch), and labels the row with the relative error of the model output that reuse causes. Families
+with no single block input to restart from (UNets) rerun the whole call instead, the units before the
+probed one returning their outputs of the call: the same label, at the cost of the earlier non-unit layers.
 
 Signals (one row per CFG row x step x block x unit; ``*_prev`` compare with the previous step, ``*_last``
 with the unit's last computed step; at step 0 there is no previous value: changes are 0, cosines 1):
 
 * available before the unit runs: ``timestep``, ``log_snr`` (noise schedule), ``in_l1``, ``in_l2``,
-  ``in_rel_l1_prev``, ``in_cos_prev``, ``in_rel_l1_last``, ``entropy`` (attention entropy of the block's
-  ``attn1`` over ``log N``, measured on this step's input; exact up to 64 tokens, else averaged over 64
-  evenly spaced query rows: see ``tests/test_recorder.py`` for its error on a 256-token model),
-  ``steps_since_compute``;
+  ``in_rel_l1_prev``, ``in_cos_prev``, ``in_rel_l1_last``, ``entropy`` (entropy over ``log N`` of the block's
+  self-attention, measured on this step's input where a recorded unit is one (a DiT's ``attn1``, a UNet's
+  attention layers; NaN in blocks without); exact up to 64 tokens, else averaged over 64 evenly spaced query
+  rows: see ``tests/test_recorder.py`` for its error on a 256-token model), ``steps_since_compute``;
 * known after it: ``computed`` (under the traced policy), ``out_l1``, ``out_l2``, ``out_rel_l1_prev``,
   ``out_cos_prev``, ``out_rel_l1_last``, ``out_cos_last``, ``cka_prev`` (linear CKA with the previous
   step's output over the batch), ``log_snr_x0`` (from the step's predicted x0 and noise);
@@ -54,16 +56,28 @@ def _batch_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class _CaptureHook(ModelHook):
-    """Keeps each block's input of the current model call (probes restart from there)."""
+    """Keeps each block's input (``block`` = its index), or the model call's (``block`` = None), of the
+    current call: probes restart from there."""
 
-    def __init__(self, recorder: "TraceRecorder", block: int):
+    def __init__(self, recorder: "TraceRecorder", block: int | None):
         super().__init__()
         self.recorder, self.block = recorder, block
 
     def pre_forward(self, module, *args, **kwargs):
         if not self.recorder._probing:
-            self.recorder._block_inputs[self.block] = self.recorder.adapter.block_input(args, kwargs)
+            adapter = self.recorder.adapter
+            if self.block is None:
+                self.recorder._call_inputs = adapter.call_inputs(args, kwargs)
+            else:
+                self.recorder._block_inputs[self.block] = adapter.block_input(args, kwargs)
         return args, kwargs
+
+
+def _repeat(value, k: int):
+    """``value`` stacked ``k`` times along the batch (scalars, 0-d tensors and None unchanged)."""
+    if not torch.is_tensor(value) or value.ndim == 0:
+        return value
+    return value.repeat(k, *([1] * (value.ndim - 1)))
 
 
 class TraceRecorder(DelegatingPolicy):
@@ -71,10 +85,10 @@ class TraceRecorder(DelegatingPolicy):
 
     name = "recorder"
 
-    def __init__(self, inner: Policy, local_probes: bool = True, record_units: tuple[str, ...] = ("attn1", "ff"),
+    def __init__(self, inner: Policy, record_units: tuple[str, ...], local_probes: bool = True,
                  entropy_queries: int | None = 64):
-        if "attn1" not in record_units:
-            raise ValueError("the trace recorder needs attn1 among its units (entropy is measured there)")
+        if not record_units:
+            raise ValueError("the trace recorder needs units to record (the model adapter's default_units)")
         super().__init__(inner)
         self.record_units = tuple(record_units)
         self.units = tuple(dict.fromkeys((*record_units, *inner.units)))
@@ -83,6 +97,7 @@ class TraceRecorder(DelegatingPolicy):
         self.records: list[dict[str, torch.Tensor | int | str]] = []
         self._probing = False
         self._block_inputs: dict[int, tuple] = {}
+        self._call_inputs: tuple | None = None
         self._registries: list = []
         self.model = None
         self._clear()
@@ -90,8 +105,9 @@ class TraceRecorder(DelegatingPolicy):
     # -- hooks of our own, state per call -------------------------------------------------------------
     def attach(self, model):
         self.model, self.adapter = model, adapter_for(model)
-        for i, block in enumerate(cache_blocks(model)):
-            registry = HookRegistry.check_if_exists_or_initialize(block)
+        targets = enumerate(cache_blocks(model)) if self.adapter.restarts_at_blocks else [(None, model)]
+        for i, module in targets:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(_CaptureHook(self, i), CAPTURE_HOOK)
             self._registries.append(registry)
         super().attach(model)
@@ -122,7 +138,7 @@ class TraceRecorder(DelegatingPolicy):
         key = (query.block, query.unit)
         rows = query.inputs.shape[0]
         computed = computed_rows(decision, query.has_cache, rows)
-        if query.unit == "attn1":
+        if self.adapter.is_attention(query.module):  # the other units of the block take its entropy
             self._entropy[query.block] = self_attention_entropy(
                 query.module, query.inputs, max_queries=self.entropy_queries).float().cpu()
         self._pending[key] = {
@@ -199,29 +215,37 @@ class TraceRecorder(DelegatingPolicy):
         runtime = active_runtime(self.model)
         impacts = {}
         ref = flat_rows(reference)
-        for block, inputs in sorted(self._block_inputs.items()):
-            hidden = inputs[0]
+        restart = self.adapter.restarts_at_blocks
+        for block in sorted({b for b, _ in self._pending}):
             keys = [(block, u) for u in self.record_units
                     if (block, u) in self._pending and self._pending[block, u]["candidate"] is not None]
             if not keys:
                 continue
-            k, rows = len(keys), hidden.shape[0]
+            inputs = self._block_inputs[block] if restart else self._call_inputs
+            k, rows = len(keys), inputs[0].shape[0]
             overrides = {}
             for i, key in enumerate(keys):
                 mask = torch.zeros(k * rows, dtype=torch.bool)
                 mask[i * rows:(i + 1) * rows] = True
-                overrides[key] = (self._pending[key]["candidate"].repeat(k, *([1] * (hidden.ndim - 1))), mask)
+                overrides[key] = (_repeat(self._pending[key]["candidate"], k), mask)
+            if not restart:  # the units before this block return what they returned in the call
+                every = torch.ones(k * rows, dtype=torch.bool)
+                overrides.update({key: (_repeat(rec["out"], k), every) for key, rec in self._pending.items()
+                                  if key[0] < block})
+            repeated = tuple(_repeat(t, k) for t in inputs)
             self._probing = True
             try:
                 with runtime.probing(overrides):
-                    repeated = tuple(t.repeat(k, *([1] * (t.ndim - 1))) for t in inputs)
-                    out = self.adapter.forward_from_block(self.model, block, repeated)[:, :channels]
+                    if restart:
+                        out = self.adapter.forward_from_block(self.model, block, repeated)[:, :channels]
+                    else:
+                        out = self.adapter.forward_call(self.model, repeated)[:, :channels]
             finally:
                 self._probing = False
             errors = (flat_rows(out).view(k, rows, -1) - ref).norm(dim=2) / ref.norm(dim=1).clamp_min(1e-12)
             for i, key in enumerate(keys):
                 impacts[key] = errors[i].cpu()
-        self._block_inputs = {}
+        self._block_inputs, self._call_inputs = {}, None
         return impacts
 
     # -- results ---------------------------------------------------------------------------------------

@@ -252,18 +252,20 @@ def _is_stale(tmp: Path, max_foreign_age_s: float) -> bool:
 class TraceWriter:
     """Append seed-batch shards to one run folder, creating or validating its manifest.
 
-    ``label_columns`` are the columns that may hold NaN ("not probed") or nulls; every other float column
-    must be finite and every other column null-free. Writers on disjoint seed ranges may share a folder,
+    ``label_columns`` are the columns that may hold NaN ("not probed") or nulls, ``unmeasured_columns`` signals
+    that are NaN where a model has nothing to measure (no attention in a UNet's resnet layer); every other
+    float column must be finite and every other column null-free. Writers on disjoint seed ranges may share a folder,
     in one process or many.
     """
 
     def __init__(self, run_dir: str | os.PathLike, info: RunInfo, schema: pa.Schema,
-                 label_columns: tuple[str, ...] = ()) -> None:
+                 label_columns: tuple[str, ...] = (), unmeasured_columns: tuple[str, ...] = ()) -> None:
         self.run_dir = Path(run_dir)
         self.info = info
         # Schema metadata (e.g. pandas hints) is not part of a run's identity; names, types and order are.
         self.schema = schema.remove_metadata()
         self.label_columns = tuple(label_columns)
+        self.unmeasured_columns = tuple(unmeasured_columns)
         self._name = str(run_dir)
         _check_key_schema(self.schema, f"schema for {self._name}")
         for col in self.label_columns:
@@ -376,7 +378,8 @@ class TraceWriter:
             if col.null_count:
                 raise TraceError(f"column {f.name!r} holds {col.null_count} nulls (only label columns may)")
             if pa.types.is_floating(f.type):
-                bad = table.num_rows - pc.sum(pc.is_finite(col).cast(pa.int64())).as_py()
+                finite = pc.is_finite(col) if f.name not in self.unmeasured_columns else pc.invert(pc.is_inf(col))
+                bad = table.num_rows - pc.sum(finite.cast(pa.int64())).as_py()
                 if bad:
                     raise TraceError(f"column {f.name!r} holds {bad} NaN/inf values (only label columns may "
                                      f"hold NaN)")

@@ -14,7 +14,6 @@ class NoneConfig:
 
 @register("none", NoneConfig)
 class NonePolicy(Policy):
-    units = ()  # the model family's default units: `none` runs on every family
 
     def __init__(self, config: NoneConfig = NoneConfig()):
         self.config = config

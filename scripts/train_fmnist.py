@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Train the embedded ``fmnist-dit`` on Fashion-MNIST (CPU, resumable, logged to MLflow).
+"""Train an embedded model (``fmnist-dit``, ``fmnist-unet``) on Fashion-MNIST (CPU, resumable, logged to MLflow).
 
-    python scripts/train_fmnist_dit.py --max-minutes 110            # run or resume
-    python scripts/train_fmnist_dit.py --export-only                 # ship the current EMA weights
+    python scripts/train_fmnist.py --model fmnist-unet --max-minutes 110   # run or resume
+    python scripts/train_fmnist.py --model fmnist-unet --export-only       # ship the current EMA weights
 
 Checkpoints (model, EMA, optimizer, step, MLflow run id) go to ``--ckpt-dir`` (kept out of git) and
 are written atomically every ``--save-minutes``. With no checkpoint, training starts from ``--init-dir``
 (default: the shipped weights) if it exists, so an interrupted run that only shipped weights can go on.
 The exported model is the EMA in fp16, diffusers ``save_pretrained`` layout, with the scheduler config.
+Classifier-free guidance training: a share of labels becomes the null class (the DiT's label embedding does
+it itself; for the UNet this script does it, ``LABEL_DROPOUT`` of the model's module).
 """
 from __future__ import annotations
 
@@ -23,15 +25,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cqpolicy.data import load_fashion_mnist
-from cqpolicy.models import fmnist_dit
+from cqpolicy.models import EMBEDDED
 from cqpolicy.tracking import start_run
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt-dir", default="checkpoints/fmnist-dit")
-    p.add_argument("--export-dir", default=str(fmnist_dit.SHIPPED_DIR))
-    p.add_argument("--init-dir", default=str(fmnist_dit.SHIPPED_DIR),
+    p.add_argument("--model", default="fmnist-dit", choices=sorted(EMBEDDED))
+    p.add_argument("--ckpt-dir", default=None, help="default: checkpoints/<model>")
+    p.add_argument("--export-dir", default=None, help="default: the package's folder of the model")
+    p.add_argument("--init-dir", default=None,
                    help="with no checkpoint, start from these weights (default: the shipped ones) if they exist")
     p.add_argument("--max-minutes", type=float, default=150.0, help="stop (and save) after this long")
     p.add_argument("--max-steps", type=int, default=200_000)
@@ -65,15 +68,15 @@ def learning_rate(args, step: int) -> float:
     return float(lr)
 
 
-def export(ema, export_dir: Path):
+def export(ema, embedded, export_dir: Path):
     """Write fp16 EMA weights + scheduler config in diffusers layout, atomically per folder."""
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
     half = copy.deepcopy(ema).to(torch.float16)
-    half.save_pretrained(tmp / "transformer", safe_serialization=True)
-    fmnist_dit.build_scheduler().save_pretrained(tmp / "scheduler")
+    half.save_pretrained(tmp / embedded.FOLDER, safe_serialization=True)
+    embedded.build_scheduler().save_pretrained(tmp / "scheduler")
     if export_dir.exists():
         import shutil
         shutil.rmtree(export_dir)
@@ -84,13 +87,15 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt_dir = Path(args.ckpt_dir)
+    embedded = EMBEDDED[args.model]
+    ckpt_dir = Path(args.ckpt_dir or f"checkpoints/{args.model}")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
-    export_dir = Path(args.export_dir)
+    export_dir = Path(args.export_dir or embedded.SHIPPED_DIR)
+    init_dir = Path(args.init_dir or embedded.SHIPPED_DIR)
 
     torch.manual_seed(args.seed)
-    model = fmnist_dit.build_transformer()
+    model = embedded.build_denoiser()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, run_id, elapsed_total = 0, None, 0.0
@@ -103,37 +108,36 @@ def main():
         elapsed_total = float(state.get("elapsed", 0.0))
         torch.set_rng_state(state["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
-    elif (Path(args.init_dir) / "transformer").exists():
-        from diffusers import DiTTransformer2DModel
-        shipped = DiTTransformer2DModel.from_pretrained(Path(args.init_dir) / "transformer").float()
+    elif (init_dir / embedded.FOLDER).exists():
+        shipped = type(model).from_pretrained(init_dir / embedded.FOLDER).float()
         model.load_state_dict(shipped.state_dict())
         ema.load_state_dict(shipped.state_dict())
-        print(f"no checkpoint; starting from the weights in {args.init_dir}")
+        print(f"no checkpoint; starting from the weights in {init_dir}")
 
     if args.export_only:
-        export(ema, export_dir)
+        export(ema, embedded, export_dir)
         print(f"exported EMA weights (step {step}) to {export_dir}")
         return
 
     images, labels = load_fashion_mnist("train")
     x_all = torch.from_numpy(images).float().div(127.5).sub(1.0).unsqueeze(1)
     y_all = torch.from_numpy(labels)
-    scheduler = fmnist_dit.build_scheduler()
+    scheduler = embedded.build_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.float()
     n_train_t = scheduler.config.num_train_timesteps
 
     params = {k: v for k, v in vars(args).items() if k not in ("export_only",)}
-    with start_run("fmnist-dit-training", run_id=run_id, run_name="train-fmnist-dit") as run:
+    with start_run(f"{args.model}-training", run_id=run_id, run_name=f"train-{args.model}") as run:
         if run_id is None:
             import mlflow
-            mlflow.log_params({**params, **{f"model.{k}": v for k, v in fmnist_dit.TRANSFORMER_CONFIG.items()},
+            mlflow.log_params({**params, **{f"model.{k}": v for k, v in model.config.items() if not k.startswith("_")},
                                "n_params": sum(p.numel() for p in model.parameters())})
         run_id = run.info.run_id
         gen = torch.Generator().manual_seed(args.seed + step)  # resume gets fresh but reproducible batches
         start, last_save = time.time(), time.time()
         model.train()
         losses = []
-        bar = tqdm(total=args.max_steps, initial=step, desc="train fmnist-dit", dynamic_ncols=True)
+        bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.model}", dynamic_ncols=True)
         while step < args.max_steps and (time.time() - start) < args.max_minutes * 60:
             idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
             x0, y = x_all[idx], y_all[idx]
@@ -141,8 +145,10 @@ def main():
             noise = torch.randn(x0.shape, generator=gen)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            # model.train() makes the label embedding drop 10% of labels to the null class (CFG training)
-            pred = model(xt, timestep=t, class_labels=y).sample
+            if embedded.LABEL_DROPOUT:
+                drop = torch.rand(args.batch_size, generator=gen) < embedded.LABEL_DROPOUT
+                y = torch.where(drop, embedded.NUM_CLASSES, y)  # the null class
+            pred = model(xt, t, class_labels=y).sample
             loss = F.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,13 +173,13 @@ def main():
                 elapsed = elapsed_total + time.time() - start
                 atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                                  run_id=run_id, elapsed=elapsed, rng=torch.get_rng_state()), ckpt_path)
-                export(ema, export_dir)  # the package always holds the latest EMA, should the run die
+                export(ema, embedded, export_dir)  # the package always holds the latest EMA, should the run die
                 last_save = time.time()
         bar.close()
         elapsed_total += time.time() - start
         atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                          run_id=run_id, elapsed=elapsed_total, rng=torch.get_rng_state()), ckpt_path)
-        export(ema, export_dir)
+        export(ema, embedded, export_dir)
         import mlflow
         mlflow.log_metrics({"train_hours": elapsed_total / 3600, "final_step": step}, step=step)
         print(f"step {step}, {elapsed_total / 60:.1f} min in total; exported EMA to {export_dir}")
