@@ -240,9 +240,12 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     interval_paths = list((results["train"].get("intervals") or {}).values())
     baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
     # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
+    from cqpolicy.policies.families.fora import interval_spec
+
     for p in pareto + [{"macs_speedup": _table_speedup(path), "cache_dtype": "fp16"} for path in interval_paths]:
-        matched = (f"fora:interval={_matched_interval(p['macs_speedup'], settings.steps)}", p["cache_dtype"])
-        if matched[0] != "fora:interval=1" and matched not in baselines:
+        interval = _matched_interval(p["macs_speedup"], settings.steps)
+        matched = (interval_spec(interval, model.adapter.default_units), p["cache_dtype"])
+        if interval > 1 and matched not in baselines:
             baselines.append(matched)
     from cqpolicy.evaluation.bench import bench_rows, log_bench_rows
 

@@ -10,6 +10,9 @@ Tracing, benchmarking and deployment all run the model through this one runtime.
   rows of every cached tensor, so no branch ever reads the other's cache.
 * **Decisions** per (step, block, unit), optionally per sample: a bool mask makes only the marked rows
   execute; the other rows take the cached output.
+* **torch.compile** (``compile=True``): each unit's computation is compiled on its own (regional compilation:
+  units of one kind share one compiled graph), while decisions, cache reads and writes stay in Python
+  between them, so a policy never turns into guards or recompiles of a whole-model graph.
 """
 from __future__ import annotations
 
@@ -67,10 +70,15 @@ class _UnitHook(ModelHook):
         self.runtime = runtime
         self.unit = unit
         self.key = (unit.block, unit.name)
+        self._compiled = None
 
     def new_forward(self, module, *args, **kwargs):
         rt, unit = self.runtime, self.unit
         original = self.fn_ref.original_forward
+        if rt.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(original)
+            original = self._compiled
         forward = original if unit.pack is None else lambda *a, **k: original(*a, **k)[0]
         x = args[0] if args else kwargs["hidden_states"]
         batch = x.shape[0]
@@ -136,7 +144,8 @@ class _UnitHook(ModelHook):
 class CacheRuntime:
     """Hooks ``policy`` into ``model``'s cache units. Use ``enable`` to build one."""
 
-    def __init__(self, model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16"):
+    def __init__(self, model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16",
+                 compile: bool = False):
         if getattr(model, "_cqpolicy_runtime", None) is not None:
             raise RuntimeError("a cqpolicy runtime is already enabled on this model; disable it first")
         self.adapter = adapter_for(model)
@@ -145,6 +154,7 @@ class CacheRuntime:
             cache_format = CacheFormat.parse(cache_format, num_heads=self.adapter.num_heads(model))
         self.model = model
         self.policy = policy
+        self.compile = compile
         self.units = find_cache_units(model, policy.units or self.adapter.default_units)
         self.store = CacheStore(cache_format)
         self.counts: Counter = Counter()
@@ -273,12 +283,14 @@ class CacheRuntime:
         return False
 
 
-def enable(model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16") -> CacheRuntime:
+def enable(model: torch.nn.Module, policy: Policy, cache_format: CacheFormat | str = "fp16",
+           compile: bool = False) -> CacheRuntime:
     """Hook ``policy`` into ``model`` (a diffusers model some adapter claims); returns the handle.
 
-    ``handle.disable()`` removes every hook; ``with enable(...)`` does the same on exit.
+    ``handle.disable()`` removes every hook; ``with enable(...)`` does the same on exit. ``compile``: run each
+    unit's computation through ``torch.compile`` (see the module doc).
     """
-    return CacheRuntime(model, policy, cache_format)
+    return CacheRuntime(model, policy, cache_format, compile)
 
 
 def active_runtime(model: torch.nn.Module) -> CacheRuntime | None:

@@ -44,3 +44,9 @@ class ForaPolicy(Policy):
         if query.step < self.config.warmup:
             return True
         return (query.step - self.config.warmup) % self.intervals[query.unit] == 0
+
+
+def interval_spec(interval: int, units: tuple[str, ...]) -> str:
+    """``fora:interval=k`` over ``units`` (a model family's default units), naming them unless FORA's default."""
+    own = "" if "+".join(units) == ForaConfig.unit else f",unit={'+'.join(units)}"
+    return f"fora:interval={interval}{own}"
