@@ -17,4 +17,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 # Optional peers for side-by-side benches (their own deps would move torch: --no-deps).
-.venv/bin/python -m pip install -q --no-deps dit-smoothcache DeepCache==0.1.1
+.venv/bin/python -m pip install -q --no-deps dit-smoothcache DeepCache==0.1.1 cache-dit==1.5.3

@@ -1,4 +1,6 @@
 """Exact MACs of every run: per-unit row counts x per-row MACs equal the FLOP counter on the same run."""
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,7 +116,11 @@ def test_leaf_counts_of_a_plain_run_give_the_flop_counters_macs(tiny):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-@pytest.mark.parametrize("spec", ["diffusers-fbc:threshold=0.2", "diffusers-taylorseer:interval=3,warmup=1"])
+@pytest.mark.parametrize("spec", [
+    "diffusers-fbc:threshold=0.2", "diffusers-taylorseer:interval=3,warmup=1",
+    pytest.param("cache-dit:threshold=0.9,fn=1,warmup=1",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="needs cache-dit")),
+])
 def test_peer_runs_are_counted_exactly_by_their_leaves(tiny, spec, guidance):
     """Peer hooks skip blocks and attention modules we do not hook: the leaf row counts see what really ran."""
     settings = SampleSettings(steps=7, guidance_scale=guidance, batch_size=3)
