@@ -30,6 +30,10 @@ class _DiffusersHookPeer(Policy):
     reports_reuse = False
     hook_names: tuple[str, ...] = ()
 
+    @property
+    def caches(self) -> bool:
+        return False  # the peer keeps its own state: the runtime need not store unit outputs nobody reads
+
     def _apply(self, model):
         raise NotImplementedError
 
@@ -168,6 +172,10 @@ class SmoothCacheWheel(Policy):
 
     def decide(self, query):
         return True
+
+    @property
+    def caches(self) -> bool:
+        return False  # the wheel keeps its own state: the runtime need not store unit outputs nobody reads
 
 
 @dataclass(frozen=True)
