@@ -34,3 +34,7 @@ $PY scripts/readme_table.py docs/results/paper/leaderboard.csv | tee docs/result
 
 # 4. the cost of recording traces
 $PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 1 | tee docs/results/trace.md
+
+# 5. torch.compile (each unit compiled, decisions in Python) against eager, same run
+$PY scripts/bench_compile.py --model fmnist-dit --policies none fora:interval=3 --num-samples 64 --repeats 3 \
+    --json docs/results/compile.json | grep -v '^{' | tee docs/results/compile.md

@@ -72,6 +72,18 @@ def save_with_scheduler(model, root, folder: str = "transformer"):
     return root
 
 
+def dit_pipeline_call(pipe, noise, steps=5):
+    """An unmodified DiTPipeline call for classes 1 and 2 (guidance 4) starting from ``noise``."""
+    import diffusers.pipelines.dit.pipeline_dit as dit_module
+
+    original = dit_module.randn_tensor
+    dit_module.randn_tensor = lambda shape, **kw: noise.clone()
+    try:
+        return pipe(class_labels=[1, 2], guidance_scale=4.0, num_inference_steps=steps, output_type="pt").images
+    finally:
+        dit_module.randn_tensor = original
+
+
 def tiny_sd_pipeline():
     """A StableDiffusionPipeline of the SD layout (cross-attention levels, mid block, VAE), tiny and random, without
     text encoder or tokenizer: it is called with prompt embeddings (12-d, 5 tokens)."""

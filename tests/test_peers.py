@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import cqpolicy
+from conftest import dit_pipeline_call
 from cqpolicy.evaluation.cost import count_macs, measured_sample
 from cqpolicy.models import load_model
 from cqpolicy.policies import make_policy
@@ -130,17 +131,6 @@ def test_cache_dit_needs_middle_blocks_and_refuses_without_touching_the_model(ti
     assert _module_state(model.transformer) == before
 
 
-def _pipeline_call(pipe, noise, steps):
-    import diffusers.pipelines.dit.pipeline_dit as dit_module
-
-    original = dit_module.randn_tensor
-    dit_module.randn_tensor = lambda shape, **kw: noise.clone()
-    try:
-        return pipe(class_labels=[1, 2], guidance_scale=4.0, num_inference_steps=steps, output_type="pt").images
-    finally:
-        dit_module.randn_tensor = original
-
-
 def test_cache_dit_policy_matches_cache_dit_driving_a_dit_pipeline(tiny_xl_pipeline_dir):
     """cache-dit on an actual DiTPipeline (its registered DiT adapter, a context per pipeline call) and our policy in
     our sampler compute bit-identical residual diffs, so they cache the same steps, and every transformer output is
@@ -166,7 +156,7 @@ def test_cache_dit_policy_matches_cache_dit_driving_a_dit_pipeline(tiny_xl_pipel
     cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.2, max_warmup_steps=2))
     try:
-        theirs = _pipeline_call(pipe, noise, steps)
+        theirs = dit_pipeline_call(pipe, noise, steps)
         theirs_stats = _cache_dit_stats(pipe)
     finally:
         cache_dit.disable_cache(pipe)  # it patched DiTPipeline.__call__ on the class
@@ -189,6 +179,6 @@ def test_cache_dit_policy_matches_cache_dit_driving_a_dit_pipeline(tiny_xl_pipel
     unmodified = DiTPipeline.from_pretrained(tiny_xl_pipeline_dir)
     unmodified.set_progress_bar_config(disable=True)
     with cqpolicy.enable(unmodified.transformer, spec) as handle:
-        first, second = _pipeline_call(unmodified, noise, steps), _pipeline_call(unmodified, noise, steps)
+        first, second = dit_pipeline_call(unmodified, noise, steps), dit_pipeline_call(unmodified, noise, steps)
         assert handle.calls == 2
     assert torch.equal(first, theirs) and torch.equal(second, theirs)

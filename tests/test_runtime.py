@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import cqpolicy
+from conftest import dit_pipeline_call
 from cqpolicy.evaluation.cost import count_macs
 from cqpolicy.models import load_model
 from cqpolicy.policies import Policy, make_policy
@@ -26,32 +27,21 @@ def test_none_is_bit_identical_to_the_plain_model(tiny_dit_dir):
     assert torch.equal(plain, run(model))  # disable() restored the plain forward
 
 
-def _pipeline_call(pipe, noise, steps=5):
-    import diffusers.pipelines.dit.pipeline_dit as dit_module
-
-    original = dit_module.randn_tensor
-    dit_module.randn_tensor = lambda shape, **kw: noise.clone()
-    try:
-        return pipe(class_labels=[1, 2], guidance_scale=4.0, num_inference_steps=steps, output_type="pt").images
-    finally:
-        dit_module.randn_tensor = original
-
-
 def test_inside_an_unmodified_dit_pipeline(tiny_xl_pipeline_dir):
     from diffusers import DiTPipeline
 
     pipe = DiTPipeline.from_pretrained(tiny_xl_pipeline_dir)
     noise = initial_noise([3, 4], (4, 8, 8))
-    plain = _pipeline_call(pipe, noise)
+    plain = dit_pipeline_call(pipe, noise)
     with cqpolicy.enable(pipe.transformer, "none"):
-        assert torch.equal(plain, _pipeline_call(pipe, noise))
+        assert torch.equal(plain, dit_pipeline_call(pipe, noise))
     # fora with the step inferred from the timestep equals fora driven by our sampler, twice in a row
     model = load_model(str(tiny_xl_pipeline_dir))
     with cqpolicy.enable(model.transformer, "fora:interval=2"):
         ours = sample(model, [1, 2], [3, 4], SampleSettings(steps=5, guidance_scale=4.0), progress=False)
     with cqpolicy.enable(pipe.transformer, "fora:interval=2") as handle:
-        first = _pipeline_call(pipe, noise)
-        second = _pipeline_call(pipe, noise)
+        first = dit_pipeline_call(pipe, noise)
+        second = dit_pipeline_call(pipe, noise)
         assert handle.calls == 2 and handle.reuse_ratio == pytest.approx(2 / 5)
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), first, atol=1e-5, rtol=1e-4)
     assert torch.equal(first, second)

@@ -222,7 +222,7 @@ def test_unet_traces_train_policies_that_deploy(tiny_unet_dir, tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["dps:groups=3,units=layer", "recat:groups=3,units=layer",
-                                  "smoothcache:threshold=0.5,units=layer", "teacache:threshold=0.5,unit=layer",
+                                  "smoothcache:threshold=5,units=layer", "teacache:threshold=0.5,unit=layer",
                                   "taylorseer:interval=2,order=1,units=layer"])
 def test_calibrated_and_forecasting_families_run_on_unet_layers(spec):
     model = unet_model()

@@ -242,6 +242,7 @@ class UNet2DAdapter(ModelAdapter):
 
     model_class = "UNet2DModel"
     unit_names = default_units = ("layer",)
+    condition_kwarg = "class_labels"  # the keyword the model takes its condition by
 
     @staticmethod
     def _levels(model):
@@ -269,7 +270,7 @@ class UNet2DAdapter(ModelAdapter):
         return CacheUnit(index, name, block, residual=False)
 
     def denoise(self, model, x, timesteps, cond):
-        return model(x, timesteps, class_labels=cond if self.conditional(model) else None).sample
+        return self.forward_call(model, (x, timesteps, cond if self.conditional(model) else None))
 
     def conditional(self, model):
         return bool(model.config.num_class_embeds)
@@ -282,11 +283,11 @@ class UNet2DAdapter(ModelAdapter):
     def call_inputs(self, args, kwargs):
         x = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        return x, t, kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        return x, t, kwargs.get(self.condition_kwarg, args[2] if len(args) > 2 else None)
 
     def forward_call(self, model, inputs):
-        x, t, labels = inputs
-        return model(x, t, class_labels=labels).sample
+        x, t, cond = inputs
+        return model(x, t, **{self.condition_kwarg: cond}).sample
 
     def num_classes(self, model):
         return int(model.config.num_class_embeds) - 1 if self.conditional(model) else 1
@@ -314,13 +315,11 @@ class UNet2DConditionAdapter(UNet2DAdapter):
     the pipeline knows: run it inside its diffusers pipeline with ``cqpolicy.enable(pipe.unet, policy)``."""
 
     model_class = "UNet2DConditionModel"
+    condition_kwarg = "encoder_hidden_states"
 
     def unit(self, block, index, name):
         returns_tuple = type(block).__name__ == "Transformer2DModel"
         return CacheUnit(index, name, block, residual=False, pack=_pack_transformer_output if returns_tuple else None)
-
-    def denoise(self, model, x, timesteps, cond):
-        return model(x, timesteps, encoder_hidden_states=cond).sample
 
     def conditional(self, model):
         return True
@@ -335,12 +334,3 @@ class UNet2DConditionAdapter(UNet2DAdapter):
     def num_classes(self, model):
         raise ValueError("a UNet2DConditionModel is conditioned on prompts, not classes: run it inside its "
                          "diffusers pipeline (cqpolicy.enable(pipe.unet, policy))")
-
-    def call_inputs(self, args, kwargs):
-        x = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        return x, t, kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-
-    def forward_call(self, model, inputs):
-        x, t, prompt = inputs
-        return model(x, t, encoder_hidden_states=prompt).sample
