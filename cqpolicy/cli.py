@@ -16,13 +16,15 @@ class CliError(Exception):
 
 def _add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="fmnist-dit",
-                   help="embedded name (fmnist-dit), local diffusers DiT directory or cached hub id")
+                   help="embedded name (fmnist-dit, fmnist-unet), a local diffusers model directory (DiT, UNet2DModel) "
+                        "or a cached hub id")
     p.add_argument("--policy", default="none", help="reuse policy spec NAME[:key=value,...] (default: none)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     p.add_argument("--num-samples", type=int, default=64, help="images to generate (default: 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale, 1 = off (default: the model's, 3.0 for fmnist-dit)")
+                   help="classifier-free guidance scale, 1 = off (default: the model's, chosen on model-selection "
+                        "samples for the embedded ones)")
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim",
                    help="ddim or dpm (DPM-Solver++ multistep); default ddim")
     p.add_argument("--seed", type=int, default=0,

@@ -38,3 +38,22 @@ $PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 1 | tee docs/re
 # 5. torch.compile (each unit compiled, decisions in Python) against eager, same run
 $PY scripts/bench_compile.py --model fmnist-dit --policies none fora:interval=3 --num-samples 64 --repeats 3 \
     --json docs/results/compile.json | grep -v '^{' | tee docs/results/compile.md
+
+# 6. the embedded UNet: guidance on model-selection samples, the uncached model over 3 x 1000 test samples,
+#    a sample grid, its main job (DeepCache and every family on layers), and its paper table
+U=docs/results/fmnist-unet
+mkdir -p $U/main-job
+$PY scripts/select_guidance.py --model fmnist-unet --scales 1.5 2 2.5 3 --num-samples 500 --json $U/guidance.json \
+    | tee $U/guidance.md
+$PY scripts/bench_foundation.py --model fmnist-unet --steps 50 --num-samples 1000 --seeds 0 1 2 \
+    --json $U/foundation.json | tee $U/foundation.md
+rm -rf out/readme-grid-unet
+.venv/bin/cqpolicy sample --model fmnist-unet --steps 50 --num-samples 100 --batch-size 100 --out out/readme-grid-unet
+cp out/readme-grid-unet/grid.png docs/fmnist-unet-grid.png
+rm -rf out/run-unet
+.venv/bin/cqpolicy run configs/fmnist-unet.yaml --out out/run-unet
+cp out/run-unet/report/leaderboard/leaderboard.{md,csv} out/run-unet/report/leaderboard/pareto.png \
+    out/run-unet/report/grids.png out/run-unet/report/learned-*.png $U/main-job/
+$PY scripts/readme_table.py $U/main-job/leaderboard.csv | tee $U/main-job/readme-table.md
+$PY scripts/bench_paper.py --config configs/fmnist-unet-paper.yaml --out docs/results/paper-unet
+$PY scripts/readme_table.py docs/results/paper-unet/leaderboard.csv | tee docs/results/paper-unet/readme-table.md

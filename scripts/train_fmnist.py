@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def main():
         start, last_save = time.time(), time.time()
         model.train()
         losses = []
-        bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.model}", dynamic_ncols=True)
+        bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.model}", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute
         while step < args.max_steps and (time.time() - start) < args.max_minutes * 60:
             idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
             x0, y = x_all[idx], y_all[idx]

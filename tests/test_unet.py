@@ -231,3 +231,27 @@ def test_calibrated_and_forecasting_families_run_on_unet_layers(spec):
     run = measured_sample(model, policy, "fp32", [0, 1, 2], [0, 1, 2], SETTINGS)
     plain = measured_sample(model, None, "none", [0, 1, 2], [0, 1, 2], SETTINGS)
     assert 0 < run.reuse_ratio < 1 and run.macs < plain.macs and torch.isfinite(run.images).all()
+
+
+def test_the_shipped_fmnist_unet_end_to_end():
+    """The shipped weights by name: its 15 layers over 4 levels, `none` bit-identical, DeepCache saving what it says."""
+    model = load_model("fmnist-unet")
+    assert isinstance(model.adapter, UNet2DAdapter) and model.dtype == torch.float32
+    assert model.latent_shape == (1, 28, 28) and model.num_classes == 10
+    assert model.adapter.depths(model.transformer) == [0, 1, 2, 2, 3, 3, 3, 2, 2, 2, 2, 1, 1, 0, 0]
+    settings = SampleSettings(steps=4, guidance_scale=model.default_guidance_scale, batch_size=2)
+    plain = sample(model, [0, 7], [0, 1], settings, progress=False)
+    with cqpolicy.enable(model.transformer, "none"):
+        assert torch.equal(plain, sample(model, [0, 7], [0, 1], settings, progress=False))
+    with cqpolicy.enable(model.transformer, "deepcache:interval=2,branch=0") as handle:
+        cached = sample(model, [0, 7], [0, 1], settings, progress=False)
+    assert handle.reuse_ratio > 0.3 and not torch.equal(plain, cached)
+    assert float((plain - cached).abs().max()) < 1.0 and cached.isfinite().all()
+
+
+def test_calibration_records_a_unets_layers_by_default():
+    from cqpolicy.policies.calibration import record_unit_outputs
+
+    outputs = record_unit_outputs(unet_model(), SampleSettings(steps=3, guidance_scale=2.0), num_samples=2)
+    assert sorted(outputs) == [(layer, "layer") for layer in range(12)]
+    assert all(v.shape[:2] == (3, 4) for v in outputs.values())  # steps x (2 samples x 2 CFG rows)

@@ -39,14 +39,15 @@ _LAST: list = []  # [(weakref to the transformer, key, outputs)]: the newest cal
 
 
 @torch.no_grad()
-def record_unit_outputs(model, settings, units: tuple[str, ...] = ("attn1", "ff"), num_samples: int = 8,
+def record_unit_outputs(model, settings, units: tuple[str, ...] = (), num_samples: int = 8,
                         seed: int = CALIBRATION_SEED, max_tokens: int | None = 64
                         ) -> dict[tuple[int, str], torch.Tensor]:
     """Per (block, unit): the unit's outputs over the steps of an uncached run, ``[steps, rows, ...]`` float32.
 
-    ``rows`` is ``2 * num_samples`` with classifier-free guidance (conditional rows first). Sample ``i`` has
-    class ``i mod num_classes`` and seed ``seed + i``. Outputs are kept in fp16 and, for token sequences
-    longer than ``max_tokens``, on ``max_tokens`` evenly spaced tokens (``fmnist-dit`` has 49: all kept).
+    ``units`` default to the model family's (``adapter.default_units``). ``rows`` is ``2 * num_samples`` with
+    classifier-free guidance (conditional rows first). Sample ``i`` has class ``i mod num_classes`` and seed
+    ``seed + i``. Outputs are kept in fp16 and, for token sequences longer than ``max_tokens``, on ``max_tokens``
+    evenly spaced tokens (``fmnist-dit`` has 49: all kept).
     """
     import weakref
     from dataclasses import replace
@@ -54,6 +55,7 @@ def record_unit_outputs(model, settings, units: tuple[str, ...] = ("attn1", "ff"
     from cqpolicy.runtime import enable
     from cqpolicy.sampling import sample
 
+    units = tuple(units) or model.adapter.default_units
     # SmoothCache, DPS and ReCaT calibrate on the same uncached run, once per bench replicate: run it once.
     key = (str(model.dtype), int(settings.steps), str(settings.scheduler), float(settings.guidance_scale),
            tuple(units), int(num_samples), int(seed), max_tokens)
