@@ -39,14 +39,12 @@ $PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 1 | tee docs/re
 $PY scripts/bench_compile.py --model fmnist-dit --policies none fora:interval=3 --num-samples 64 --repeats 3 \
     --json docs/results/compile.json | grep -v '^{' | tee docs/results/compile.md
 
-# 6. the embedded UNet: guidance on model-selection samples, the uncached model over 3 x 1000 test samples,
-#    a sample grid, its main job (DeepCache and every family on layers), and its paper table
+# 6. the embedded UNet: guidance on model-selection samples, a sample grid, its main job (DeepCache and every
+#    family on layers), and its paper table (whose plain rows are the uncached model over 3 x 1000 test samples)
 U=docs/results/fmnist-unet
 mkdir -p $U/main-job
 $PY scripts/select_guidance.py --model fmnist-unet --scales 1.5 2 2.5 3 --num-samples 500 --json $U/guidance.json \
     | tee $U/guidance.md
-$PY scripts/bench_foundation.py --model fmnist-unet --steps 50 --num-samples 1000 --seeds 0 1 2 \
-    --json $U/foundation.json | tee $U/foundation.md
 rm -rf out/readme-grid-unet
 .venv/bin/cqpolicy sample --model fmnist-unet --steps 50 --num-samples 100 --batch-size 100 --out out/readme-grid-unet
 cp out/readme-grid-unet/grid.png docs/fmnist-unet-grid.png
