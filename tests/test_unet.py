@@ -234,7 +234,7 @@ def test_calibrated_and_forecasting_families_run_on_unet_layers(spec):
 
 
 def test_the_shipped_fmnist_unet_end_to_end():
-    """The shipped weights by name: its 15 layers over 4 levels, `none` bit-identical, DeepCache saving what it says."""
+    """The shipped weights by name: its 15 layers over 4 levels, `none` bit-identical, DeepCache reusing layers."""
     model = load_model("fmnist-unet")
     assert isinstance(model.adapter, UNet2DAdapter) and model.dtype == torch.float32
     assert model.latent_shape == (1, 28, 28) and model.num_classes == 10
