@@ -88,10 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on one or more trace runs (split by seed) with Lightning; write a policy "
                                    "artifact (policy.json + weights.safetensors) to --out. Deploy it with "
                                    "--policy learned:path=DIR[,threshold=x] in sample and bench.")
-    p.add_argument("--traces", nargs="+", required=True, help="trace run folders")
-    p.add_argument("--kind", choices=["mlp", "scheduler", "intervals"], default="mlp",
+    p.add_argument("--traces", nargs="+", help="trace run folders (every kind but gates)")
+    p.add_argument("--kind", choices=["mlp", "scheduler", "intervals", "gates", "forecast"], default="mlp",
                    help="mlp: the reuse policy; scheduler: a step x block x unit table (L2C-style router); "
-                        "intervals: one phase-locked refresh interval per block and unit, fitted in closed form")
+                        "intervals: one phase-locked refresh interval per block and unit, fitted in closed form; "
+                        "gates: a budget-conditioned schedule trained through the sampler on --model (no traces; "
+                        "deploy with learned:path=DIR,budget=B); forecast: a linear predictor of the units a static "
+                        "--schedule reuses, fitted on uncached runs of --model (deploy with forecast:path=DIR)")
+    p.add_argument("--model", help="gates, forecast: the model to run (embedded name or local folder)")
+    p.add_argument("--schedule", help="forecast: the static schedule (a policy spec, e.g. fora:interval=3) whose "
+                                      "reused units the fitted predictor forecasts (deploy with forecast:path=DIR)")
+    p.add_argument("--order", type=int, default=3, help="forecast: computed outputs each forecast weighs (default 3)")
+    p.add_argument("--budget-range", type=float, nargs=2, default=[0.15, 0.55], metavar=("LOW", "HIGH"),
+                   help="gates: the MACs fractions of the plain model it is trained for (default 0.15 0.55)")
+    p.add_argument("--steps", type=int, default=50, help="gates, forecast: sampling steps (default 50)")
+    p.add_argument("--train-samples", type=int, default=128, help="gates: rollout seeds to train on (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="gates: samples per rollout (default 8)")
+    p.add_argument("--max-minutes", type=float, default=None, help="gates: stop training after this long")
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--compute-budget", type=float, default=0.5,
                    help="scheduler, intervals: fraction of units that compute (default 0.5)")
@@ -299,6 +312,29 @@ def cmd_train(args) -> int:
         raise CliError(f"--max-epochs must be at least 1, got {args.max_epochs}")
     if not 0 < args.compute_budget <= 1:
         raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
+    if args.kind == "gates":
+        from cqpolicy.training.rollout import train_gates
+
+        if args.traces or not args.model:
+            raise CliError("--kind gates trains on rollouts of --model, not on --traces")
+        meta = train_gates(args.model, args.out, steps=args.steps, budget_range=tuple(args.budget_range),
+                           train_samples=args.train_samples, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                           seed=args.seed, max_minutes=args.max_minutes, overwrite=args.overwrite)
+        print(json.dumps(meta.get("metrics", {}), indent=2))
+        print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out},budget=B")
+        return 0
+    if args.kind == "forecast":
+        from cqpolicy.training.forecast import fit_forecast
+
+        if args.traces or not args.model or not args.schedule:
+            raise CliError("--kind forecast needs --model and --schedule (not --traces)")
+        meta = fit_forecast(args.model, args.schedule, args.out, steps=args.steps, order=args.order,
+                            overwrite=args.overwrite)
+        print(json.dumps(meta.get("metrics", {}), indent=2))
+        print(f"wrote forecast artifact {args.out}: deploy with --policy forecast:path={args.out}")
+        return 0
+    if not args.traces:
+        raise CliError(f"--kind {args.kind} needs --traces")
     meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
                         compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label,
                         features=args.features, intervals=args.intervals)

@@ -75,6 +75,9 @@ def seed_uses(config: dict) -> dict[str, list[tuple[int, int]]]:
             "test": [(seeds.test_start(int(k)), int(b.get("num_samples", 64))) for k in b.get("seeds", [0, 1, 2])]}
     if config.get("retrain", True):
         uses["retrain"] = [(seed_start(config, "retrain"), n_trace)]
+    g = (config.get("train") or {}).get("gates")
+    if g:
+        uses["rollout"] = [(seeds.start("rollout"), int(g.get("train_samples", 128)) + int(g.get("val_samples", 32)))]
     return uses
 
 
@@ -190,7 +193,18 @@ def stage_train(config, model, settings, stage_dir, results, progress):
         train_policy([results["traces"]["run_dir"]], kind="intervals", out_dir=out, compute_budget=float(budget),
                      seed=int(t.get("seed", 0)), overwrite=True, label=str(t.get("label", "auto")))
         intervals[f"{float(budget):g}"] = str(out)
-    return {**trained, "intervals": intervals}
+    gates = None
+    g = t.get("gates")
+    if g:  # trained through the sampler: one artifact, benched at several budgets
+        from cqpolicy.training.rollout import train_gates
+
+        gates = str(stage_dir / "gates")
+        train_gates(config.get("model", "fmnist-dit"), gates, steps=settings.steps,
+                    guidance_scale=settings.guidance_scale, budget_range=tuple(g.get("budget_range", [0.15, 0.55])),
+                    train_samples=int(g.get("train_samples", 128)), val_samples=int(g.get("val_samples", 32)),
+                    batch_size=int(g.get("batch_size", 8)), max_epochs=int(g.get("max_epochs", 10)),
+                    max_minutes=g.get("max_minutes"), seed=int(t.get("seed", 0)), overwrite=True, progress=progress)
+    return {**trained, "intervals": intervals, "gates": gates}
 
 
 def stage_retrain(config, model, settings, stage_dir, results, progress):
@@ -242,7 +256,9 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
     from cqpolicy.policies.families.fora import interval_spec
 
-    for p in pareto + [{"macs_speedup": _table_speedup(path), "cache_dtype": "fp16"} for path in interval_paths]:
+    gate_budgets = [float(spec.rsplit("budget=", 1)[1]) for spec, _ in learned if ",budget=" in spec]
+    for p in pareto + [{"macs_speedup": _table_speedup(path), "cache_dtype": "fp16"} for path in interval_paths] + [
+            {"macs_speedup": 1 / budget, "cache_dtype": "fp16"} for budget in gate_budgets]:
         interval = _matched_interval(p["macs_speedup"], settings.steps)
         matched = (interval_spec(interval, model.adapter.default_units), p["cache_dtype"])
         if interval > 1 and matched not in baselines:
@@ -266,6 +282,9 @@ def learned_methods(config: dict, results: dict, max_pareto: int | None = None) 
     learned = [(p["policy"], p["cache_dtype"]) for p in pareto]
     learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
     learned += [(f"learned:path={path}", "fp16") for path in (results["train"].get("intervals") or {}).values()]
+    if results["train"].get("gates"):
+        budgets = ((config.get("train") or {}).get("gates") or {}).get("bench_budgets", [0.5, 0.33, 0.25, 0.2])
+        learned += [(f"learned:path={results['train']['gates']},budget={float(b):g}", "fp16") for b in budgets]
     return pareto, learned
 
 

@@ -10,6 +10,7 @@ role            seeds                        used by
 ``calibration`` ``10_000_000 + i``           SmoothCache / DPS / ReCaT calibration runs
 ``trace``       ``20_000_000 + i``           trace collection (the first traces of ``cqpolicy run``)
 ``retrain``     ``21_000_000 + i``           traces recorded under a learned policy, for retraining
+``rollout``     ``22_000_000 + i``           gates trained through the sampler (train and validation rollouts)
 ``search``      ``30_000_000 + i``           Optuna trials
 ``selection``   ``40_000_000 + i``           model selection: guidance scale, training checkpoints
 ``display``     ``50_000_000 + i``           report pictures (sample grids, decision heatmaps); never scored
@@ -23,7 +24,7 @@ from __future__ import annotations
 SPAN = 1_000_000  # seeds per role (and per test replicate)
 TEST_REPLICATES = 10
 STARTS = {"test": 0, "calibration": 10_000_000, "trace": 20_000_000, "retrain": 21_000_000,
-          "search": 30_000_000, "selection": 40_000_000, "display": 50_000_000}
+          "rollout": 22_000_000, "search": 30_000_000, "selection": 40_000_000, "display": 50_000_000}
 ROLES = tuple(STARTS)
 
 

@@ -52,6 +52,10 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
         assert json.loads((out / "train" / f"intervals-{budget}" / "policy.json").read_text())["fit"] == "intervals"
         assert any(f"intervals-{budget}" in r["policy"] for r in rows)
         assert (report / f"learned-intervals-{budget}.png").stat().st_size > 100
+    # the gates are trained through the sampler on rollout seeds and benched at the config's budgets
+    gates = json.loads((out / "train" / "gates" / "policy.json").read_text())
+    assert gates["kind"] == "gates" and gates["training"]["rollout_seeds"][0] == 22_000_000
+    assert any(r["policy"] == f"learned:path={out / 'train' / 'gates'},budget=0.5" for r in rows)
     capsys.readouterr()
     assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
     printed = capsys.readouterr().out

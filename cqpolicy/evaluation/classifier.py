@@ -48,6 +48,10 @@ class FashionClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(self._to_float(images))
 
+    def float_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of model-space float images in [-1, 1], differentiable (no uint8 rounding): a training loss."""
+        return self.body(((images.clamp(-1, 1) + 1) / 2 - 0.286) / 0.353)
+
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.forward(images)))
 

@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 POLICY_FILE = "policy.json"
 WEIGHTS_FILE = "weights.safetensors"
 SCHEDULE_FILE = "schedule.json"
-KINDS = ("mlp", "scheduler")
+KINDS = ("mlp", "scheduler", "gates", "forecast")
 
 __all__ = ["FORMAT_VERSION", "POLICY_FILE", "WEIGHTS_FILE", "SCHEDULE_FILE", "ArtifactError", "save_artifact",
            "load_artifact", "check_fits", "transfers_across_steps", "table_to_schedule"]
@@ -214,6 +214,34 @@ def _check_structure(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -
             raise bad("normalization.std holds a value that is not positive")
         if not is_number(meta.get("default_threshold")) or meta["default_threshold"] <= 0:
             raise bad("default_threshold is missing or not a positive number")
+    elif kind == "gates":
+        from cqpolicy.policies.gates import GATE_FEATURES
+
+        if meta.get("features") != list(GATE_FEATURES):
+            raise bad(f"features is not {list(GATE_FEATURES)}")
+        norm = meta.get("normalization")
+        if not isinstance(norm, dict) or not all(
+                isinstance(norm.get(k), list) and len(norm[k]) == len(GATE_FEATURES) and all(map(is_number, norm[k]))
+                for k in ("mean", "std")) or not all(v > 0 for v in norm["std"]):
+            raise bad(f"normalization is not {len(GATE_FEATURES)} finite means and positive stds")
+        if not is_int(meta.get("hidden")) or meta["hidden"] < 1:
+            raise bad("hidden is missing or not a positive integer")
+        budgets = meta.get("budget_range")
+        if (not isinstance(budgets, list) or len(budgets) != 2 or not all(map(is_number, budgets))
+                or not 0 < budgets[0] < budgets[1] <= 1):
+            raise bad("budget_range is not [low, high] with 0 < low < high <= 1")
+        if not is_number(meta.get("row_macs")) or meta["row_macs"] <= 0:
+            raise bad("row_macs is missing or not positive")
+        macs = tensors.get("unit_macs")
+        if macs is None or tuple(macs.shape) != (model["num_blocks"], len(units)):
+            raise bad(f"its unit_macs are not [blocks, units] = {[model['num_blocks'], len(units)]}")
+    elif kind == "forecast":
+        table, weights = tensors.get("table"), tensors.get("weights")
+        shape = (model["steps"], model["num_blocks"], len(units))
+        if table is None or tuple(table.shape) != shape:
+            raise bad(f"its table is not [steps, blocks, units] = {list(shape)}")
+        if weights is None or weights.ndim != 4 or tuple(weights.shape[:3]) != shape or weights.shape[3] < 1:
+            raise bad(f"its weights are not [steps, blocks, units, K] = {list(shape)} + [K]")
     elif kind == "scheduler":
         table = tensors.get("table")
         shape = (model["steps"], model["num_blocks"], len(units))
@@ -229,6 +257,8 @@ def transfers_across_steps(meta: dict) -> bool:
     A ``scheduler`` table (or interval schedule) is indexed by step and never transfers."""
     from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
 
+    if meta.get("kind") == "gates":  # scores keyed on log-SNR and progress
+        return True
     features = meta.get("features")
     if meta.get("kind") != "mlp" or not isinstance(features, list) or not features:
         return False

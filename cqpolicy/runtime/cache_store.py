@@ -139,7 +139,8 @@ def quantize(x: torch.Tensor, fmt: CacheFormat) -> StoredTensor:
     """Store ``x`` in format ``fmt``. Always copies, so later in-place edits of ``x`` do not reach the cache."""
     if not x.is_floating_point():
         raise TypeError(f"can only cache floating-point tensors, got {x.dtype}")
-    x = x.detach()
+    if not (fmt.dtype == "fp32" and torch.is_grad_enabled()):
+        x = x.detach()  # fp32 under grad mode keeps the graph: training through the sampler reads the cache
     if fmt.is_float:
         payload = x.to(dtype=_FLOAT_DTYPES[fmt.dtype], copy=True, memory_format=torch.contiguous_format)
         return StoredTensor(payload, None, x.shape, x.dtype, fmt)

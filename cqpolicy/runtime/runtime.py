@@ -90,6 +90,8 @@ class _UnitHook(ModelHook):
                           unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache,
                           module=module, log_snr=rt.log_snr, cfg_branch=rt.cfg_branch)
         decision = rt.policy.decide(query)
+        if torch.is_tensor(decision) and decision.is_floating_point():
+            return self._record(query, x, self._blend(query, forward, decision, x, args, kwargs), batch, kwargs)
         if torch.is_tensor(decision):
             mask = decision.to(device=x.device, dtype=torch.bool).reshape(-1)
             if mask.numel() != batch:
@@ -115,6 +117,26 @@ class _UnitHook(ModelHook):
                               **{k: _take_rows(v, mask, batch) for k, v in kwargs.items()})
                 out = out.clone()
                 out[mask] = sub
+        return self._record(query, x, out, compute_rows, kwargs)
+
+    def _blend(self, query, forward, gate, x, args, kwargs):
+        """A soft decision ``gate`` in [0, 1] (0-d or one per row): every row computes, and the unit's output is
+        ``gate * computed + (1 - gate) * cached``; that blend is also what the cache keeps, so a run of gates of
+        0 and 1 is exactly the hard schedule, and gradients reach every gate (learning through the sampler)."""
+        out = forward(*args, **kwargs)
+        if not query.has_cache:
+            return out
+        value = out - x if self.unit.residual else out
+        gate = gate.to(device=value.device, dtype=value.dtype)
+        if gate.ndim:
+            gate = gate.reshape(-1, *([1] * (value.ndim - 1)))
+        cached = self.runtime.policy.reuse(query, self.runtime.store.get(self.key))
+        value = gate * value + (1 - gate) * cached
+        return x + value if self.unit.residual else value
+
+    def _record(self, query, x, out, compute_rows, kwargs):
+        rt, unit = self.runtime, self.unit
+        batch = x.shape[0]
         rt.counts[unit.name, "computed"] += compute_rows
         rt.counts[unit.name, "reused"] += batch - compute_rows
         rt.unit_rows[self.key] += compute_rows
@@ -125,7 +147,6 @@ class _UnitHook(ModelHook):
                 rt.store.put(self.key, stored)
             rt.held_peak = max(rt.held_peak, rt.store.nbytes + rt.policy.state_nbytes)
         return out if unit.pack is None else unit.pack(out, kwargs)
-
 
     def _probe_forward(self, forward, x, batch, args, kwargs):
         override = self.runtime._overrides.get(self.key)

@@ -43,6 +43,13 @@ def log_snr(scheduler, t) -> float:
     return math.log(alpha_bar / (1.0 - alpha_bar))
 
 
+def step_log_snrs(model: LoadedModel, settings: "SampleSettings") -> list[float]:
+    """The log-SNR of every step of a run with ``settings``, in sampling order (what ``set_step`` reports)."""
+    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(int(settings.steps))
+    return [log_snr(scheduler, t) for t in scheduler.timesteps]
+
+
 @dataclass
 class SampleSettings:
     steps: int = 50
@@ -61,19 +68,34 @@ class SampleSettings:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
+def settings_for(model: LoadedModel, steps: int = 50, scheduler: str = "ddim", batch_size: int = 64,
+                 guidance_scale: float | None = None) -> SampleSettings:
+    """Validated settings for ``model`` (``guidance_scale`` None: the model's default)."""
+    settings = SampleSettings(steps=steps, scheduler=scheduler, batch_size=batch_size,
+                              guidance_scale=model.default_guidance_scale if guidance_scale is None
+                              else guidance_scale)
+    settings.validate()
+    return settings
+
+
 def uses_cfg(guidance_scale: float) -> bool:
     return guidance_scale != 1.0
 
 
-@torch.no_grad()
 def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor, settings: SampleSettings,
                   step_callback: Callable | None = None, progress: tqdm | None = None,
-                  output_callback: Callable | None = None) -> torch.Tensor:
+                  output_callback: Callable | None = None, grad: bool = False) -> torch.Tensor:
     """Run the scheduler loop on one batch; returns final latents (before any VAE decode).
 
     ``output_callback(step_index, timestep, x_t, raw_output)`` runs after every model call with the
     transformer's raw output (all CFG rows, all channels): the trace recorder probes from there.
+    ``grad=True`` keeps the autograd graph of the whole loop (training a policy through the sampler).
     """
+    with torch.set_grad_enabled(grad):
+        return _denoise(model, labels, noise, settings, step_callback, progress, output_callback)
+
+
+def _denoise(model, labels, noise, settings, step_callback, progress, output_callback) -> torch.Tensor:
     transformer = model.transformer
     scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
     scheduler.set_timesteps(settings.steps, device=noise.device)

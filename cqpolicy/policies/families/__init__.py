@@ -3,6 +3,7 @@ from cqpolicy.policies.families import (  # noqa: F401
     deepcache,
     dps,
     dqar,
+    forecast,
     fora,
     learned,
     none,

@@ -12,6 +12,10 @@
   unit compute after k consecutive reuses (as TeaCache's cap does), whatever the MLP predicts.
 * ``kind: scheduler`` — a learned static step x block x unit table (an L2C-style router); ``max_reuse``
   caps its runs of consecutive reuses the same way.
+* ``kind: gates`` — a budget-conditioned gate net trained through the sampler (``cqpolicy.training.rollout``):
+  ``budget=b`` (the run's MACs as a fraction of the plain model's, inside the trained range) turns its scores
+  for this run's steps into a static schedule in ``prepare`` (``cqpolicy.policies.gates.plan``). Keyed on
+  log-SNR and progress, it deploys at any step count and scheduler.
 
 The artifact must fit the model: its class, block count and weight hash (``cqpolicy.models.fingerprint``)
 are checked in ``prepare``, and so are its step count and scheduler unless it is keyed on progress (an MLP
@@ -38,6 +42,7 @@ class LearnedConfig:
     threshold: float = -1.0  # reuse where predicted impact < threshold; -1 = the artifact's default
     per_sample: bool = False  # decide per CFG row instead of per batch
     max_reuse: int = -1  # compute after this many consecutive reuses of a unit (-1: no cap)
+    budget: float = -1.0  # gates: the run's MACs as a fraction of the plain model's (within the trained range)
 
     def __post_init__(self):
         if self.max_reuse < -1:
@@ -57,6 +62,8 @@ class LearnedPolicy(Policy):
         self.meta, tensors = load_artifact(config.path)
         self.kind = self.meta["kind"]
         self.units = tuple(self.meta["model"]["units"])
+        if config.budget != -1.0 and self.kind != "gates":
+            raise ValueError(f"policy 'learned': budget= applies to gates artifacts; {config.path} is a {self.kind}")
         if self.kind == "mlp":
             from cqpolicy.policies.networks import ReuseMLP
 
@@ -78,6 +85,23 @@ class LearnedPolicy(Policy):
             self.step_level = is_step_level(self.features)
         elif self.kind == "scheduler":
             self.table = tensors["table"].bool()
+        elif self.kind == "gates":
+            from cqpolicy.policies.gates import GateNet
+
+            low, high = self.meta["budget_range"]
+            if not low <= config.budget <= high:
+                from cqpolicy.policies.artifact import ArtifactError
+
+                given = "none given" if config.budget == -1.0 else f"got {config.budget:g}"
+                raise ArtifactError(f"policy artifact {config.path}: gates need budget=B within the trained range "
+                                    f"[{low:g}, {high:g}] ({given})")
+            units = len(self.units)
+            self.gate_net = GateNet(int(self.meta["model"]["num_blocks"]) * units, int(self.meta["hidden"]))
+            self.gate_net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items()
+                                           if k.startswith("net.")})
+            self.gate_net.eval().requires_grad_(False)
+            self.unit_macs = tensors["unit_macs"].double()
+            self.table = None  # the schedule at this budget, made in prepare for the run's steps and scheduler
         else:
             raise ValueError(f"policy 'learned': unknown artifact kind {self.kind!r}")
         from cqpolicy.policies.artifact import transfers_across_steps
@@ -90,6 +114,18 @@ class LearnedPolicy(Policy):
     def family(self) -> str:
         return "learned-intervals" if self.meta.get("fit") == "intervals" else f"learned-{self.kind}"
 
+    def _gate_table(self, model, settings) -> torch.Tensor:
+        """The gates' hard schedule [steps, blocks, units] for this run's steps, scheduler and budget."""
+        from cqpolicy.policies.gates import gate_inputs, plan
+        from cqpolicy.sampling.sampler import step_log_snrs
+
+        norm = self.meta["normalization"]
+        with torch.no_grad():
+            a, b = self.gate_net(gate_inputs(step_log_snrs(model, settings), self.config.budget, norm["mean"],
+                                             norm["std"]))
+            table, _, _ = plan(a, b, self.config.budget, float(self.meta["row_macs"]), self.unit_macs)
+        return table.reshape(len(table), *self.unit_macs.shape)
+
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import cache_blocks
         from cqpolicy.models.fingerprint import model_fingerprints
@@ -98,6 +134,16 @@ class LearnedPolicy(Policy):
         check_fits(self.meta, type(model.transformer).__name__, len(cache_blocks(model.transformer)),
                    settings.steps, settings.scheduler, source=self.config.path,
                    model_hashes=model_fingerprints(model), steps_transfer=self.transfers)
+        if self.kind == "gates":
+            from cqpolicy.policies.gates import min_budget
+
+            floor = min_budget(int(settings.steps), float(self.meta["row_macs"]), self.unit_macs)
+            if self.config.budget < floor:
+                from cqpolicy.policies.artifact import ArtifactError
+
+                raise ArtifactError(f"budget {self.config.budget:g} is below the least this model reaches at "
+                                    f"{settings.steps} steps ({floor:.3f})")
+            self.table = self._gate_table(model, settings)
 
     def reset(self, num_steps, num_blocks) -> None:
         model = self.meta["model"]
@@ -181,6 +227,14 @@ class LearnedPolicy(Policy):
     def decide(self, query: UnitQuery):
         if self.kind == "mlp" and self.step_level:
             return self._decide_step_level(query)
+        if self.kind == "gates":
+            if self.table is None or (query.num_steps is not None and query.num_steps != len(self.table)):
+                from cqpolicy.runtime import StepMismatchError
+
+                raise StepMismatchError(f"policy artifact {self.config.path}: the gates' schedule was made for "
+                                        f"{None if self.table is None else len(self.table)} steps (in prepare), the "
+                                        f"run has {query.num_steps}")
+            return bool(self.table[query.step, query.block, self.units.index(query.unit)])
         if self.kind == "scheduler":
             key = (query.block, query.unit)
             compute = bool(self.table[query.step, query.block, self.units.index(query.unit)])

@@ -1,0 +1,92 @@
+"""``forecast``: a static schedule whose reused cells are *forecast* by a fitted linear predictor (L2P-style).
+
+An artifact of kind ``forecast`` (``cqpolicy train --kind forecast --schedule SPEC``) holds the schedule it was
+fitted to (a step x block x unit compute table, recorded from ``SPEC``) and, for every (step, block, unit) the
+schedule reuses, weights over that unit's last ``K`` computed outputs, newest first:
+
+    f(s) ~ w_0 f(c_0) + w_1 f(c_1) + ... + w_{K-1} f(c_{K-1})
+
+fitted in closed form (ridge towards plain reuse, ``w = [1, 0, ...]``) on the outputs of uncached runs over
+calibration seeds. Plain reuse (``w = [1, 0, ...]``) and TaylorSeer's order-1 forecast
+(``[1 + d, -d]`` with ``d = (s - c_0) / (c_0 - c_1)``) are points of this family; the fit picks the weights
+per cell from data. ``f(c_0)`` is the runtime's cached tensor (so the cache format's loss is what the model
+sees); older outputs are a float32 history the policy holds (``state_nbytes``).
+
+The table is indexed by step: the artifact deploys only at the step count and scheduler it was fitted for.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from cqpolicy.policies.base import Policy, UnitQuery
+from cqpolicy.policies.registry import register
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    path: str = ""  # forecast artifact folder (policy.json + weights.safetensors)
+
+
+@register("forecast", ForecastConfig)
+class ForecastPolicy(Policy):
+    def __init__(self, config: ForecastConfig = ForecastConfig()):
+        from cqpolicy.policies.artifact import ArtifactError, load_artifact
+
+        if not config.path:
+            raise ValueError("policy 'forecast' needs path=ARTIFACT_DIR")
+        self.config = config
+        self.meta, tensors = load_artifact(config.path)
+        if self.meta["kind"] != "forecast":
+            raise ArtifactError(f"policy 'forecast': {config.path} is a {self.meta['kind']} artifact, not a forecast "
+                                f"(deploy it with learned:path=...)")
+        self.units = tuple(self.meta["model"]["units"])
+        self.table = tensors["table"].bool()  # [steps, blocks, units]
+        self.weights = tensors["weights"].float()  # [steps, blocks, units, K]
+        self.order = self.weights.shape[-1]
+        self.reset(None, 0)
+
+    @property
+    def family(self) -> str:
+        return "learned-forecast"
+
+    def prepare(self, model, settings) -> None:
+        from cqpolicy.models.adapters import cache_blocks
+        from cqpolicy.models.fingerprint import model_fingerprints
+        from cqpolicy.policies.artifact import check_fits
+
+        check_fits(self.meta, type(model.transformer).__name__, len(cache_blocks(model.transformer)),
+                   settings.steps, settings.scheduler, source=self.config.path,
+                   model_hashes=model_fingerprints(model))
+
+    def reset(self, num_steps, num_blocks) -> None:
+        steps = self.meta["model"]["steps"]
+        if num_steps is not None and num_steps != steps:
+            from cqpolicy.runtime import StepMismatchError
+
+            raise StepMismatchError(f"forecast artifact {self.config.path} was fitted to a {steps}-step schedule, "
+                                    f"the run has {num_steps} steps")
+        self._history: dict[tuple[int, str], deque] = {}
+
+    def decide(self, query: UnitQuery) -> bool:
+        return bool(self.table[query.step, query.block, self.units.index(query.unit)])
+
+    def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
+        history = self._history.setdefault((query.block, query.unit), deque(maxlen=self.order))
+        history.append(output.detach().to(torch.float32, copy=True))
+
+    def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
+        history = self._history.get((query.block, query.unit))
+        w = self.weights[query.step, query.block, self.units.index(query.unit)]
+        if not history:
+            return cached
+        out = w[0] * cached.float()
+        for j in range(1, min(self.order, len(history))):
+            out = out + w[j] * history[-1 - j]
+        return out.to(cached.dtype)
+
+    @property
+    def state_nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for h in self._history.values() for v in h)

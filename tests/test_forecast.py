@@ -1,0 +1,121 @@
+"""Learned forecasting (L2P-style): a per-cell linear predictor fitted in closed form on a static schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cqpolicy.models import load_model
+from cqpolicy.policies import make_policy
+from cqpolicy.policies.base import Policy
+from cqpolicy.sampling import SampleSettings
+from cqpolicy.training.forecast import ScheduleError, fit_forecast
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    import os
+
+    from conftest import save_with_scheduler, tiny_fmnist_dit
+
+    root = tmp_path_factory.mktemp("forecast")
+    model_dir = save_with_scheduler(tiny_fmnist_dit(), root / "tiny-dit")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        meta = fit_forecast(str(model_dir), "fora:interval=3", root / "fc", steps=STEPS, samples=4, val_samples=2,
+                            batch_size=2, progress=False)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    return model_dir, root / "fc", meta
+
+
+def _images(model, spec, steps=STEPS):
+    from cqpolicy.evaluation.cost import measured_sample
+
+    policy = make_policy(spec)
+    settings = SampleSettings(steps=steps, guidance_scale=2.0, batch_size=2)
+    policy.prepare(model, settings)
+    return measured_sample(model, policy, "fp16", [1, 2], [7, 8], settings)
+
+
+def test_the_fit_records_the_schedule_and_beats_plain_reuse_on_its_seeds(fitted):
+    model_dir, path, meta = fitted
+    tensors = load_file(path / "weights.safetensors")
+    table = tensors["table"].bool()
+    assert table[:, 0, 0].tolist() == [s % 3 == 0 for s in range(STEPS)]  # FORA-3 as it ran
+    assert bool((table == table[:, :1, :1]).all())
+    assert meta["metrics"]["reused_cells"] == int((~table).sum())
+    # cells with one computed output so far have one weight; the fit leaves less error than plain reuse
+    assert tensors["weights"][1, 0, 0, 1:].abs().sum() == 0
+    assert meta["metrics"]["val_error_vs_reuse"] < 1.0
+    assert meta["training"]["calibration_seeds"][0] == 10_000_000
+
+
+def test_forecast_runs_the_schedule_and_forecasts_the_reused_cells(fitted):
+    model_dir, path, _ = fitted
+    model = load_model(str(model_dir))
+    fora = _images(model, "fora:interval=3")
+    forecast = _images(model, f"forecast:path={path}")
+    assert forecast.macs == fora.macs  # the same cells computed
+    assert not torch.allclose(forecast.images, fora.images)  # but the reused ones were forecast
+    assert forecast.cache_bytes > fora.cache_bytes  # its history is counted
+
+
+def test_unit_weights_on_the_newest_output_are_plain_reuse(fitted, tmp_path):
+    import json
+    import shutil
+
+    from cqpolicy.policies.artifact import save_artifact
+
+    model_dir, path, _ = fitted
+    tensors = load_file(path / "weights.safetensors")
+    weights = torch.zeros_like(tensors["weights"])
+    weights[..., 0] = 1.0
+    meta = json.loads((path / "policy.json").read_text())
+    save_artifact(tmp_path / "reuse", meta, {"table": tensors["table"], "weights": weights})
+    model = load_model(str(model_dir))
+    assert torch.equal(_images(model, f"forecast:path={tmp_path / 'reuse'}").images,
+                       _images(model, "fora:interval=3").images)
+    shutil.rmtree(tmp_path / "reuse")
+
+
+class _PerSample(Policy):
+    """Reuses for the first row only: a per-sample (input-dependent) decision."""
+
+    def decide(self, query):
+        mask = torch.ones(query.inputs.shape[0], dtype=torch.bool)
+        mask[0] = query.step % 2 == 0
+        return mask
+
+
+def test_bad_inputs_are_one_line_errors(fitted, tmp_path, monkeypatch):
+    import cqpolicy.policies
+    from cqpolicy.policies.artifact import ArtifactError
+
+    model_dir, path, _ = fitted
+    model = load_model(str(model_dir))
+    with pytest.raises(ArtifactError, match="step count"):  # a forecast for another schedule length
+        make_policy(f"forecast:path={path}").prepare(model, SampleSettings(steps=STEPS + 2, guidance_scale=2.0))
+    with pytest.raises(ArtifactError, match="block count"):  # another model
+        make_policy(f"forecast:path={path}").prepare(load_model("fmnist-dit"),
+                                                     SampleSettings(steps=STEPS, guidance_scale=2.0))
+    with monkeypatch.context() as patch:
+        patch.setattr(cqpolicy.policies, "make_policy", lambda spec: _PerSample())
+        with pytest.raises(ScheduleError, match="decides per sample"):
+            fit_forecast(str(model_dir), "per-sample", tmp_path / "t", steps=STEPS, samples=2, val_samples=2,
+                         progress=False)
+    with pytest.raises(ScheduleError, match="nothing to forecast"):
+        fit_forecast(str(model_dir), "none", tmp_path / "n", steps=STEPS, samples=2, val_samples=2, progress=False)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "n").exists()
+
+
+def test_forecast_fits_and_deploys_on_a_unet(tiny_unet_dir, tmp_path):
+    meta = fit_forecast(str(tiny_unet_dir), "fora:interval=2,unit=layer", tmp_path / "fc", steps=STEPS, samples=2,
+                        val_samples=2, batch_size=2, progress=False)
+    assert meta["model"]["units"] == ["layer"] and meta["metrics"]["val_error_vs_reuse"] < 1.0
+    model = load_model(str(tiny_unet_dir))
+    forecast = _images(model, f"forecast:path={tmp_path / 'fc'}")
+    fora = _images(model, "fora:interval=2,unit=layer")
+    assert forecast.macs == fora.macs and not torch.equal(forecast.images, fora.images)
