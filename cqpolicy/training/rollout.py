@@ -17,6 +17,7 @@ are short batches; checkpoints are Lightning's (``last.ckpt``; a second call res
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import time
@@ -185,8 +186,8 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     from cqpolicy.models.fingerprint import model_fingerprint
     from cqpolicy.sampling.sampler import settings_for
     from cqpolicy.tracking.mlflow_store import tracking_uri
-    from cqpolicy.training.train import (_artifact_location, _check_resume_config, _checkpoint_epoch,
-                                         _finite_numbers, _previous_run_id, checkpoint_dir)
+    from cqpolicy.training.train import (LAST, RUN_FILE, _artifact_location, _check_resume_config,
+                                         _checkpoint_epoch, _finite_numbers, _previous_run_id, checkpoint_dir)
 
     low, high = (float(b) for b in budget_range)
     if not 0 < low < high <= 1:
@@ -218,7 +219,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
               "guidance_scale": settings.guidance_scale, "budget_range": [low, high], "train_samples": train_samples,
               "val_samples": val_samples, "batch_size": batch_size, "hidden": hidden, "lr": lr, "tau": tau,
               "feature_weight": feature_weight, "seed": seed}
-    last = ckpt_dir / "last.ckpt"
+    last = ckpt_dir / LAST
     resuming = last.is_file()
     _check_resume_config(ckpt_dir, config, resuming)
     resumed_from = _checkpoint_epoch(last) if resuming else None
@@ -236,7 +237,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
                           artifact_location=_artifact_location(),
                           run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
     run_id = logger.run_id
-    (ckpt_dir / "mlflow_run.json").write_text(f'{{"tracking_uri": "{uri}", "run_id": "{run_id}"}}\n')
+    (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
     class _EpochLine(Callback):  # one line per validation, readable in a log file; last.ckpt after each
         def on_validation_end(self, trainer, pl_module):
             trainer.save_checkpoint(last)  # (ModelCheckpoint's save_last follows its monitor: only on improvement)
