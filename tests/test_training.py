@@ -342,6 +342,19 @@ def test_mlp_learns_is_deterministic_and_resumes(tmp_path, runs):
     assert "val_loss" in run.data.metrics and "train_loss_step" in run.data.metrics
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_validation_stops_improving(tmp_path, runs, monkeypatch):
+    """A resume continues from the last epoch, not from the best one (ModelCheckpoint's own save_last
+    follows its monitor and would keep the last improving epoch)."""
+    def worsening(self, batch, batch_idx):
+        self.log("val_loss", float(self.current_epoch), on_epoch=True, batch_size=len(batch[0]))
+
+    monkeypatch.setattr(ReusePolicyModule, "validation_step", worsening)
+    train_policy(runs, out_dir=tmp_path / "p", max_epochs=3, seed=0, **FAST)
+    ckpt = checkpoint_dir(tmp_path / "p")
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert [p.name for p in ckpt.glob("best-*.ckpt")] == ["best-epoch=000.ckpt"]  # the best is still epoch 0
+
+
 # -------------------------------------------------------------------------------------------- artifact
 
 def _meta(**over):

@@ -206,15 +206,15 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     if kind == "scheduler":
         logger.log_hyperparams({"traces": dm.run_dirs, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds})
 
-    class _EpochCounter(Callback):
-        epochs_run = 0
+    class _EpochCounter(Callback):  # and last.ckpt after every epoch (after its validation): ModelCheckpoint's
+        epochs_run = 0               # save_last follows its monitor, so it would keep the last *improving* epoch
 
         def on_train_epoch_end(self, trainer, pl_module):
             self.epochs_run += 1
+            trainer.save_checkpoint(last)
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}" if kind == "mlp" else "{epoch:03d}",
-                                 save_last=True, monitor="val_loss" if kind == "mlp" else None, mode="min",
-                                 save_top_k=1)
+                                 monitor="val_loss" if kind == "mlp" else None, mode="min", save_top_k=1)
     counter = _EpochCounter()
     trainer = L.Trainer(deterministic=True, accelerator="cuda" if torch.cuda.is_available() else "cpu",
                         devices="auto", max_epochs=max_epochs, logger=logger, callbacks=[checkpoint, counter],
