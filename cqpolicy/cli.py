@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in DIR/plots/; logs an MLflow run.")
     _add_sampling_args(p)
     p.set_defaults(seed=seed_roles.start("trace"))
-    p.add_argument("--probes", default="local", help="comma-separated: local, downstream (or none); default local")
+    p.add_argument("--probes", default="local",
+                   help="comma-separated: local, chain (local labels for caches 2..8 steps stale, one probe batch "
+                        "per staleness), downstream (or none); default local")
     p.add_argument("--experiment", default="cqpolicy-trace", help="MLflow experiment name")
     p.add_argument("--out", required=True, help="trace run folder (e.g. traces/fmnist-none)")
     p.set_defaults(func=cmd_trace)
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=["step", "unit"], default="step",
                    help="mlp inputs: step (model input and staleness, one MLP call decides a whole step; default) "
                         "or unit (each unit's own input, computed before every unit call)")
+    p.add_argument("--chain", action="store_true",
+                   help="mlp: also train on chain labels (traces recorded with --probes chain): one row per "
+                        "staleness 2..8, so the policy prices chains of reuses, not one reuse of a fresh cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
     p.add_argument("--out", required=True, help="policy artifact folder")
@@ -337,7 +342,7 @@ def cmd_train(args) -> int:
         raise CliError(f"--kind {args.kind} needs --traces")
     meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
                         compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label,
-                        features=args.features, intervals=args.intervals)
+                        features=args.features, intervals=args.intervals, chain=args.chain)
     print(json.dumps(meta.get("metrics", {}), indent=2))
     print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
     return 0

@@ -15,8 +15,8 @@ from cqpolicy.tracing.recorder import TraceRecorder, records_to_columns
 SETTINGS = SampleSettings(steps=5, guidance_scale=2.0)
 
 
-def record(model, inner="none", labels=(1, 2), seeds=(0, 1), local=True):
-    recorder = TraceRecorder(make_policy(inner), model.adapter.default_units, local_probes=local)
+def record(model, inner="none", labels=(1, 2), seeds=(0, 1), local=True, chain=1):
+    recorder = TraceRecorder(make_policy(inner), model.adapter.default_units, local_probes=local, chain=chain)
     channels = model.latent_shape[0]
     with enable(model.transformer, recorder):
         images = sample(model, list(labels), list(seeds), SETTINGS, progress=False,
@@ -70,6 +70,49 @@ def test_local_impact_equals_a_forced_reuse_run(tiny_dit_dir, target):
     got = cols["impact_local"][rows]  # rows are ordered as the batch: cond rows then uncond rows
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
     assert math.isfinite(got.sum()) and got.min() > 0
+
+
+class ForceStale(Policy):
+    """Everything computes, except one unit at one step, which returns its own output of ``stale`` steps earlier."""
+
+    def __init__(self, step, block, unit, stale):
+        self.target, self.source, self.saved = (step, block, unit), (step - stale, block, unit), None
+
+    def decide(self, query):
+        return (query.step, query.block, query.unit) != self.target
+
+    def observe(self, query, output):
+        if (query.step, query.block, query.unit) == self.source:
+            self.saved = output.clone()
+
+    def reuse(self, query, cached):
+        return self.saved
+
+
+@pytest.mark.parametrize("target", [(4, 0, "attn1", 3), (4, 1, "ff", 4), (3, 1, "attn1", 2)])
+def test_chain_labels_equal_a_run_that_reuses_a_cache_s_steps_stale(tiny_dit_dir, target):
+    model = load_model(str(tiny_dit_dir))
+    images, cols = record(model, chain=8)
+    assert torch.equal(images, sample(model, [1, 2], [0, 1], SETTINGS, progress=False))  # probes change nothing
+    _, plain_cols = record(model)
+    np.testing.assert_allclose(cols["impact_local"], plain_cols["impact_local"], rtol=1e-3)  # batch size only
+    step, block, unit, stale = target
+    outputs = {}
+    capture = lambda i, t, x, out: outputs.__setitem__(i, out.clone())  # noqa: E731
+    sample(model, [1, 2], [0, 1], SETTINGS, progress=False, output_callback=capture)
+    reference = outputs[step][:, :1]
+    with enable(model.transformer, ForceStale(step, block, unit, stale), cache_format="fp32"):
+        sample(model, [1, 2], [0, 1], SETTINGS, progress=False, output_callback=capture)
+    forced = outputs[step][:, :1]
+    expected = ((forced - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).numpy()
+    rows = (cols["step"] == step) & (cols["block"] == block) & (cols["unit"] == unit)
+    np.testing.assert_allclose(cols[f"impact_stale_{stale}"][rows], expected, rtol=1e-3, atol=1e-6)
+    for s in range(2, 9):  # a label wherever the run has step - s, NaN before
+        have = cols["step"] >= s
+        assert np.isfinite(cols[f"impact_stale_{s}"][have]).all() and np.isnan(cols[f"impact_stale_{s}"][~have]).all()
+    assert np.isnan(plain_cols["impact_stale_2"]).all()  # chain probes off: no chain labels
+    with pytest.raises(ValueError, match="chain must lie in 1..8"):
+        TraceRecorder(make_policy("none"), model.adapter.default_units, chain=9)
 
 
 def test_subsampled_entropy_on_a_long_sequence_is_close_to_exact():

@@ -170,6 +170,48 @@ def test_model_input_features_are_read_at_block_0_and_accumulated_since_the_last
         assert raw[r, i["model_in_rel_l1_acc"]] == pytest.approx(sum(changes), rel=1e-4)
 
 
+def test_chain_rows_price_each_staleness_with_its_own_label_and_features(tmp_path, tiny_dit_dir, runs):
+    from cqpolicy.models import load_model
+    from cqpolicy.sampling import SampleSettings
+    from cqpolicy.tracing.collect import collect
+
+    steps = 6
+    model = load_model(str(tiny_dit_dir))
+    settings = SampleSettings(steps=steps, guidance_scale=1.0, batch_size=2)  # no CFG: one row per sample
+    collect(model, settings, tmp_path / "chain", num_samples=4, probes=("chain",), progress=False)
+    plain = TraceDataModule([tmp_path / "chain"], val_fraction=0.5, label="local")
+    dm = TraceDataModule([tmp_path / "chain"], val_fraction=0.5, label="local", chain=True)
+    table = TraceReader([tmp_path / "chain"]).table()
+    chain_labels = {s: table[f"impact_stale_{s}"].to_numpy(zero_copy_only=False) for s in range(2, 9)}
+    assert all(np.isnan(chain_labels[s]).all() for s in range(steps, 9))  # no step - s in a run of 6 steps
+    cells = 2 * 2 * 4  # blocks x units x samples
+    assert {k: len(v["y"]) for k, v in dm.split.items()} != {k: len(v["y"]) for k, v in plain.split.items()}
+    assert sum(len(v["y"]) for v in dm.split.values()) == cells * sum(steps - s for s in range(1, steps))
+    assert dm.train_seeds == plain.train_seeds and dm.tolerance() == plain.tolerance()  # tolerance: fresh caches
+
+    names = dm.features
+    mean, std = np.array(dm.normalization["mean"]), np.array(dm.normalization["std"])
+    for split in dm.split.values():
+        raw = split["x"].double().numpy() * std + mean
+        since = np.round(raw[:, names.index("steps_since_compute")]).astype(int)
+        acc = raw[:, names.index("model_in_rel_l1_acc")]
+        change = raw[:, names.index("model_in_rel_l1_prev")]
+        step, seed = split["step"].numpy(), split["seed"].numpy()
+        fresh = since == 0
+        per_step = {(int(a), int(b)): float(c) for a, b, c in zip(seed[fresh], step[fresh], change[fresh])}
+        for i in np.flatnonzero(~fresh):  # the model input's change summed over the s steps since the cache
+            s, t = since[i] + 1, int(step[i])
+            assert acc[i] == pytest.approx(sum(per_step[int(seed[i]), j] for j in range(t - s + 1, t + 1)), rel=1e-4)
+        for s in range(2, steps):  # each staleness keeps its own label
+            want = chain_labels[s][np.isin(table["seed"].to_numpy(), seed)]
+            np.testing.assert_allclose(np.sort(split["impact"].numpy()[since == s - 1]),
+                                       np.sort(want[np.isfinite(want)]), rtol=1e-6)
+    with pytest.raises(TraceError, match="--probes chain"):  # traces without chain labels
+        TraceDataModule(runs, chain=True)
+    with pytest.raises(TraceError, match="depends on how stale"):
+        TraceDataModule([tmp_path / "chain"], features=RUNTIME_FEATURES, chain=True)
+
+
 def test_bad_trace_folders_refused(tmp_path, runs):
     with pytest.raises(TraceError, match="no trace folders"):
         TraceDataModule([])

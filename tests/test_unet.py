@@ -255,3 +255,25 @@ def test_calibration_records_a_unets_layers_by_default():
     outputs = record_unit_outputs(unet_model(), SampleSettings(steps=3, guidance_scale=2.0), num_samples=2)
     assert sorted(outputs) == [(layer, "layer") for layer in range(12)]
     assert all(v.shape[:2] == (3, 4) for v in outputs.values())  # steps x (2 samples x 2 CFG rows)
+
+
+@pytest.mark.parametrize("target", [(4, 3, "layer", 3), (3, 11, "layer", 2)])
+def test_unet_chain_labels_equal_a_run_that_reuses_a_stale_cache(target):
+    from test_recorder import ForceStale, record
+
+    from cqpolicy.runtime import enable
+
+    model = unet_model()
+    _, cols = record(model, chain=8)
+    step, block, unit, stale = target
+    outputs = {}
+    capture = lambda i, t, x, out: outputs.__setitem__(i, out.clone())  # noqa: E731
+    settings = SampleSettings(steps=5, guidance_scale=2.0)
+    sample(model, [1, 2], [0, 1], settings, progress=False, output_callback=capture)
+    reference = outputs[step]
+    with enable(model.transformer, ForceStale(step, block, unit, stale), cache_format="fp32"):
+        sample(model, [1, 2], [0, 1], settings, progress=False, output_callback=capture)
+    expected = ((outputs[step] - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).numpy()
+    rows = (cols["step"] == step) & (cols["block"] == block) & (cols["unit"] == unit)
+    np.testing.assert_allclose(cols[f"impact_stale_{stale}"][rows], expected, rtol=1e-3, atol=1e-6)
+    assert expected.min() > 0

@@ -25,10 +25,10 @@ from cqpolicy.runtime import enable
 from cqpolicy.sampling import SampleSettings, sample
 from cqpolicy.sampling.sampler import uses_cfg
 from cqpolicy.tracing.recorder import LABEL_COLUMNS as LOCAL_LABELS
-from cqpolicy.tracing.recorder import POST_COLUMNS, PRE_COLUMNS, TraceRecorder, records_to_columns
+from cqpolicy.tracing.recorder import MAX_CHAIN, POST_COLUMNS, PRE_COLUMNS, TraceRecorder, records_to_columns
 from cqpolicy.tracing.store import RunInfo, TraceWriter
 
-PROBES = ("local", "downstream")
+PROBES = ("local", "chain", "downstream")  # chain: local probes at every staleness up to MAX_CHAIN steps
 DOWNSTREAM_LABELS = ("downstream_psnr", "downstream_feature_distance", "downstream_rel")
 LABEL_COLUMNS = LOCAL_LABELS + DOWNSTREAM_LABELS
 CONTEXT_COLUMNS = ("class_label",)
@@ -42,7 +42,7 @@ def parse_probes(text: str) -> tuple[str, ...]:
     probes = tuple(p for p in (part.strip() for part in text.split(",")) if p and p != "none")
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
-        raise ValueError(f"unknown probe {unknown[0]!r}; use local, downstream, both comma-separated, or none")
+        raise ValueError(f"unknown probe {unknown[0]!r}; use local, chain, downstream (comma-separated) or none")
     return probes
 
 
@@ -149,7 +149,9 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
                 timing["skipped_batches"] += 1
                 bar.update(settings.steps)
                 continue
-            recorder = TraceRecorder(make_policy(policy), model.adapter.default_units, local_probes="local" in probes)
+            recorder = TraceRecorder(make_policy(policy), model.adapter.default_units,
+                                     local_probes=bool({"local", "chain"} & set(probes)),
+                                     chain=MAX_CHAIN if "chain" in probes else 1)
             recorder.prepare(model, settings)
             started = time.perf_counter()
 

@@ -19,7 +19,11 @@ with the unit's last computed step; at step 0 there is no previous value: change
 * known after it: ``computed`` (under the traced policy), ``out_l1``, ``out_l2``, ``out_rel_l1_prev``,
   ``out_cos_prev``, ``out_rel_l1_last``, ``out_cos_last``, ``cka_prev`` (linear CKA with the previous
   step's output over the batch), ``log_snr_x0`` (from the step's predicted x0 and noise);
-* label: ``impact_local`` (NaN where not probed: step 0, or probes off).
+* label: ``impact_local`` (NaN where not probed: step 0, or probes off);
+* chain labels (``chain`` > 1): ``impact_stale_s`` for s = 2 .. ``MAX_CHAIN``, the same relative error when the
+  unit instead returns its output of step ``step - s``: what the last of s consecutive reuses of a cache filled
+  at ``step - s`` costs at this step, so a trace-trained policy can price chains of reuses (NaN where the run
+  has no step ``step - s``, or chain probes are off). Each staleness is one more probe batch per block.
 """
 from __future__ import annotations
 
@@ -40,7 +44,9 @@ PRE_COLUMNS = ("timestep", "log_snr", "in_l1", "in_l2", "in_rel_l1_prev", "in_co
                "entropy", "steps_since_compute")
 POST_COLUMNS = ("computed", "out_l1", "out_l2", "out_rel_l1_prev", "out_cos_prev", "out_rel_l1_last",
                 "out_cos_last", "cka_prev", "log_snr_x0")
-LABEL_COLUMNS = ("impact_local",)
+MAX_CHAIN = 8
+CHAIN_COLUMNS = tuple(f"impact_stale_{s}" for s in range(2, MAX_CHAIN + 1))
+LABEL_COLUMNS = ("impact_local",) + CHAIN_COLUMNS
 CKA_MAX_SAMPLES = 1024
 
 
@@ -86,9 +92,14 @@ class TraceRecorder(DelegatingPolicy):
     name = "recorder"
 
     def __init__(self, inner: Policy, record_units: tuple[str, ...], local_probes: bool = True,
-                 entropy_queries: int | None = 64):
+                 entropy_queries: int | None = 64, chain: int = 1):
         if not record_units:
             raise ValueError("the trace recorder needs units to record (the model adapter's default_units)")
+        if not 1 <= chain <= MAX_CHAIN:
+            raise ValueError(f"chain must lie in 1..{MAX_CHAIN} (the stalest cache probed), got {chain}")
+        if chain > 1 and not local_probes:
+            raise ValueError("chain labels are local probes: turn local probes on")
+        self.chain = chain
         super().__init__(inner)
         self.record_units = tuple(record_units)
         self.units = tuple(dict.fromkeys((*record_units, *inner.units)))
@@ -126,6 +137,7 @@ class TraceRecorder(DelegatingPolicy):
         self._inputs = InputTracker()
         self._prev_out: dict = {}
         self._last_out: dict = {}  # last computed output per key, row by row: what a reuse would return
+        self._history: dict = {}  # per key, its outputs of the last MAX_CHAIN steps, oldest first (chain probes)
         self._entropy: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
         self._block_inputs = {}
@@ -184,8 +196,12 @@ class TraceRecorder(DelegatingPolicy):
                 "impact_local": impacts.get(key, torch.full((rows,), math.nan)),
                 "step": step, "block": key[0], "unit": key[1],
             })
+            for s in range(2, MAX_CHAIN + 1):
+                rec[f"impact_stale_{s}"] = impacts.get((*key, s), torch.full((rows,), math.nan))
             self.records.append(rec)
             self._prev_out[key] = out
+            if self.chain > 1:
+                self._history[key] = (self._history.get(key, []) + [out])[-MAX_CHAIN:]
             computed = rec["computed"].to(out.device)
             if key in self._last_out:
                 view = (-1,) + (1,) * (out.ndim - 1)
@@ -208,8 +224,20 @@ class TraceRecorder(DelegatingPolicy):
         noise = (1 - alpha_bar) * flat_rows(eps).pow(2).sum(1)
         return (signal.clamp_min(1e-20) / noise.clamp_min(1e-20)).log().cpu()
 
+    def _candidates(self, key) -> list[tuple[tuple, torch.Tensor]]:
+        """What a probe of ``key`` forces: its last computed output (label key ``key``), and with chain probes
+        its output of ``s`` steps ago (label key ``(*key, s)``) where the run has one."""
+        found = []
+        if self._pending[key]["candidate"] is not None:
+            found.append((key, self._pending[key]["candidate"]))
+        history = self._history.get(key, [])
+        for s in range(2, min(self.chain, len(history)) + 1):
+            found.append(((*key, s), history[-s]))
+        return found
+
     def _probe(self, step: int, reference: torch.Tensor, channels: int) -> dict:
-        """Per key: relative error of the model output when only that unit reuses (all rows at once)."""
+        """Per key: relative error of the model output when only that unit reuses (all rows at once); with chain
+        probes also per (key, staleness)."""
         from cqpolicy.runtime import active_runtime
 
         runtime = active_runtime(self.model)
@@ -217,17 +245,23 @@ class TraceRecorder(DelegatingPolicy):
         ref = flat_rows(reference)
         restart = self.adapter.restarts_at_blocks
         for block in sorted({b for b, _ in self._pending}):
-            keys = [(block, u) for u in self.record_units
-                    if (block, u) in self._pending and self._pending[block, u]["candidate"] is not None]
-            if not keys:
+            probes = [(key, label, value) for key in ((block, u) for u in self.record_units
+                                                      if (block, u) in self._pending)
+                      for label, value in self._candidates(key)]
+            if not probes:
                 continue
             inputs = self._block_inputs[block] if restart else self._call_inputs
-            k, rows = len(keys), inputs[0].shape[0]
+            k, rows = len(probes), inputs[0].shape[0]
             overrides = {}
-            for i, key in enumerate(keys):
+            for i, (key, _, value) in enumerate(probes):  # one slice of the batch per probe
                 mask = torch.zeros(k * rows, dtype=torch.bool)
                 mask[i * rows:(i + 1) * rows] = True
-                overrides[key] = (_repeat(self._pending[key]["candidate"], k), mask)
+                if key not in overrides:
+                    overrides[key] = (_repeat(value, k), mask)
+                else:  # the same unit at another staleness: its own slice of the forced values
+                    held, held_mask = overrides[key]
+                    held[i * rows:(i + 1) * rows] = value
+                    overrides[key] = (held, held_mask | mask)
             if not restart:  # the units before this block return what they returned in the call
                 every = torch.ones(k * rows, dtype=torch.bool)
                 overrides.update({key: (_repeat(rec["out"], k), every) for key, rec in self._pending.items()
@@ -243,8 +277,8 @@ class TraceRecorder(DelegatingPolicy):
             finally:
                 self._probing = False
             errors = (flat_rows(out).view(k, rows, -1) - ref).norm(dim=2) / ref.norm(dim=1).clamp_min(1e-12)
-            for i, key in enumerate(keys):
-                impacts[key] = errors[i].cpu()
+            for i, (_, label, _) in enumerate(probes):
+                impacts[label] = errors[i].cpu()
         self._block_inputs, self._call_inputs = {}, None
         return impacts
 

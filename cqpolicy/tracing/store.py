@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-SCHEMA_VERSION = 2  # 2: downstream_rel column
+SCHEMA_VERSION = 3  # 2: downstream_rel column; 3: impact_stale_2..8 chain labels
 KEY_COLUMNS = ("seed", "cfg_branch", "step", "block", "unit")
 KEY_TYPES = {"seed": pa.int64(), "cfg_branch": pa.int8(), "step": pa.int16(), "block": pa.int16(),
              "unit": pa.string()}

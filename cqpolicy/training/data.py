@@ -8,6 +8,11 @@ seed**: every row of a sample lands on one side, so validation measures generali
 rather than to unseen steps of samples already trained on. Normalisation statistics come from the train
 split only.
 
+With ``chain=True`` (traces recorded with ``--probes chain`` under the plain model) every probed row also
+yields one row per staleness s = 2 .. 8 with a label: the same features, except ``steps_since_compute`` = s - 1
+and ``model_in_rel_l1_acc`` summed over those s steps, labelled ``impact_stale_s`` (what the last of s
+consecutive reuses costs). A policy trained on them prices chains of reuses instead of one reuse of a fresh cache.
+
 Loading is eager (in the constructor): bad trace folders fail before any model or logger is built.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from cqpolicy import seeds as seed_roles
 from cqpolicy.models.adapters import UNIT_NAMES, DiTAdapter
 from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES
+from cqpolicy.tracing.recorder import CHAIN_COLUMNS, MAX_CHAIN
 from cqpolicy.tracing.store import TraceError, TraceReader
 
 LABEL = "impact_local"
@@ -37,6 +43,7 @@ LOG_EPS = 1e-6  # target y = log(impact + LOG_EPS); the deployed policy uses the
 MODEL_FEATURES = tuple(f"model_{name}" for name in MODEL_INPUT) + ("model_in_rel_l1_acc",)
 DERIVED_FEATURES = ("progress", "depth", "is_attn1", "is_ff", "is_block") + MODEL_FEATURES
 STD_FLOOR = 1e-6
+STALENESS_FEATURES = ("steps_since_compute", "model_in_rel_l1_acc")  # what chain rows set for their staleness
 
 __all__ = ["LABEL", "LABEL_KINDS", "LOG_EPS", "fit_step_weight", "DERIVED_FEATURES", "TraceDataModule",
            "ImpactTableDataModule", "EpochSampler"]
@@ -104,11 +111,12 @@ class TraceDataModule(L.LightningDataModule):
     """
 
     def __init__(self, run_dirs: Sequence[str | os.PathLike], features: Sequence[str] = STEP_FEATURES,
-                 val_fraction: float = 0.25, batch_size: int = 4096, seed: int = 0, label: str = "auto"):
+                 val_fraction: float = 0.25, batch_size: int = 4096, seed: int = 0, label: str = "auto",
+                 chain: bool = False):
         super().__init__()
         if label not in LABEL_KINDS:
             raise TraceError(f"unknown label {label!r}; choose from {', '.join(LABEL_KINDS)}")
-        self.label = label
+        self.label, self.chain = label, bool(chain)
         if isinstance(run_dirs, (str, os.PathLike)):
             run_dirs = [run_dirs]
         self.run_dirs = [str(d) for d in run_dirs]
@@ -125,7 +133,7 @@ class TraceDataModule(L.LightningDataModule):
             raise TraceError(f"batch_size must be a positive int, got {batch_size!r}")
         self.val_fraction, self.batch_size, self.seed = float(val_fraction), batch_size, int(seed)
         self._load()
-        self.save_hyperparameters({"traces": self.run_dirs, "features": self.features,
+        self.save_hyperparameters({"traces": self.run_dirs, "features": self.features, "chain": self.chain,
                                    "val_fraction": self.val_fraction, "batch_size": self.batch_size,
                                    "split_seed": self.seed, "train_seeds": self.train_seeds,
                                    "val_seeds": self.val_seeds})
@@ -164,16 +172,25 @@ class TraceDataModule(L.LightningDataModule):
         missing = [f for f in model_sources if f not in columns]
         if missing:
             raise TraceError(f"model-input features need trace columns {', '.join(missing)}")
+        if self.chain:
+            self._check_chain(columns, manifests, stored)
         read = list(dict.fromkeys(["seed", "step", "block", "unit", "cfg_branch", LABEL, *stored, *model_sources]
-                                  + ([DOWNSTREAM] if has_downstream else [])))
+                                  + ([DOWNSTREAM] if has_downstream else []) + (list(CHAIN_COLUMNS) if self.chain
+                                                                                else [])))
         table = reader.table(read)
 
-        impact = table[LABEL].to_numpy(zero_copy_only=False).astype(np.float64)
-        keep = ~np.isnan(impact)
-        if not keep.any():
+        # one training row per (trace row, staleness with a label): staleness 1 is impact_local
+        labels = [LABEL, *(CHAIN_COLUMNS if self.chain else ())]
+        rows, since, impact = [], [], []
+        for s, name in enumerate(labels, start=1):
+            values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+            found = np.flatnonzero(~np.isnan(values))
+            rows.append(found), since.append(np.full(len(found), s - 1)), impact.append(values[found])
+        fresh = np.concatenate([np.full(len(r), i == 0) for i, r in enumerate(rows)])
+        keep, since, impact = np.concatenate(rows), np.concatenate(since), np.concatenate(impact)
+        if not len(keep):
             raise TraceError(f"{', '.join(self.run_dirs)} hold no probed rows ({LABEL} is NaN everywhere): "
                              f"record traces with --probes local")
-        impact = impact[keep]
         if not np.isfinite(impact).all() or (impact < 0).any():
             raise TraceError(f"{LABEL} holds infinite or negative values; it must be a relative error >= 0")
 
@@ -190,13 +207,15 @@ class TraceDataModule(L.LightningDataModule):
         if self.label != "local" and has_downstream:
             probes = col(DOWNSTREAM).astype(np.float64)
             probes[col("cfg_branch") != 0] = np.nan  # one probe per sample: its conditional row
+            probes[~fresh] = np.nan  # a probe measured one reuse of a fresh cache: pair it with that label
             progress = step / max(1, self.steps - 1)
             if self.label == "downstream" or np.isfinite(probes).sum() >= MIN_DOWNSTREAM_PROBES:
                 fit = fit_step_weight(progress, impact, probes)
                 impact = impact * step_weight(fit, progress)
                 self.label_info = {"kind": "downstream", **fit, **_rank_agreement(impact, probes, col("impact_local"))}
 
-        values = _model_input_features(table, self.units[0], self.steps, keep) if model_sources else {}
+        values = _model_input_features(table, self.units[0], self.steps, keep,
+                                       since if self.chain else None) if model_sources else {}
         for name in derived:
             if name in MODEL_FEATURES:
                 continue
@@ -207,7 +226,8 @@ class TraceDataModule(L.LightningDataModule):
             else:  # is_attn1 / is_ff / is_block
                 values[name] = (unit_names == name.removeprefix("is_")).astype(np.float64)
         for name in stored:
-            values[name] = col(name).astype(np.float64)
+            values[name] = since.astype(np.float64) if self.chain and name == "steps_since_compute" \
+                else col(name).astype(np.float64)
         x = np.stack([values[name] for name in self.features], axis=1)
         if not np.isfinite(x).all():
             bad = [name for name in self.features if not np.isfinite(values[name]).all()]
@@ -244,7 +264,21 @@ class TraceDataModule(L.LightningDataModule):
             split[name] = {"x": xn[m], "y": y[m], "impact": raw[m], "step": where[0][m], "block": where[1][m],
                            "unit": where[2][m], "seed": where[3][m]}
         self.split = split
-        self.train_impact = impact[~is_val]
+        self.train_impact = impact[~is_val & fresh]  # the tolerance keeps its meaning: one reuse of a fresh cache
+
+    def _check_chain(self, columns, manifests, stored) -> None:
+        missing = [c for c in CHAIN_COLUMNS if c not in columns]
+        if missing:
+            raise TraceError(f"chain rows need the {missing[0]!r} label: record traces with --probes chain")
+        traced = sorted({str(m.get("policy")) for m in manifests} - {"none"})
+        if traced:  # under a caching policy, a cache s steps old may itself hold a reused value
+            raise TraceError(f"chain rows need traces of the plain model (policy none), not {traced[0]!r}")
+        bad = [f for f in stored if f not in STALENESS_FEATURES and ("last" in f or f.startswith("out_"))]
+        if bad:
+            raise TraceError(f"feature {bad[0]!r} depends on how stale the cache is, which chain rows do not record: "
+                             f"train chain rows on the step features")
+        if not any("chain" in str(m.get("probes", "")).split(",") for m in manifests):
+            raise TraceError(f"{', '.join(self.run_dirs)} hold no chain labels: record traces with --probes chain")
 
     # -- what the trainer and train.py use ------------------------------------------------------------------
 
@@ -292,15 +326,17 @@ class TraceDataModule(L.LightningDataModule):
     def fingerprint(self) -> dict:
         """What the data is: runs, model, seeds of each side; a resumed training must see the same."""
         return {"traces": [os.path.abspath(d) for d in self.run_dirs], "model_hash": self.manifest["model_hash"],
-                "label": self.label_info["kind"],
+                "label": self.label_info["kind"], "chain": self.chain,
                 "steps": self.steps, "features": self.features, "train_seeds": self.train_seeds,
                 "val_seeds": self.val_seeds, "rows": {k: int(len(v["y"])) for k, v in self.split.items()}}
 
 
-def _model_input_features(table: pa.Table, first_unit: str, steps: int, keep: np.ndarray) -> dict:
+def _model_input_features(table: pa.Table, first_unit: str, steps: int, keep: np.ndarray,
+                          since: np.ndarray | None = None) -> dict:
     """``model_*`` features of the kept rows: the input features of block 0's first unit at the row's
     (sample, CFG branch, step), and ``model_in_rel_l1_acc``, the sum of ``model_in_rel_l1_prev`` over the steps
-    since the row's unit last computed (``steps_since_compute`` + 1 steps, this one included)."""
+    since the row's unit last computed (``steps_since_compute`` + 1 steps, this one included). ``keep``: the table
+    rows wanted, in order (a mask or indices); ``since``: their staleness, where not the recorded one."""
     col = lambda name: table[name].to_numpy(zero_copy_only=False)  # noqa: E731
     seed, branch, step = col("seed").astype(np.int64), col("cfg_branch").astype(np.int64), col("step").astype(np.int64)
     _, sample = np.unique(np.stack([seed, branch], axis=1), axis=0, return_inverse=True)
@@ -313,10 +349,11 @@ def _model_input_features(table: pa.Table, first_unit: str, steps: int, keep: np
         grids[name] = grid
     # cum[:, t + 1] = sum of the relative changes of steps 0..t (step 0's is 0 by definition)
     cum = np.concatenate([np.zeros((len(grid), 1)), np.cumsum(grids["in_rel_l1_prev"], axis=1)], axis=1)
-    since = col("steps_since_compute").astype(np.int64)
+    sample, step = sample[keep], step[keep]
+    since = col("steps_since_compute").astype(np.int64)[keep] if since is None else since
     start = np.clip(step - since, 0, None)  # the unit last computed at step - since - 1
-    values = {f"model_{name}": grid[sample, step][keep] for name, grid in grids.items()}
-    values["model_in_rel_l1_acc"] = (cum[sample, step + 1] - cum[sample, start])[keep]
+    values = {f"model_{name}": grid[sample, step] for name, grid in grids.items()}
+    values["model_in_rel_l1_acc"] = cum[sample, step + 1] - cum[sample, start]
     return values
 
 

@@ -140,7 +140,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
                  overwrite: bool = False, progress: bool = True, *, batch_size: int = 4096,
                  val_fraction: float = 0.25, harm_weight: float = 4.0, tolerance_quantile: float = 0.5,
                  steps_per_epoch: int = 50, label: str = "auto", features: str = "step",
-                 intervals: Sequence[int] = (1, 2, 4, 8)) -> dict:
+                 intervals: Sequence[int] = (1, 2, 4, 8), chain: bool = False) -> dict:
     """Train a ``kind`` ("mlp", "scheduler" or "intervals") policy on trace runs and write its artifact to ``out_dir``.
 
     ``intervals`` fits phase-locked refresh intervals (``fit_intervals``, from ``intervals``) in closed form: no
@@ -148,6 +148,8 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
 
     ``features``: ``step`` (decided once per step from the model input, the default) or ``unit`` (per-unit
     input features, about 11% of sampling time to compute at run time); see ``cqpolicy.policies.features``.
+
+    ``chain`` (mlp): also train on the traces' chain labels, one row per staleness (``TraceDataModule``).
 
     Returns the artifact metadata (``policy.json``), including held-out ``metrics`` and a ``training`` record
     (epochs, whether and from which epoch it resumed, the MLflow run id).
@@ -169,6 +171,8 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
         raise ValueError(f"compute_budget must lie in (0, 1], got {compute_budget}")
     if not 0 < tolerance_quantile < 1:
         raise ValueError(f"tolerance_quantile must lie in (0, 1), got {tolerance_quantile}")
+    if chain and kind != "mlp":
+        raise ValueError("chain rows train the mlp (a scheduler prices cells from one-reuse labels)")
     if features not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {features!r}; choose from {', '.join(FEATURE_SETS)}")
     if isinstance(run_dirs, (str, os.PathLike)):
@@ -178,7 +182,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
 
     L.seed_everything(seed, workers=True, verbose=False)
     dm = TraceDataModule(run_dirs, features=FEATURE_SETS[features], val_fraction=val_fraction,
-                         batch_size=batch_size, seed=seed, label=label)
+                         batch_size=batch_size, seed=seed, label=label, chain=chain)
     tolerance = dm.tolerance(tolerance_quantile)
     config = {"kind": kind, "seed": seed, "data": dm.fingerprint(), "batch_size": batch_size,
               "val_fraction": val_fraction, "tolerance_quantile": tolerance_quantile}
