@@ -140,11 +140,14 @@ def main(argv=None) -> int:
     model = load_model(config.get("model", "fmnist-dit"))
     g = config.get("guidance_scale")
     settings = SampleSettings(steps=int(config.get("steps", 50)), batch_size=int(config.get("batch_size", 64)),
-                              guidance_scale=model.default_guidance_scale if g is None else float(g))
+                              guidance_scale=model.default_guidance_scale if g is None else float(g),
+                              scheduler=str(config.get("scheduler", "ddim")))
+    settings.validate()
     out = Path(args.out)
-    methods = learned_methods(Path(args.learned_from or config.get("learned_from", "out/run")),
-                               args.learned_config or config.get("learned_config", "configs/fmnist-dit.yaml"),
-                               out / "policies")  # first: the rows the table is for
+    learned_from = args.learned_from or config.get("learned_from", "out/run")
+    methods = [] if learned_from is None else learned_methods(  # first: the rows the table is for
+        Path(learned_from), args.learned_config or config.get("learned_config", "configs/fmnist-dit.yaml"),
+        out / "policies")
     methods += [(spec, "fp16") for spec in config.get("methods", [])]
     if args.only:
         methods = [m for m in methods if any(word in m[0] for word in args.only)]

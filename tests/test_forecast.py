@@ -51,6 +51,7 @@ def test_the_fit_records_the_schedule_and_beats_plain_reuse_on_its_seeds(fitted)
     assert tensors["weights"][1, 0, 0, 1:].abs().sum() == 0
     assert meta["metrics"]["val_error_vs_reuse"] < 1.0
     assert meta["training"]["calibration_seeds"][0] == 10_000_000
+    assert meta["training"]["sampled_images"] == 2 * 4 + 2 and meta["training"]["cpu_s"] > 0  # its cost, recorded
 
 
 def test_forecast_runs_the_schedule_and_forecasts_the_reused_cells(fitted):

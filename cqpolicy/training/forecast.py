@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 
 import torch
@@ -118,6 +119,7 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
     out = check_target(out_dir, overwrite)
     model = load_model(model_name)
     settings = settings_for(model, steps, scheduler, batch_size, guidance_scale)
+    started_cpu, started_wall = time.process_time(), time.perf_counter()
     first = seed_roles.start("calibration")
     fit_seeds = list(range(first, first + samples))
     val_seeds = list(range(first + samples, first + samples + val_samples))
@@ -176,7 +178,10 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
                       "model_hash": model_fingerprint(model), "num_blocks": blocks, "units": list(units),
                       "steps": steps, "scheduler": scheduler, "guidance_scale": float(settings.guidance_scale)},
             "metrics": metrics,
-            "training": {"calibration_seeds": [first, samples], "val_seeds": [first + samples, val_samples]}}
+            "training": {"calibration_seeds": [first, samples], "val_seeds": [first + samples, val_samples],
+                         # the cost a break-even count divides: three sampler passes (schedule, fit, val)
+                         "sampled_images": 2 * samples + val_samples,
+                         "cpu_s": time.process_time() - started_cpu, "wall_s": time.perf_counter() - started_wall}}
     with start_run("cqpolicy-train", run_name=f"fit-forecast-{out.name}") as run:
         import mlflow
 
