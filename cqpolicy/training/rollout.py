@@ -240,7 +240,8 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
     class _EpochLine(Callback):  # one line per validation, readable in a log file; last.ckpt after each
         def on_validation_end(self, trainer, pl_module):
-            trainer.save_checkpoint(last)  # (ModelCheckpoint's save_last follows its monitor: only on improvement)
+            # the full state, every time (ModelCheckpoint's save_last follows its monitor: only on improvement)
+            trainer.save_checkpoint(last, weights_only=False)
             spent.write_text(f"{elapsed()}\n")
 
         def on_validation_epoch_end(self, trainer, pl_module):

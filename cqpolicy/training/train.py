@@ -215,7 +215,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
 
         def on_train_epoch_end(self, trainer, pl_module):
             self.epochs_run += 1
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)  # the full state: a resume continues from it
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}" if kind == "mlp" else "{epoch:03d}",
                                  monitor="val_loss" if kind == "mlp" else None, mode="min", save_top_k=1)
