@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random diffusers DiTs (as diffusers' own hook tests use) and an isolated MLflow."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -23,6 +24,21 @@ def module_mlflow_db():
     folder = tempfile.mkdtemp(prefix="cqpolicy-test-mlflow-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     yield f"sqlite:///{folder}/mlflow.db"
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_store_at(folder):
+    """``MLFLOW_TRACKING_URI`` pointed at a sqlite store in ``folder`` for the block (module-scoped fixtures cannot
+    take ``monkeypatch``); the previous value comes back after."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def load_script(name: str):

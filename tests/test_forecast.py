@@ -16,18 +16,13 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    import os
-
-    from conftest import save_with_scheduler, tiny_fmnist_dit
+    from conftest import mlflow_store_at, save_with_scheduler, tiny_fmnist_dit
 
     root = tmp_path_factory.mktemp("forecast")
     model_dir = save_with_scheduler(tiny_fmnist_dit(), root / "tiny-dit")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    try:
+    with mlflow_store_at(root):
         meta = fit_forecast(str(model_dir), "fora:interval=3", root / "fc", steps=STEPS, samples=4, val_samples=2,
                             batch_size=2, progress=False)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
     return model_dir, root / "fc", meta
 
 

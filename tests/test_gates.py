@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -78,16 +77,13 @@ def test_plan_spends_the_budget_and_starts_as_a_uniform_interval():
 @pytest.fixture(scope="module")
 def gates_artifact(tmp_path_factory):
     from cqpolicy.training.rollout import train_gates
-    from conftest import save_with_scheduler, tiny_fmnist_dit
+    from conftest import mlflow_store_at, save_with_scheduler, tiny_fmnist_dit
 
     root = tmp_path_factory.mktemp("gates")
     model_dir = save_with_scheduler(tiny_fmnist_dit(), root / "tiny-dit")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    try:
+    with mlflow_store_at(root):
         meta = train_gates(str(model_dir), root / "gates", steps=6, budget_range=(0.3, 0.8), train_samples=4,
                            val_samples=2, batch_size=2, max_epochs=2, progress=False)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
     return model_dir, root / "gates", meta
 
 
