@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from cqpolicy import seeds as seed_roles
 from cqpolicy.models.adapters import UNIT_NAMES, DiTAdapter
 from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES
-from cqpolicy.tracing.recorder import CHAIN_COLUMNS, MAX_CHAIN
+from cqpolicy.tracing.recorder import CHAIN_COLUMNS
 from cqpolicy.tracing.store import TraceError, TraceReader
 
 LABEL = "impact_local"
