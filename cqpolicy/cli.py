@@ -101,10 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="forecast: the static schedule (a policy spec, e.g. fora:interval=3) whose "
                                       "reused units the fitted predictor forecasts (deploy with forecast:path=DIR)")
     p.add_argument("--order", type=int, default=3, help="forecast: computed outputs each forecast weighs (default 3)")
+    p.add_argument("--on-policy-rounds", type=int, default=0,
+                   help="forecast: refit that many times on runs that follow the fitted forecast (DAgger; default 0)")
+    p.add_argument("--affine", action="store_true",
+                   help="forecast: weights that sum to 1 (a constant output is forecast as itself, as TaylorSeer's)")
     p.add_argument("--budget-range", type=float, nargs=2, default=[0.15, 0.55], metavar=("LOW", "HIGH"),
                    help="gates: the MACs fractions of the plain model it is trained for (default 0.15 0.55)")
     p.add_argument("--steps", type=int, default=50, help="gates, forecast: sampling steps (default 50)")
     p.add_argument("--train-samples", type=int, default=128, help="gates: rollout seeds to train on (default 128)")
+    p.add_argument("--init-mlp", help="gates: start from this trace-trained mlp artifact (its predicted harm per "
+                                      "step, unit and cache age ranks the first schedule); needs --init-traces")
+    p.add_argument("--init-traces", help="gates: the trace run the --init-mlp predictions are averaged over")
     p.add_argument("--batch-size", type=int, default=8, help="gates: samples per rollout (default 8)")
     p.add_argument("--max-minutes", type=float, default=None, help="gates: stop training after this long")
     p.add_argument("--max-epochs", type=int, default=20)
@@ -313,8 +320,9 @@ def cmd_trace(args) -> int:
 def cmd_train(args) -> int:
     from cqpolicy.training.train import train_policy
 
-    if args.max_epochs < 1:
-        raise CliError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+    warm = args.kind == "gates" and args.init_mlp
+    if args.max_epochs < (0 if warm else 1):  # a warm start may be written untrained
+        raise CliError(f"--max-epochs must be at least {0 if warm else 1}, got {args.max_epochs}")
     if not 0 < args.compute_budget <= 1:
         raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
     if args.kind == "gates":
@@ -324,7 +332,8 @@ def cmd_train(args) -> int:
             raise CliError("--kind gates trains on rollouts of --model, not on --traces")
         meta = train_gates(args.model, args.out, steps=args.steps, budget_range=tuple(args.budget_range),
                            train_samples=args.train_samples, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                           seed=args.seed, max_minutes=args.max_minutes, overwrite=args.overwrite)
+                           seed=args.seed, max_minutes=args.max_minutes, init_mlp=args.init_mlp,
+                           init_traces=args.init_traces, overwrite=args.overwrite)
         print(json.dumps(meta.get("metrics", {}), indent=2))
         print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out},budget=B")
         return 0
@@ -334,6 +343,7 @@ def cmd_train(args) -> int:
         if args.traces or not args.model or not args.schedule:
             raise CliError("--kind forecast needs --model and --schedule (not --traces)")
         meta = fit_forecast(args.model, args.schedule, args.out, steps=args.steps, order=args.order,
+                            on_policy_rounds=args.on_policy_rounds, affine=args.affine,
                             overwrite=args.overwrite)
         print(json.dumps(meta.get("metrics", {}), indent=2))
         print(f"wrote forecast artifact {args.out}: deploy with --policy forecast:path={args.out}")

@@ -46,7 +46,7 @@ def test_the_fit_records_the_schedule_and_beats_plain_reuse_on_its_seeds(fitted)
     assert tensors["weights"][1, 0, 0, 1:].abs().sum() == 0
     assert meta["metrics"]["val_error_vs_reuse"] < 1.0
     assert meta["training"]["calibration_seeds"][0] == 10_000_000
-    assert meta["training"]["sampled_images"] == 2 * 4 + 2 and meta["training"]["cpu_s"] > 0  # its cost, recorded
+    assert meta["training"]["sampled_images"] == 2 * 4 + 2 * 2 and meta["training"]["cpu_s"] > 0  # its cost, recorded
 
 
 def test_forecast_runs_the_schedule_and_forecasts_the_reused_cells(fitted):
@@ -115,3 +115,62 @@ def test_forecast_fits_and_deploys_on_a_unet(tiny_unet_dir, tmp_path):
     forecast = _images(model, f"forecast:path={tmp_path / 'fc'}")
     fora = _images(model, "fora:interval=2,unit=layer")
     assert forecast.macs == fora.macs and not torch.equal(forecast.images, fora.images)
+
+
+def test_on_policy_rounds_follow_the_deployed_forecast_and_refit_on_its_states(fitted, tmp_path):
+    from conftest import mlflow_store_at
+
+    from cqpolicy.evaluation.cost import measured_sample
+    from cqpolicy.runtime import enable
+    from cqpolicy.sampling import sample
+    from cqpolicy.training.forecast import _NormalEquations
+
+    model_dir, path, _ = fitted
+    model = load_model(str(model_dir))
+    tensors = load_file(path / "weights.safetensors")
+    meta = __import__("json").loads((path / "policy.json").read_text())
+    settings = SampleSettings(steps=STEPS, guidance_scale=2.0, batch_size=2)
+    # a run under the accumulator is the deployed forecast's run (both keep fp32 outputs)
+    accumulator = _NormalEquations(tuple(meta["model"]["units"]), tensors["table"].bool(), meta["order"],
+                                   tensors["weights"])
+    with enable(model.transformer, accumulator, cache_format="fp32"):
+        followed = sample(model, [1, 2], [7, 8], settings, progress=False)
+    policy = make_policy(f"forecast:path={path}")
+    policy.prepare(model, settings)
+    deployed = measured_sample(model, policy, "fp32", [1, 2], [7, 8], settings)
+    assert torch.allclose(followed, deployed.images, atol=1e-5)
+    # it collected one label per reused cell, and the forecast beats reuse on its own trajectory
+    assert bool((accumulator.count[~tensors["table"].bool()] > 0).all())
+    assert 0 < accumulator.errors["forecast"] < accumulator.errors["reuse"]
+
+    with mlflow_store_at(tmp_path):
+        refit = fit_forecast(str(model_dir), "fora:interval=3", tmp_path / "dagger", steps=STEPS, samples=4,
+                             val_samples=2, batch_size=2, on_policy_rounds=2, progress=False)
+    assert len(refit["training"]["round_errors_vs_reuse"]) == 2
+    assert refit["training"]["sampled_images"] == 4 * 4 + 2 * 2
+    assert 0 < refit["metrics"]["val_onpolicy_error_vs_reuse"] < 1.0
+    with pytest.raises(ValueError, match="on_policy_rounds"):
+        fit_forecast(str(model_dir), "fora:interval=3", tmp_path / "bad", steps=STEPS, on_policy_rounds=-1)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_affine_fit_is_the_least_squares_fit_whose_weights_sum_to_one():
+    from cqpolicy.training.forecast import _NormalEquations, _solve
+
+    torch.manual_seed(0)
+    table = torch.tensor([True, True, True, False]).reshape(4, 1, 1)
+    acc = _NormalEquations(("ff",), table, order=3)
+    h = torch.randn(3, 500, dtype=torch.float64)  # newest first
+    cell = (3, 0, 0)
+    for y in (2 * h[0] - h[1] + 0.01 * torch.randn(500, dtype=torch.float64), 0.9 * h[0]):
+        acc.gram[cell], acc.cross[cell], acc.count[cell] = h @ h.T, h @ y, 3
+        free, affine = (_solve(acc, table, ridge=0.0, affine=a)[cell].double() for a in (False, True))
+        assert float(affine.sum()) == pytest.approx(1.0, abs=1e-6)
+        # affine is the constrained minimiser: no weights summing to 1 along a feasible direction do better
+        loss = lambda w: float(((h.T @ w) - y).pow(2).sum())  # noqa: E731
+        for direction in (torch.tensor([1.0, -1, 0]), torch.tensor([0.0, 1, -1]), torch.tensor([1.0, 0, -1])):
+            assert loss(affine) <= loss(affine + 1e-3 * direction.double()) + 1e-9
+        assert loss(free) <= loss(affine) + 1e-9
+    assert torch.allclose(free, torch.tensor([0.9, 0, 0], dtype=torch.float64), atol=1e-6)  # the free fit shrinks
+    # with near-orthogonal inputs the constrained optimum spreads the missing 0.1 evenly: [0.9 + 0.1/3, 0.1/3, 0.1/3]
+    assert torch.allclose(affine, torch.tensor([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], dtype=torch.float64), atol=0.02)

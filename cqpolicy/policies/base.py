@@ -59,6 +59,11 @@ class Policy:
         """The tensor used instead of computing; ``cached`` is the last stored output."""
         return cached
 
+    def observe_soft(self, query: UnitQuery, computed: torch.Tensor, reused: torch.Tensor) -> None:
+        """A soft decision ran: the unit computed ``computed`` and ``reuse`` gave ``reused`` (both before the
+        blend, as residuals for residual units). On-policy fits take their labels here: with a gate of 0 the run
+        follows the reused value while the computed one is the label at exactly that state."""
+
     @property
     def state_nbytes(self) -> int:
         """Bytes of tensors the policy holds itself beyond the runtime's cache (e.g. forecast history)."""
@@ -123,6 +128,10 @@ class DelegatingPolicy(Policy):
 
     def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
         return self.inner.reuse(query, cached) if self._inner_decides(query.unit) else cached
+
+    def observe_soft(self, query: UnitQuery, computed: torch.Tensor, reused: torch.Tensor) -> None:
+        if self._inner_decides(query.unit):
+            self.inner.observe_soft(query, computed, reused)
 
     @property
     def caches(self) -> bool:

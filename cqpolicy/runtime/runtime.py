@@ -131,6 +131,7 @@ class _UnitHook(ModelHook):
         if gate.ndim:
             gate = gate.reshape(-1, *([1] * (value.ndim - 1)))
         cached = self.runtime.policy.reuse(query, self.runtime.store.get(self.key))
+        self.runtime.policy.observe_soft(query, value, cached)
         value = gate * value + (1 - gate) * cached
         return x + value if self.unit.residual else value
 

@@ -10,8 +10,11 @@ Two passes through the one sampler and runtime on calibration seeds:
    outputs are stored).
 
 Each cell's weights solve ``(G + l I) w = r + l e_0``: ridge towards plain reuse, with ``l = ridge * trace(G) / K``.
-Held-out calibration seeds report how much of plain reuse's squared error the forecast leaves, next to
-TaylorSeer's order-1 forecast on the same cells (teacher-forced: the inputs are uncached outputs).
+Optional on-policy rounds (DAgger) then run the sampler *under the fitted forecast* and add each reused cell's true
+output at the state the forecast led to, with the history that run computed, before solving again.
+Held-out calibration seeds report how much of plain reuse's squared error the forecast leaves, teacher-forced (the
+inputs are uncached outputs; next to TaylorSeer's order-1 forecast on the same cells) and on-policy (on the
+trajectories the forecast itself produces).
 """
 from __future__ import annotations
 
@@ -57,40 +60,77 @@ class _DecisionRecorder(DelegatingPolicy):
 
 
 class _NormalEquations(Policy):
-    """Computes every unit (an uncached run) and accumulates each reused cell's ``G``, ``r`` and ``y.y``."""
+    """Accumulates each reused cell's normal equations ``G``, ``r`` and ``y.y``.
+
+    Without ``weights`` the run is uncached (teacher-forced: ``h`` and ``y`` come from the uncached trajectory).
+    With ``weights`` the run follows that forecast (on-policy, DAgger-style): every reused cell takes a soft
+    decision of gate 0, so the sample evolves exactly as under the deployed forecast while the unit still computes
+    its true output at that state, which is the cell's label; ``h`` is the history this trajectory computed.
+    On-policy runs also sum the squared error of the forecast and of plain reuse against those labels.
+    """
 
     name = "forecast-fit"
 
-    def __init__(self, units: tuple[str, ...], table: torch.Tensor, order: int):
-        self.units, self.table, self.order = units, table, order
+    def __init__(self, units: tuple[str, ...], table: torch.Tensor, order: int, weights: torch.Tensor | None = None):
+        self.units, self.table, self.order, self.weights = units, table, order, weights
         steps, blocks, n = table.shape
         self.gram = torch.zeros(steps, blocks, n, order, order, dtype=torch.float64)
         self.cross = torch.zeros(steps, blocks, n, order, dtype=torch.float64)
         self.target = torch.zeros(steps, blocks, n, dtype=torch.float64)
         self.count = torch.zeros(steps, blocks, n, dtype=torch.long)  # inputs available at the cell (<= order)
-        self.last: dict = {}  # (block, unit) -> steps of its history, newest last
+        self.last: dict = {}  # cell -> steps of its history, newest first
+        self.errors = {"forecast": 0.0, "reuse": 0.0}  # on-policy runs only
 
     def reset(self, num_steps, num_blocks) -> None:
         self._history: dict = {}
 
+    def _cell(self, query):
+        return (query.step, query.block, self.units.index(query.unit))
+
+    def _inputs(self, query) -> torch.Tensor:
+        history = self._history[(query.block, query.unit)]
+        return torch.stack([v for _, v in reversed(history)])  # newest first
+
     def decide(self, query):
-        return True
+        if self.weights is None or bool(self.table[self._cell(query)]):
+            return True
+        return torch.zeros(())  # compute the label, follow the forecast
 
     def observe(self, query, output):
-        u = self.units.index(query.unit)
-        key, cell = (query.block, query.unit), (query.step, query.block, u)
-        history = self._history.setdefault(key, deque(maxlen=self.order))
+        cell = self._cell(query)
         if bool(self.table[cell]):
+            history = self._history.setdefault((query.block, query.unit), deque(maxlen=self.order))
             history.append((query.step, output.detach().to(torch.float64).reshape(-1)))
-            return
-        h = torch.stack([v for _, v in reversed(history)])  # newest first
+        elif self.weights is None:
+            self._add(cell, self._inputs(query), output)
+
+    def reuse(self, query, cached):
+        h = self._inputs(query)
+        w = self.weights[self._cell(query)][:len(h)].to(torch.float64)
+        return (w @ h).reshape(cached.shape).to(cached.dtype)
+
+    def observe_soft(self, query, computed, reused):
+        cell = self._cell(query)
+        h = self._inputs(query)
+        y = self._add(cell, h, computed)
+        self.errors["forecast"] += float((y - reused.detach().to(torch.float64).reshape(-1)).pow(2).sum())
+        self.errors["reuse"] += float((y - h[0]).pow(2).sum())
+
+    def _add(self, cell, h, output) -> torch.Tensor:
         k = len(h)
-        self.gram[cell][:k, :k] += h @ h.T
         y = output.detach().to(torch.float64).reshape(-1)
+        self.gram[cell][:k, :k] += h @ h.T
         self.cross[cell][:k] += h @ y
         self.target[cell] += y @ y
         self.count[cell] = k
-        self.last[cell] = [s for s, _ in reversed(history)]
+        self.last[cell] = [s for s, _ in reversed(self._history[(cell[1], self.units[cell[2]])])]
+        return y
+
+    def merge(self, other: "_NormalEquations") -> None:
+        """DAgger's aggregation: fit on every run so far."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.target += other.target
 
 
 def _residual(gram, cross, target, w) -> float:
@@ -98,11 +138,48 @@ def _residual(gram, cross, target, w) -> float:
     return float(target - 2 * w @ cross + w @ gram @ w)
 
 
+def _unit_reuse(k: int) -> torch.Tensor:
+    e0 = torch.zeros(k, dtype=torch.float64)
+    e0[0] = 1.0
+    return e0
+
+
+def _solve(fit: _NormalEquations, table: torch.Tensor, ridge: float, affine: bool = False) -> torch.Tensor:
+    """Each reused cell's ridge solution ``(G + l I) w = r + l e_0``; plain reuse where a cell has no data.
+
+    ``affine``: weights that sum to 1 (``w = e_0 + D a`` with ``D``'s columns ``e_j - e_0``, ridge on ``a``), so a
+    constant output is forecast as itself, as TaylorSeer's weights do; the free fit shrinks slightly towards 0."""
+    order = fit.gram.shape[-1]
+    weights = torch.zeros(*table.shape, order)
+    weights[..., 0] = 1.0
+    for cell in map(tuple, (~table).nonzero().tolist()):
+        k = int(fit.count[cell])
+        if k == 0 or (affine and k == 1):
+            continue
+        gram, cross = fit.gram[cell][:k, :k], fit.cross[cell][:k]
+        if affine:
+            d = torch.eye(k, dtype=torch.float64)[:, 1:] - _unit_reuse(k)[:, None]
+            dgd = d.T @ gram @ d
+            lam = ridge * float(dgd.diagonal().sum()) / (k - 1)
+            a = torch.linalg.solve(dgd + lam * torch.eye(k - 1, dtype=torch.float64),
+                                   d.T @ (cross - gram @ _unit_reuse(k)))
+            w = _unit_reuse(k) + d @ a
+        else:
+            lam = ridge * float(gram.diagonal().sum()) / k
+            w = torch.linalg.solve(gram + lam * torch.eye(k, dtype=torch.float64), cross + lam * _unit_reuse(k))
+        weights[cell][:k] = w.float()
+    return weights
+
+
 def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, steps: int = 50,
                  scheduler: str = "ddim", guidance_scale: float | None = None, samples: int = 64,
-                 val_samples: int = 32, order: int = 3, ridge: float = 1e-3, batch_size: int = 32,
-                 overwrite: bool = False, progress: bool = True) -> dict:
-    """Fit a forecast for the static schedule ``schedule`` (a policy spec) on ``model_name``; write its artifact."""
+                 val_samples: int = 32, order: int = 3, ridge: float = 1e-3, on_policy_rounds: int = 0,
+                 affine: bool = False, batch_size: int = 32, overwrite: bool = False, progress: bool = True) -> dict:
+    """Fit a forecast for the static schedule ``schedule`` (a policy spec) on ``model_name``; write its artifact.
+
+    ``on_policy_rounds``: after the teacher-forced fit, run the forecast on the fit seeds that many times and refit
+    on all data so far (DAgger), so the weights see the histories their own errors produce. ``affine``: weights
+    that sum to 1 (see ``_solve``)."""
     from cqpolicy.evaluation.evaluate import default_labels
     from cqpolicy.models import load_model
     from cqpolicy.models.fingerprint import model_fingerprint
@@ -116,6 +193,8 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"order must be an int in [1, 8], got {order!r}")
     if not ridge >= 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a non-negative number, got {ridge}")
+    if isinstance(on_policy_rounds, bool) or not isinstance(on_policy_rounds, int) or not 0 <= on_policy_rounds <= 8:
+        raise ValueError(f"on_policy_rounds must be an int in [0, 8], got {on_policy_rounds!r}")
     out = check_target(out_dir, overwrite)
     model = load_model(model_name)
     settings = settings_for(model, steps, scheduler, batch_size, guidance_scale)
@@ -137,50 +216,54 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
     if bool(table.all()):
         raise ScheduleError(f"schedule {schedule!r} reuses nothing at {steps} steps: there is nothing to forecast")
 
-    stats = {}
-    for split, seeds in (("fit", fit_seeds), ("val", val_seeds)):
-        accumulator = _NormalEquations(units, table, order)
+    def run(seeds, weights=None) -> _NormalEquations:
+        accumulator = _NormalEquations(units, table, order, weights)
         with enable(model.transformer, accumulator, cache_format="fp32"):
             sample(model, default_labels(len(seeds), model.num_classes), seeds, settings, progress=progress)
-        stats[split] = accumulator
+        return accumulator
 
-    fit = stats["fit"]
-    weights = torch.zeros(steps, blocks, len(units), order)
-    weights[..., 0] = 1.0
-    sums = {"reuse": 0.0, "forecast": 0.0, "taylor": 0.0}
+    def ratio(errors) -> float:
+        return errors["forecast"] / max(errors["reuse"], 1e-30)
+
+    fit, val = run(fit_seeds), run(val_seeds)
+    weights = _solve(fit, table, ridge, affine)
+    rounds = []  # each on-policy round: the error of the weights it ran, on their own trajectories
+    for _ in range(on_policy_rounds):
+        follow = run(fit_seeds, weights)
+        rounds.append(ratio(follow.errors))
+        fit.merge(follow)
+        weights = _solve(fit, table, ridge, affine)
+    onpolicy_val = run(val_seeds, weights)
+
+    sums = {"reuse": 0.0, "forecast": 0.0, "taylor": 0.0}  # teacher-forced, on the uncached val runs
     for cell in map(tuple, (~table).nonzero().tolist()):
-        k = int(fit.count[cell])
+        k = int(val.count[cell])
         if k == 0:
             continue
-        gram, cross = fit.gram[cell][:k, :k], fit.cross[cell][:k]
-        lam = ridge * float(gram.diagonal().sum()) / k
-        e0 = torch.zeros(k, dtype=torch.float64)
-        e0[0] = 1.0
-        w = torch.linalg.solve(gram + lam * torch.eye(k, dtype=torch.float64), cross + lam * e0)
-        weights[cell][:k] = w.float()
-        val = stats["val"]
         vg, vc, vt = val.gram[cell][:k, :k], val.cross[cell][:k], val.target[cell]
-        sums["reuse"] += _residual(vg, vc, vt, e0)
-        sums["forecast"] += _residual(vg, vc, vt, w)
+        sums["reuse"] += _residual(vg, vc, vt, _unit_reuse(k))
+        sums["forecast"] += _residual(vg, vc, vt, weights[cell][:k].double())
+        taylor = _unit_reuse(k)
         if k >= 2:
-            c0, c1 = fit.last[cell][:2]
+            c0, c1 = val.last[cell][:2]
             d = (cell[0] - c0) / (c0 - c1)
-            taylor = torch.zeros(k, dtype=torch.float64)
             taylor[0], taylor[1] = 1 + d, -d
-            sums["taylor"] += _residual(vg, vc, vt, taylor)
-        else:
-            sums["taylor"] += _residual(vg, vc, vt, e0)
+        sums["taylor"] += _residual(vg, vc, vt, taylor)
     metrics = {"reused_cells": int((~table).sum()), "compute_fraction": float(table.float().mean()),
-               "val_error_vs_reuse": sums["forecast"] / max(sums["reuse"], 1e-30),
-               "val_taylor1_error_vs_reuse": sums["taylor"] / max(sums["reuse"], 1e-30)}
-    meta = {"kind": "forecast", "schedule": schedule, "order": order, "ridge": ridge, "features": [],
+               "val_error_vs_reuse": ratio(sums),
+               "val_taylor1_error_vs_reuse": sums["taylor"] / max(sums["reuse"], 1e-30),
+               # closed loop: on the trajectories this forecast itself produces on the val seeds
+               "val_onpolicy_error_vs_reuse": ratio(onpolicy_val.errors)}
+    meta = {"kind": "forecast", "schedule": schedule, "order": order, "ridge": ridge, "affine": affine,
+            "features": [],
             "model": {"class": type(model.transformer).__name__, "model_id": model.name,
                       "model_hash": model_fingerprint(model), "num_blocks": blocks, "units": list(units),
                       "steps": steps, "scheduler": scheduler, "guidance_scale": float(settings.guidance_scale)},
             "metrics": metrics,
             "training": {"calibration_seeds": [first, samples], "val_seeds": [first + samples, val_samples],
-                         # the cost a break-even count divides: three sampler passes (schedule, fit, val)
-                         "sampled_images": 2 * samples + val_samples,
+                         "on_policy_rounds": on_policy_rounds, "round_errors_vs_reuse": rounds,
+                         # the cost a break-even count divides: every sampler pass (schedule, fit, val, on-policy)
+                         "sampled_images": (2 + on_policy_rounds) * samples + 2 * val_samples,
                          "cpu_s": time.process_time() - started_cpu, "wall_s": time.perf_counter() - started_wall}}
     with start_run("cqpolicy-train", run_name=f"fit-forecast-{out.name}") as run:
         import mlflow
@@ -188,7 +271,8 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
         meta["training"]["mlflow_run_id"] = run.info.run_id
         meta = save_artifact(out, meta, {"table": table.to(torch.uint8), "weights": weights}, overwrite=overwrite)
         mlflow.log_params({"kind": "forecast", "schedule": schedule, "order": order, "ridge": ridge,
-                           "samples": samples, "model": model.name, "steps": steps})
+                           "on_policy_rounds": on_policy_rounds, "affine": affine, "samples": samples, "model": model.name,
+                           "steps": steps})
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="policy")
     return meta
