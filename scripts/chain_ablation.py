@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """What chain labels add to the trace-trained MLP (issue 16): two MLPs trained on the same traces, one on the
 one-reuse labels only (``impact_local``), one with the chain labels too (``--probes chain`` traces,
-``train --chain``), each at thresholds chosen on search seeds to land on given MACs speedups.
+``train --chain``), each at thresholds chosen on search seeds to land on given MACs speedups. The chain MLP runs
+under two rules: a threshold on each step's predicted cost, and ``cumulative=true`` (a threshold on the chain's
+summed predicted cost).
 
     python scripts/chain_ablation.py --traces out/chain/traces --out out/chain --speedups 2 3 4
 
 The one-reuse MLP needs a cap on consecutive reuses (uncapped it never refreshes: its labels price one reuse of a
 fresh cache), so it gets the smallest cap that can reach each speedup; the chain MLP runs uncapped. Thresholds are
 bisected on search seeds (``cqpolicy.seeds`` role ``search``), never on test seeds; the specs found are written to
-``OUT/specs.json`` and printed as lines for a paper-table config (``scripts/bench_paper.py`` then scores them on
-the test replicates).
+``OUT/specs.json`` (a rerun keeps the ones found and bisects only what is missing) and printed as lines for a
+paper-table config (``scripts/bench_paper.py`` then scores them on the test replicates).
 """
 from __future__ import annotations
 
@@ -82,18 +84,21 @@ def main(argv=None) -> int:
     seeds = list(range(first, first + args.search_samples))
     labels = default_labels(len(seeds), model.num_classes)
     plain_macs = model_costs(model, settings).plain(len(seeds), settings)
-    found = {}
-    bar = tqdm(total=2 * len(args.speedups) * args.iterations, desc="threshold bisection", unit="run")
-    for target in args.speedups:
+    specs = out / "specs.json"
+    found = json.loads(specs.read_text()) if specs.is_file() else {}
+    arms = ("mlp-one-reuse", "mlp-chain", "mlp-chain-cumulative")
+    todo = [(t, a) for t in args.speedups for a in arms if f"{a}@{t:g}x" not in found]
+    bar = tqdm(total=len(todo) * args.iterations, desc="threshold bisection", unit="run")
+    for target, name in todo:
         cap = max(1, math.ceil(target))  # FORA-(cap + 1) is the fastest a cap of `cap` reuses allows
-        one = lambda t, cap=cap: f"learned:path={artifacts['mlp-one-reuse']},threshold={t:.6g},max_reuse={cap}"  # noqa: E731
-        chained = lambda t: f"learned:path={artifacts['mlp-chain']},threshold={t:.6g}"  # noqa: E731
-        for name, spec_at in (("mlp-one-reuse", one), ("mlp-chain", chained)):
-            spec, got = bisect(model, spec_at, target, settings, seeds, labels, plain_macs, args.iterations, bar)
-            found[f"{name}@{target:g}x"] = {"spec": spec, "search_speedup": got}
-            bar.write(f"{name} at {target:g}x: {spec} ({got:.2f}x on {len(seeds)} search samples)")
+        path = artifacts["mlp-one-reuse" if name == "mlp-one-reuse" else "mlp-chain"]
+        rule = {"mlp-one-reuse": f",max_reuse={cap}", "mlp-chain": "", "mlp-chain-cumulative": ",cumulative=true"}[name]
+        spec_at = lambda t: f"learned:path={path},threshold={t:.6g}{rule}"  # noqa: E731
+        spec, got = bisect(model, spec_at, target, settings, seeds, labels, plain_macs, args.iterations, bar)
+        found[f"{name}@{target:g}x"] = {"spec": spec, "search_speedup": got}
+        specs.write_text(json.dumps(found, indent=2) + "\n")
+        bar.write(f"{name} at {target:g}x: {spec} ({got:.2f}x on {len(seeds)} search samples)")
     bar.close()
-    (out / "specs.json").write_text(json.dumps(found, indent=2) + "\n")
     print("\n".join(f"  - {v['spec']}" for v in found.values()))
     return 0
 

@@ -1,5 +1,6 @@
 """Close the loop on the tiny model: trace -> train -> deploy with `learned:path=...`."""
 import json
+import math
 
 import pytest
 import torch
@@ -135,3 +136,23 @@ sys.exit(1 if bad else 0)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_cumulative_rule_prices_the_whole_chain(tiny_dit_dir, artifacts, monkeypatch):
+    """With every step's predicted impact a constant c, reusing while the chain's sum stays under the threshold
+    allows floor(threshold / c) reuses in a row: 3.5 c is FORA-4's schedule exactly."""
+    from cqpolicy.policies.networks import ReuseMLP
+
+    mlp, sched = artifacts
+    c = 0.01
+    monkeypatch.setattr(ReuseMLP, "forward", lambda self, x: torch.full((*x.shape[:-1], 1), math.log(c + 1e-6)))
+    model = load_model(str(tiny_dit_dir))
+    settings = SampleSettings(steps=9, guidance_scale=2.0)
+    with cqpolicy.enable(model.transformer, f"learned:path={mlp},threshold={3.5 * c},cumulative=true") as handle:
+        chained = sample(model, [1, 2], [0, 1], settings, progress=False)
+        ratio = handle.reuse_ratio
+    with cqpolicy.enable(model.transformer, "fora:interval=4"):
+        fora = sample(model, [1, 2], [0, 1], settings, progress=False)
+    assert torch.equal(chained, fora) and ratio == 6 / 9
+    with pytest.raises(ValueError, match="applies to mlp"):
+        cqpolicy.enable(model.transformer, f"learned:path={sched},cumulative=true")

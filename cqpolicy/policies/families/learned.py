@@ -10,6 +10,10 @@
   ``per_sample=true`` decides per CFG row (the unit then runs only for the rows that need it);
   otherwise one decision per batch: reuse only if every row is predicted safe. ``max_reuse=k`` makes a
   unit compute after k consecutive reuses (as TeaCache's cap does), whatever the MLP predicts.
+  ``cumulative=true`` (step-level MLPs, meant for chain-label artifacts, ``train --chain``): a unit reuses while
+  the predicted impacts of its current chain of reuses, this step's included, sum to less than ``threshold``, so
+  a chain is priced as a whole rather than one stale step at a time (TeaCache's accumulated-distance rule, with
+  the MLP's predictions in place of the input distance).
 * ``kind: scheduler`` — a learned static step x block x unit table (an L2C-style router); ``max_reuse``
   caps its runs of consecutive reuses the same way.
 * ``kind: gates`` — a budget-conditioned gate net trained through the sampler (``cqpolicy.training.rollout``):
@@ -43,6 +47,7 @@ class LearnedConfig:
     per_sample: bool = False  # decide per CFG row instead of per batch
     max_reuse: int = -1  # compute after this many consecutive reuses of a unit (-1: no cap)
     budget: float = -1.0  # gates: the run's MACs as a fraction of the plain model's (within the trained range)
+    cumulative: bool = False  # mlp: reuse while the chain's summed predicted impact stays under the threshold
 
     def __post_init__(self):
         if self.max_reuse < -1:
@@ -81,8 +86,15 @@ class LearnedPolicy(Policy):
             self.mean = torch.tensor(self.meta["normalization"]["mean"], dtype=torch.float32)
             self.std = torch.tensor(self.meta["normalization"]["std"], dtype=torch.float32)
             threshold = self.meta["default_threshold"] if config.threshold == -1.0 else config.threshold
+            self.threshold = threshold
             self.log_threshold = math.log(threshold + 1e-6)  # the MLP predicts log(impact + 1e-6)
             self.step_level = is_step_level(self.features)
+            if config.cumulative and not self.step_level:
+                raise ValueError(f"policy 'learned': cumulative=true needs an MLP on step-level features; "
+                                 f"{config.path} uses per-unit features")
+        elif config.cumulative:
+            raise ValueError(f"policy 'learned': cumulative=true applies to mlp artifacts; {config.path} is a "
+                             f"{self.kind}")
         elif self.kind == "scheduler":
             self.table = tensors["table"].bool()
         elif self.kind == "gates":
@@ -184,6 +196,8 @@ class LearnedPolicy(Policy):
             self._cum = torch.zeros(rows)  # sum of the model input's relative changes up to this step
             self._cum_last = torch.zeros(blocks * units, rows)  # that sum when each unit last computed
             self._prev = x
+            self._chain = torch.zeros(blocks * units, rows)  # cumulative: predicted impact of each current chain
+            self._pending = self._chain
             self._depth = torch.arange(blocks).repeat_interleave(units).float() / max(1, blocks - 1)
             self._unit_is = {u: torch.tensor([float(n == u) for n in self.units] * blocks) for u in ("attn1", "ff",
                                                                                                    "block")}
@@ -194,6 +208,7 @@ class LearnedPolicy(Policy):
             else:
                 computed = torch.stack([torch.as_tensor(d).expand(rows) for d in done])
             self._since = torch.where(computed, 0.0, self._since + 1)
+            self._chain = torch.where(computed, 0.0, self._pending)
             self._cum_last = torch.where(computed, self._cum, self._cum_last)
         rel = rel_l1_rows(x, self._prev)
         self._cum = self._cum + rel
@@ -210,7 +225,11 @@ class LearnedPolicy(Policy):
         features = torch.stack([torch.as_tensor(values[n], dtype=torch.float32).expand(shape) for n in self.features],
                                dim=2)
         harm = self.mlp((features - self.mean) / self.std).squeeze(2)
-        safe = harm < self.log_threshold
+        if self.config.cumulative:
+            self._pending = self._chain + (harm.exp() - 1e-6).clamp_min(0)  # the chain's cost if it reuses now
+            safe = self._pending < self.threshold
+        else:
+            safe = harm < self.log_threshold
         if self.config.max_reuse >= 0:
             safe &= self._since < self.config.max_reuse
         self._decisions = list(~safe) if self.config.per_sample else (~safe.all(1)).tolist()
