@@ -158,3 +158,50 @@ def test_gates_train_and_deploy_on_a_unet(tiny_unet_dir, tmp_path):
     run = measured_sample(model, policy, "fp16", [1, 2], [3, 4], settings)
     plain = measured_sample(model, None, "fp16", [1, 2], [3, 4], settings)
     assert run.macs / plain.macs == pytest.approx(0.6, abs=0.1)
+
+
+def test_gates_warm_started_from_a_trace_trained_mlp_rank_cells_as_its_predictions(gates_artifact, tmp_path):
+    from conftest import mlflow_store_at
+
+    from cqpolicy.tracing.collect import collect
+    from cqpolicy.training.rollout import mlp_prior, train_gates, warm_start
+    from cqpolicy.training.train import train_policy
+
+    model_dir, _, _ = gates_artifact
+    model = load_model(str(model_dir))
+    collect(model, SampleSettings(steps=6, guidance_scale=2.0, batch_size=2), tmp_path / "chain", num_samples=4,
+            probes=("chain",), progress=False)
+    train_policy([tmp_path / "chain"], out_dir=tmp_path / "mlp", max_epochs=2, chain=True, label="local",
+                 progress=False)
+    blocks = 2
+    targets, mask = mlp_prior(tmp_path / "mlp", tmp_path / "chain", 6, ("attn1", "ff"), blocks)
+    assert targets.shape == (6, 2 * blocks, 8)
+    assert bool(mask[1:, :, 0].all()) and not bool(mask[:, :, 6:].any())  # age s needs step >= s; 6 steps
+    assert bool(mask[5, :, :5].all())
+
+    net = GateNet(2 * blocks)
+    snrs = torch.linspace(3, -3, 6).tolist()
+    mean, std = [0.0, 0.5, 0.55], [2.0, 0.3, 0.15]
+    ages = torch.log(torch.arange(1, 9, dtype=torch.float32))
+
+    def misfit():  # the score's squared error against each step's centred targets
+        with torch.no_grad():
+            a, b = net(gate_inputs(snrs, 0.55, mean, std))
+        centred = targets - (targets * mask).sum((1, 2), keepdim=True) / mask.sum((1, 2), keepdim=True).clamp_min(1)
+        return float((((a[..., None] + b[..., None] * ages) - centred).pow(2) * mask).sum() / mask.sum())
+
+    before = misfit()
+    warm_start(net, targets, mask, snrs, (0.3, 0.8), mean, std, iterations=300)
+    assert misfit() < 0.5 * before
+
+    with mlflow_store_at(tmp_path):
+        meta = train_gates(str(model_dir), tmp_path / "warm", steps=6, budget_range=(0.3, 0.8), train_samples=2,
+                           val_samples=2, batch_size=2, max_epochs=0, init_mlp=str(tmp_path / "mlp"),
+                           init_traces=str(tmp_path / "chain"), progress=False)
+        with pytest.raises(ValueError, match="both init_mlp"):
+            train_gates(str(model_dir), tmp_path / "half", steps=6, init_mlp=str(tmp_path / "mlp"), progress=False)
+    assert meta["warm_start"]["fit_mse"] >= 0 and meta["training"]["global_step"] == 0
+    policy = make_policy(f"learned:path={tmp_path / 'warm'},budget=0.5")
+    settings = SampleSettings(steps=6, guidance_scale=2.0)
+    policy.prepare(model, settings)
+    assert 0 < float(policy.table.float().mean()) < 1

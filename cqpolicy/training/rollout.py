@@ -13,6 +13,9 @@ each gate (straight-through; ``score`` and ``theta`` as in ``cqpolicy.policies.g
 reused, which is Learning-to-Cache's router signal with HarmoniCa's rule that training runs what inference
 runs. Autograd holds the whole run (about 1 GB per 16 model rows x 50 steps on the shipped DiT), so rollouts
 are short batches; checkpoints are Lightning's (``last.ckpt``; a second call resumes).
+
+The net starts as a uniform refresh interval, or from a trace-trained MLP (``mlp_prior`` + ``warm_start``): its
+scores are first fitted to the MLP's mean predicted log impact per (step, unit, cache age) on its trace rows.
 """
 from __future__ import annotations
 
@@ -122,6 +125,65 @@ class Rollouts:
         return out
 
 
+def mlp_prior(mlp_dir, traces, steps: int, units: tuple[str, ...], blocks: int, max_age: int = 8):
+    """The trace-trained MLP's mean predicted log impact of reusing each (step, cell) with a cache ``age`` steps old,
+    over the rows of ``traces`` (its chain rows where the traces hold chain labels, else fresh caches only):
+    ``(targets [steps, cells, max_age], observed mask)``, cells = blocks x units in the gates' order."""
+    from cqpolicy.policies.artifact import ArtifactError, load_artifact
+    from cqpolicy.policies.networks import ReuseMLP
+    from cqpolicy.training.data import TraceDataModule, TraceError
+
+    meta, tensors = load_artifact(mlp_dir)
+    if meta["kind"] != "mlp":
+        raise ArtifactError(f"gates start from an mlp artifact; {mlp_dir} is a {meta['kind']}")
+    if meta["model"]["units"] != list(units) or int(meta["model"]["num_blocks"]) != blocks:
+        raise ArtifactError(f"{mlp_dir} was trained for {meta['model']['num_blocks']} blocks of "
+                            f"{meta['model']['units']}, the model has {blocks} of {list(units)}")
+    features = list(meta["features"])
+    try:
+        data = TraceDataModule([traces], features=features, chain=True)
+    except TraceError:
+        data = TraceDataModule([traces], features=features)
+    mlp = ReuseMLP(len(features), int(meta["hidden"]))
+    mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
+    mean, std = (torch.tensor(data.normalization[k]) for k in ("mean", "std"))
+    own_mean, own_std = (torch.tensor(meta["normalization"][k]) for k in ("mean", "std"))
+    since = features.index("steps_since_compute") if "steps_since_compute" in features else None
+    total = torch.zeros(steps, blocks * len(units), max_age, dtype=torch.float64)
+    count = torch.zeros_like(total)
+    names = [data.units[int(u)] for u in range(len(data.units))]
+    with torch.no_grad():
+        for split in data.split.values():
+            raw = split["x"] * std + mean
+            pred = mlp((raw - own_mean) / own_std).squeeze(1).double()
+            age = (raw[:, since].round().long() + 1) if since is not None else torch.ones(len(raw), dtype=torch.long)
+            cell = split["block"].long() * len(units) + torch.tensor([units.index(n) for n in names])[split["unit"]]
+            keep = (age <= max_age) & (split["step"] < steps)
+            index = ((split["step"].long() * blocks * len(units) + cell) * max_age + age - 1)[keep]
+            total.view(-1).index_add_(0, index, pred[keep])
+            count.view(-1).index_add_(0, index, torch.ones_like(pred[keep]))
+    return (total / count.clamp_min(1)).float(), count > 0
+
+
+def warm_start(net: GateNet, targets: torch.Tensor, mask: torch.Tensor, log_snrs, budget_range, mean, std,
+               iterations: int = 1500, lr: float = 1e-2) -> float:
+    """Fit the net's scores ``a + b log(age)`` to ``targets`` (a log impact per step, cell and age) at budgets drawn
+    from the range: the plan then refreshes first where the MLP predicts the most harm. Returns the final MSE."""
+    ages = torch.log(torch.arange(1, targets.shape[-1] + 1, dtype=torch.float32))
+    # only the order of scores within a step matters to the plan: centre each step's targets
+    centred = targets - (targets * mask).sum((1, 2), keepdim=True) / mask.sum((1, 2), keepdim=True).clamp_min(1)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    low, high = budget_range
+    for _ in range(iterations):
+        a, b = net(gate_inputs(log_snrs, low + (high - low) * float(torch.rand(())), mean, std))
+        scores = a[..., None] + b[..., None] * ages
+        loss = ((scores - centred).pow(2) * mask).sum() / mask.sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return float(loss.detach())
+
+
 class GateRolloutModule(L.LightningModule):
     """The gate net and its optimiser; each training step is one rollout at a budget drawn from the range."""
 
@@ -172,12 +234,15 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
                 scheduler: str = "ddim", budget_range: tuple[float, float] = (0.15, 0.6), train_samples: int = 128,
                 val_samples: int = 32, batch_size: int = 8, max_epochs: int = 8, hidden: int = 64, lr: float = 3e-3,
                 tau: float = 1.0, feature_weight: float = 1.0, seed: int = 0, max_minutes: float | None = None,
-                overwrite: bool = False, progress: bool = True) -> dict:
+                init_mlp: str | None = None, init_traces: str | None = None, overwrite: bool = False,
+                progress: bool = True) -> dict:
     """Train a budget-conditioned gate net through the sampler on ``model_name`` and write a ``gates`` artifact.
 
     Rollout seeds: ``train_samples`` from the ``rollout`` role's start, then ``val_samples`` held out for
     validation (hard schedules at the low, middle and high budget; the best checkpoint by their mean log loss).
     The initial net (every unit alike: a uniform refresh interval at each budget) is scored on them first.
+    ``init_mlp`` + ``init_traces``: start instead from a trace-trained MLP (``warm_start`` on ``mlp_prior``: the
+    scores rank cells as the MLP's predicted harm does); ``max_epochs=0`` then writes that start untrained.
     """
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
@@ -194,8 +259,11 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
         raise ValueError(f"budget range must satisfy 0 < low < high <= 1, got {low} {high}")
     for name, value in (("train_samples", train_samples), ("val_samples", val_samples),
                         ("batch_size", batch_size), ("max_epochs", max_epochs), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        least = 0 if name == "max_epochs" and init_mlp else 1  # a warm start may be written untrained
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if (init_mlp is None) != (init_traces is None):
+        raise ValueError("a warm start needs both init_mlp (an mlp artifact) and init_traces (its trace run)")
     out = check_target(out_dir, overwrite)
     ckpt_dir = checkpoint_dir(out)
     keep_freed_memory()
@@ -218,7 +286,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     config = {"model": model_name, "model_hash": model_fingerprint(model), "steps": steps, "scheduler": scheduler,
               "guidance_scale": settings.guidance_scale, "budget_range": [low, high], "train_samples": train_samples,
               "val_samples": val_samples, "batch_size": batch_size, "hidden": hidden, "lr": lr, "tau": tau,
-              "feature_weight": feature_weight, "seed": seed}
+              "feature_weight": feature_weight, "seed": seed, "init_mlp": init_mlp, "init_traces": init_traces}
     last = ckpt_dir / LAST
     resuming = last.is_file()
     _check_resume_config(ckpt_dir, config, resuming)
@@ -227,6 +295,14 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     module = GateRolloutModule(cells=rollouts.unit_macs.numel(), hidden=hidden, mean=mean, std=std, budget_range=(low, high),
                     tau=tau, lr=lr, feature_weight=feature_weight, val_budgets=val_budgets)
     module.rollouts = rollouts
+    init = None
+    if init_mlp and not resuming:
+        targets, mask = mlp_prior(init_mlp, init_traces, steps, rollouts.units, int(rollouts.unit_macs.shape[0]))
+        init = {"mlp": str(init_mlp), "traces": str(init_traces), "cells_observed": float(mask.float().mean()),
+                "fit_mse": warm_start(module.net, targets, mask, rollouts.log_snrs, (low, high), mean, std)}
+        print(f"gates warm start from {init_mlp}: score fit MSE {init['fit_mse']:.4f}", flush=True)
+    elif init_mlp:
+        init = {"mlp": str(init_mlp), "traces": str(init_traces), "resumed": True}  # the start is in last.ckpt
     train_index = torch.arange(train_samples)
     val_index = torch.arange(train_samples, train_samples + val_samples)
     loaders = (torch.utils.data.DataLoader(train_index, batch_size=batch_size, shuffle=True, drop_last=True),
@@ -294,7 +370,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     unit_names = list(rollouts.units)
     meta = {"kind": "gates", "features": list(GATE_FEATURES), "normalization": {"mean": mean, "std": std},
             "hidden": hidden, "budget_range": [low, high], "row_macs": rollouts.row_macs,
-            "estimator": "straight-through", "tau": tau, "target": "final-sample distance",
+            "estimator": "straight-through", "tau": tau, "target": "final-sample distance", "warm_start": init,
             "model": {"class": type(model.transformer).__name__, "model_id": model.name,
                       "model_hash": model_fingerprint(model), "num_blocks": int(rollouts.unit_macs.shape[0]),
                       "units": unit_names, "steps": steps, "scheduler": scheduler,
