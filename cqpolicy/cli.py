@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-mlp", help="gates: start from this trace-trained mlp artifact (its predicted harm per "
                                       "step, unit and cache age ranks the first schedule); needs --init-traces")
     p.add_argument("--init-traces", help="gates: the trace run the --init-mlp predictions are averaged over")
+    p.add_argument("--rollout-traces", type=int, default=0,
+                   help="gates: afterwards record this many training rollouts per validation budget as trace runs "
+                        "(OUT.traces/budget-B, probes local, chain, downstream) for retraining an mlp (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="gates: samples per rollout (default 8)")
     p.add_argument("--max-minutes", type=float, default=None, help="gates: stop training after this long")
     p.add_argument("--max-epochs", type=int, default=20)
@@ -333,7 +336,8 @@ def cmd_train(args) -> int:
         meta = train_gates(args.model, args.out, steps=args.steps, budget_range=tuple(args.budget_range),
                            train_samples=args.train_samples, batch_size=args.batch_size, max_epochs=args.max_epochs,
                            seed=args.seed, max_minutes=args.max_minutes, init_mlp=args.init_mlp,
-                           init_traces=args.init_traces, overwrite=args.overwrite)
+                           init_traces=args.init_traces, rollout_traces=args.rollout_traces,
+                           overwrite=args.overwrite)
         print(json.dumps(meta.get("metrics", {}), indent=2))
         print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out},budget=B")
         return 0

@@ -205,3 +205,43 @@ def test_gates_warm_started_from_a_trace_trained_mlp_rank_cells_as_its_predictio
     settings = SampleSettings(steps=6, guidance_scale=2.0)
     policy.prepare(model, settings)
     assert 0 < float(policy.table.float().mean()) < 1
+
+
+def test_gates_rollouts_are_recorded_as_traces_an_mlp_trains_on(gates_artifact, tmp_path):
+    from cqpolicy.tracing.collect import collect
+    from cqpolicy.tracing.store import TraceReader
+    from cqpolicy.training.rollout import train_gates, trace_rollouts
+    from cqpolicy.training.train import train_policy
+
+    model_dir, path, _ = gates_artifact
+    model = load_model(str(model_dir))
+    settings = SampleSettings(steps=6, guidance_scale=2.0, batch_size=2)
+    summaries = trace_rollouts(model, settings, path, 2, [0.3, 0.8], out_dir=tmp_path / "rollouts",
+                               probes=("chain",), progress=False)
+    runs = [tmp_path / "rollouts" / "budget-0.3", tmp_path / "rollouts" / "budget-0.8"]
+    assert [s["run_dir"] for s in summaries] == [str(r) for r in runs]
+    computed = []
+    for run, seeds in zip(runs, ([22_000_000, 22_000_001], [22_000_002, 22_000_003])):
+        reader = TraceReader([run])
+        assert reader.seeds() == seeds and reader.manifest["policy"].endswith(f"budget={run.name[7:]}")
+        table = reader.table(["computed", "impact_stale_2"]).to_pandas()
+        computed.append(float(table["computed"].mean()))
+        assert table["impact_stale_2"].notna().any()  # the same schema as any trace run, chain labels included
+    assert computed[0] < computed[1] < 1  # the low budget's rollouts reuse more
+
+    collect(model, settings, tmp_path / "plain", num_samples=2, probes=("chain",), progress=False)
+    from cqpolicy.training.data import TraceDataModule, TraceError
+
+    data = TraceDataModule([tmp_path / "plain", *runs], chain=True)
+    rows = {name: torch.cat([data.split[s][name] for s in ("train", "val")]) for name in ("seed", "x")}
+    since = rows["x"][:, data.features.index("steps_since_compute")]
+    rollout = rows["seed"] >= 22_000_000
+    assert bool(rollout.any()) and since[rollout].unique().numel() > 1  # the rollouts' own cache ages
+    assert int((~rollout).sum()) > int(rollout.sum())  # plain rows carry every staleness, rollouts one each
+    with pytest.raises(TraceError, match="plain model"):
+        TraceDataModule(runs, chain=True)
+    meta = train_policy([tmp_path / "plain", *runs], out_dir=tmp_path / "mlp", max_epochs=1, chain=True,
+                        label="local", progress=False)
+    assert meta["metrics"]["train_seeds"] + meta["metrics"]["val_seeds"] == 6
+    with pytest.raises(ValueError, match="exceeds the 4 training rollouts"):
+        train_gates(str(model_dir), tmp_path / "g", steps=6, train_samples=4, rollout_traces=2, progress=False)

@@ -12,6 +12,8 @@ With ``chain=True`` (traces recorded with ``--probes chain`` under the plain mod
 yields one row per staleness s = 2 .. 8 with a label: the same features, except ``steps_since_compute`` = s - 1
 and ``model_in_rel_l1_acc`` summed over those s steps, labelled ``impact_stale_s`` (what the last of s
 consecutive reuses costs). A policy trained on them prices chains of reuses instead of one reuse of a fresh cache.
+Runs recorded under a caching policy (a deployed policy's rollouts, ``cqpolicy.training.rollout.trace_rollouts``)
+may join them: their rows add the states that policy reaches, each at the staleness it left the cache.
 
 Loading is eager (in the constructor): bad trace folders fail before any model or logger is built.
 """
@@ -175,19 +177,28 @@ class TraceDataModule(L.LightningDataModule):
         if self.chain:
             self._check_chain(columns, manifests, stored)
         read = list(dict.fromkeys(["seed", "step", "block", "unit", "cfg_branch", LABEL, *stored, *model_sources]
-                                  + ([DOWNSTREAM] if has_downstream else []) + (list(CHAIN_COLUMNS) if self.chain
-                                                                                else [])))
+                                  + ([DOWNSTREAM] if has_downstream else []) + ([*CHAIN_COLUMNS, "steps_since_compute"]
+                                                                                if self.chain else [])))
         table = reader.table(read)
 
-        # one training row per (trace row, staleness with a label): staleness 1 is impact_local
+        # one training row per (trace row, staleness with a label): staleness 1 is impact_local. Rows of runs
+        # under a caching policy (rollouts of a deployed policy) give their impact_local only, at the staleness
+        # the policy left (its last compute, steps_since_compute + 1 steps back); their chain labels probed
+        # outputs that may themselves be reused.
         labels = [LABEL, *(CHAIN_COLUMNS if self.chain else ())]
+        on_policy = np.isin(table["seed"].to_numpy(), [s for d, m in zip(self.run_dirs, manifests)
+                                                      if str(m.get("policy")) != "none"
+                                                      for s in TraceReader([d]).seeds()])
         rows, since, impact = [], [], []
         for s, name in enumerate(labels, start=1):
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
-            found = np.flatnonzero(~np.isnan(values))
-            rows.append(found), since.append(np.full(len(found), s - 1)), impact.append(values[found])
-        fresh = np.concatenate([np.full(len(r), i == 0) for i, r in enumerate(rows)])
+            found = np.flatnonzero(~np.isnan(values) & (~on_policy if s > 1 else True))
+            stale = np.full(len(found), s - 1)
+            if self.chain and s == 1:
+                stale = np.where(on_policy[found], table["steps_since_compute"].to_numpy()[found], stale)
+            rows.append(found), since.append(stale.astype(np.int64)), impact.append(values[found])
         keep, since, impact = np.concatenate(rows), np.concatenate(since), np.concatenate(impact)
+        fresh = since == 0 if self.chain else np.ones(len(keep), dtype=bool)
         if not len(keep):
             raise TraceError(f"{', '.join(self.run_dirs)} hold no probed rows ({LABEL} is NaN everywhere): "
                              f"record traces with --probes local")
@@ -270,14 +281,14 @@ class TraceDataModule(L.LightningDataModule):
         missing = [c for c in CHAIN_COLUMNS if c not in columns]
         if missing:
             raise TraceError(f"chain rows need the {missing[0]!r} label: record traces with --probes chain")
-        traced = sorted({str(m.get("policy")) for m in manifests} - {"none"})
-        if traced:  # under a caching policy, a cache s steps old may itself hold a reused value
-            raise TraceError(f"chain rows need traces of the plain model (policy none), not {traced[0]!r}")
+        if all(str(m.get("policy")) != "none" for m in manifests):  # their chain labels are not read (see _load)
+            raise TraceError("chain rows need a trace run of the plain model (policy none) among the runs")
         bad = [f for f in stored if f not in STALENESS_FEATURES and ("last" in f or f.startswith("out_"))]
         if bad:
             raise TraceError(f"feature {bad[0]!r} depends on how stale the cache is, which chain rows do not record: "
                              f"train chain rows on the step features")
-        if not any("chain" in str(m.get("probes", "")).split(",") for m in manifests):
+        if not any("chain" in str(m.get("probes", "")).split(",") for m in manifests
+                   if str(m.get("policy")) == "none"):
             raise TraceError(f"{', '.join(self.run_dirs)} hold no chain labels: record traces with --probes chain")
 
     # -- what the trainer and train.py use ------------------------------------------------------------------

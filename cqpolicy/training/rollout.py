@@ -16,6 +16,8 @@ are short batches; checkpoints are Lightning's (``last.ckpt``; a second call res
 
 The net starts as a uniform refresh interval, or from a trace-trained MLP (``mlp_prior`` + ``warm_start``): its
 scores are first fitted to the MLP's mean predicted log impact per (step, unit, cache age) on its trace rows.
+Its rollouts go back into the trace data (``trace_rollouts``): the training seeds, run under the trained artifact,
+recorded by ``cqpolicy.tracing.collect`` in the trace schema, so an MLP can retrain on the states the gates reach.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from cqpolicy.policies.gates import GATE_FEATURES, GateNet, gate_inputs, min_bud
 
 EXPERIMENT = "cqpolicy-train"
 
-__all__ = ["train_gates", "Rollouts", "GateRolloutModule"]
+__all__ = ["train_gates", "trace_rollouts", "Rollouts", "GateRolloutModule"]
 
 
 class _TrainingGates(Policy):
@@ -230,12 +232,33 @@ def keep_freed_memory() -> None:
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum; smaller blocks come from the heap
 
 
+def trace_rollouts(model, settings, artifact_dir, samples: int, budgets, out_dir=None,
+                   probes: tuple[str, ...] = ("local", "chain", "downstream"), progress: bool = True) -> list[dict]:
+    """Record the gates artifact's rollouts as trace runs, one per budget: budget ``k`` runs rollout seeds
+    ``start + k * samples ..`` (disjoint, so the runs read together) under ``learned:path=DIR,budget=b``, with the
+    same recorder, probes and schema as ``cqpolicy trace``. Runs go to ``out_dir`` (default ``<artifact>.traces``)
+    as ``budget-<b>``; a rerun resumes them. Returns each run's collection summary."""
+    from cqpolicy.tracing.collect import collect
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"trace_rollouts needs samples >= 1, got {samples!r}")
+    artifact = Path(artifact_dir)
+    root = Path(out_dir) if out_dir is not None else artifact.with_name(artifact.name + ".traces")
+    first = seed_roles.start("rollout")
+    summaries = []
+    for k, budget in enumerate(budgets):
+        policy = f"learned:path={artifact},budget={budget:g}"
+        summaries.append(collect(model, settings, root / f"budget-{budget:g}", samples, seed=first + k * samples,
+                                 policy=policy, probes=tuple(probes), progress=progress))
+    return summaries
+
+
 def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50, guidance_scale: float | None = None,
                 scheduler: str = "ddim", budget_range: tuple[float, float] = (0.15, 0.6), train_samples: int = 128,
                 val_samples: int = 32, batch_size: int = 8, max_epochs: int = 8, hidden: int = 64, lr: float = 3e-3,
                 tau: float = 1.0, feature_weight: float = 1.0, seed: int = 0, max_minutes: float | None = None,
-                init_mlp: str | None = None, init_traces: str | None = None, overwrite: bool = False,
-                progress: bool = True) -> dict:
+                init_mlp: str | None = None, init_traces: str | None = None, rollout_traces: int = 0,
+                overwrite: bool = False, progress: bool = True) -> dict:
     """Train a budget-conditioned gate net through the sampler on ``model_name`` and write a ``gates`` artifact.
 
     Rollout seeds: ``train_samples`` from the ``rollout`` role's start, then ``val_samples`` held out for
@@ -243,6 +266,8 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     The initial net (every unit alike: a uniform refresh interval at each budget) is scored on them first.
     ``init_mlp`` + ``init_traces``: start instead from a trace-trained MLP (``warm_start`` on ``mlp_prior``: the
     scores rank cells as the MLP's predicted harm does); ``max_epochs=0`` then writes that start untrained.
+    ``rollout_traces`` > 0: afterwards record that many training rollouts per validation budget as traces
+    (``trace_rollouts``, into ``<out>.traces``).
     """
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
@@ -262,6 +287,10 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
         least = 0 if name == "max_epochs" and init_mlp else 1  # a warm start may be written untrained
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if isinstance(rollout_traces, bool) or not isinstance(rollout_traces, int) or rollout_traces < 0:
+        raise ValueError(f"rollout_traces must be an int >= 0, got {rollout_traces!r}")
+    if rollout_traces * 3 > train_samples:
+        raise ValueError(f"rollout_traces {rollout_traces} x 3 budgets exceeds the {train_samples} training rollouts")
     if (init_mlp is None) != (init_traces is None):
         raise ValueError("a warm start needs both init_mlp (an mlp artifact) and init_traces (its trace run)")
     out = check_target(out_dir, overwrite)
@@ -392,4 +421,8 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     client.log_batch(run_id, metrics=[Metric(f"final_{k}", v, now, int(trainer.global_step))
                                       for k, v in _finite_numbers(metrics).items()], synchronous=True)
     client.log_artifacts(run_id, str(out), artifact_path="policy")
+    if rollout_traces:
+        summaries = trace_rollouts(model, settings, out, rollout_traces, val_budgets, progress=progress)
+        meta["rollout_traces"] = [s["run_dir"] for s in summaries]
+        client.log_param(run_id, "rollout_traces", ",".join(meta["rollout_traces"]))
     return meta
