@@ -208,7 +208,9 @@ class _LeafTally:
     def hooks(self) -> list:
         handles = []
         for name, module in self.transformer.named_modules():
-            leaf = next(module.children(), None) is None
+            if "parametrizations" in name.split("."):  # a weight's dequantising parametrization: its layer's work
+                continue
+            leaf = next((c for n, c in module.named_children() if n != "parametrizations"), None) is None
             handles += [module.register_forward_pre_hook(lambda m, args, n=name, leaf=leaf: self._enter(n, leaf, args)),
                         module.register_forward_hook(lambda m, args, out: self._leave())]
         return handles

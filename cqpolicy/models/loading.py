@@ -6,6 +6,9 @@ Accepted specs:
   ``scheduler/``, optional ``vae/``), or a bare model (``config.json``); the model class comes from its
   config's ``_class_name`` and must be one ``cqpolicy.models.adapters`` supports;
 * a hub id such as ``facebook/DiT-XL-2-256``, read from the local Hugging Face cache only.
+
+A denoiser folder holding ``quantization.json`` (``cqpolicy quantize``) loads through
+``cqpolicy.quantization.storage.load_quantized``: weights dequantised on the fly.
 """
 from __future__ import annotations
 
@@ -83,6 +86,10 @@ def _denoiser(folder: Path, dtype) -> torch.nn.Module:
         adapter_for(str(name))
     except NoCacheUnitsError as exc:
         raise ModelLoadError(f"{folder}: {exc}") from None
+    if (folder / "quantization.json").exists():  # written by ``cqpolicy quantize``: packed weights, not diffusers'
+        from cqpolicy.quantization.storage import load_quantized
+
+        return load_quantized(folder, getattr(diffusers, name), dtype)
     return getattr(diffusers, name).from_pretrained(folder, dtype=dtype)
 
 
