@@ -3,7 +3,9 @@
 one-reuse labels only (``impact_local``), one with the chain labels too (``--probes chain`` traces,
 ``train --chain``), each at thresholds chosen on search seeds to land on given MACs speedups. The chain MLP runs
 under two rules: a threshold on each step's predicted cost, and ``cumulative=true`` (a threshold on the chain's
-summed predicted cost).
+summed predicted cost). With ``--rollout-traces`` (a gates artifact's rollouts recorded as traces,
+``cqpolicy train --kind gates --rollout-traces N``) a third MLP trains on the chain traces plus those runs and
+runs under the cumulative rule: what the states a through-sampler policy reaches add to the trace data.
 
     python scripts/chain_ablation.py --traces out/chain/traces --out out/chain --speedups 2 3 4
 
@@ -36,6 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", required=True, help="a trace run recorded with --probes local,chain[,downstream]")
     p.add_argument("--out", required=True)
+    p.add_argument("--rollout-traces", nargs="+", default=[],
+                   help="trace runs recorded under a deployed policy (gates rollouts): adds the mlp-chain-rollouts arm")
     p.add_argument("--model", default="fmnist-dit")
     p.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     p.add_argument("--search-samples", type=int, default=16)
@@ -70,11 +74,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     artifacts = {}
-    for name, chain in (("mlp-one-reuse", False), ("mlp-chain", True)):
+    trained = [("mlp-one-reuse", False, [args.traces]), ("mlp-chain", True, [args.traces])]
+    if args.rollout_traces:
+        trained.append(("mlp-chain-rollouts", True, [args.traces, *args.rollout_traces]))
+    for name, chain, traces in trained:
         path = out / name
         if not (path / "policy.json").is_file():
-            train_policy([args.traces], out_dir=path, max_epochs=args.max_epochs, seed=0, chain=chain,
-                         progress=False)
+            train_policy(traces, out_dir=path, max_epochs=args.max_epochs, seed=0, chain=chain, progress=False)
         artifacts[name] = path
     model = load_model(args.model)
     meta = json.loads((artifacts["mlp-chain"] / "policy.json").read_text())["model"]
@@ -86,13 +92,15 @@ def main(argv=None) -> int:
     plain_macs = model_costs(model, settings).plain(len(seeds), settings)
     specs = out / "specs.json"
     found = json.loads(specs.read_text()) if specs.is_file() else {}
-    arms = ("mlp-one-reuse", "mlp-chain", "mlp-chain-cumulative")
+    arms = ("mlp-one-reuse", "mlp-chain", "mlp-chain-cumulative") + (
+        ("mlp-chain-rollouts-cumulative",) if args.rollout_traces else ())
     todo = [(t, a) for t in args.speedups for a in arms if f"{a}@{t:g}x" not in found]
     bar = tqdm(total=len(todo) * args.iterations, desc="threshold bisection", unit="run")
     for target, name in todo:
         cap = max(1, math.ceil(target))  # FORA-(cap + 1) is the fastest a cap of `cap` reuses allows
-        path = artifacts["mlp-one-reuse" if name == "mlp-one-reuse" else "mlp-chain"]
-        rule = {"mlp-one-reuse": f",max_reuse={cap}", "mlp-chain": "", "mlp-chain-cumulative": ",cumulative=true"}[name]
+        path = artifacts[name.removesuffix("-cumulative")]
+        rule = ",cumulative=true" if name.endswith("-cumulative") else f",max_reuse={cap}" if name == "mlp-one-reuse" \
+            else ""
         spec_at = lambda t: f"learned:path={path},threshold={t:.6g}{rule}"  # noqa: E731
         spec, got = bisect(model, spec_at, target, settings, seeds, labels, plain_macs, args.iterations, bar)
         found[f"{name}@{target:g}x"] = {"spec": spec, "search_speedup": got}
