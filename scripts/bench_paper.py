@@ -19,6 +19,14 @@ of the bench reaches both alike, which timing the quality passes one after the o
 caught by the spread (keep the machine otherwise idle all the same). At the end ``OUT/leaderboard.{csv,md}`` and ``OUT/pareto.png`` are written from every row so far:
 FID / KID mean ± std over replicates, paired ΔFID / ΔKID ± std, and each row's verdict against every other
 family's frontier.
+
+Weights: a ``methods:`` entry ``{policy: SPEC, weights: DIR}`` runs SPEC (``none``: no caching) on the model
+``cqpolicy quantize`` wrote to DIR, which must record the bench model's fingerprint as its source. It is scored
+against the same replicate's plain full-precision images and FID (ΔFID against the unquantized uncached model),
+its wall speedup timed against the plain full-precision model; its slug adds the digest of DIR's files. Every row
+records ``weights`` (``fp`` or the folder's ``weights_label``, e.g. ``int8``, ``mixed4``), ``model_bytes`` (a
+quantized folder's every stored byte; the fp model's tensors in their dtype as loaded, i.e. its float32
+safetensors) and ``compression_ratio`` (vs float32).
 """
 from __future__ import annotations
 
@@ -47,10 +55,12 @@ from cqpolicy.models import load_model
 from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.outputs import read_yaml
 from cqpolicy.policies import make_policy
+from cqpolicy.quantization import fp_weights_info, weights_info
 from cqpolicy.sampling import SampleSettings
 from cqpolicy.tracking.leaderboard import leaderboard, write_leaderboard
 
 EXPERIMENT = "cqpolicy-bench-paper"
+NO_POLICY = "none"  # a weights entry's policy that samples the quantized model uncached
 
 
 class PaperError(ValueError):
@@ -64,11 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--learned-config", default=None, help="its config (default: the config's learned_config)")
     p.add_argument("--num-samples", type=int, default=None, help="per replicate (default: the config's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="test replicates (default: the config's)")
-    p.add_argument("--only", nargs="*", default=None, help="bench only the methods whose spec contains one of these")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="bench only the methods whose spec or weights folder contains one of these")
     p.add_argument("--wall-repeats", type=int, default=2, help="interleaved timing pairs per method")
     p.add_argument("--table-only", action="store_true", help="bench nothing: write the table from the rows so far")
     p.add_argument("--retime", nargs="+", default=None, metavar="SPEC",
-                   help="time these methods' wall speedup again (their rows stay), then write the table")
+                   help="time these methods' wall speedup again (every entry with that spec, with or without "
+                        "weights; their rows stay), then write the table")
     p.add_argument("--out", default="docs/results/paper")
     return p.parse_args(argv)
 
@@ -111,9 +123,61 @@ def _tree_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def slug(spec: str, fmt: str) -> str:
-    """A file name for a method: its family and a hash of spec and cache format."""
-    return spec.split(":")[0] + "-" + hashlib.sha256(f"{spec}|{fmt}".encode()).hexdigest()[:12]
+def slug(spec: str, fmt: str, weights_digest: str | None = None) -> str:
+    """A file name for a method: its family and a hash of spec, cache format and (weights entries only) the
+    digest of the quantized folder's files."""
+    key = f"{spec}|{fmt}" + (f"|{weights_digest}" if weights_digest else "")
+    return spec.split(":")[0] + "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def method_slug(method: tuple) -> str:
+    spec, fmt, weights = method
+    return slug(spec, fmt, weights and weights["weights_digest"])
+
+
+def config_methods(entries: list) -> list[tuple]:
+    """A config's ``methods:`` as ``(spec, cache format, weights folder)``: a spec string runs on the bench's
+    model (folder None), ``{policy: SPEC, weights: DIR}`` on the model quantized into DIR."""
+    methods = []
+    for entry in entries:
+        if isinstance(entry, str):
+            methods.append((entry, "fp16", None))
+        elif isinstance(entry, dict) and set(entry) == {"policy", "weights"}:
+            spec = str(entry["policy"])
+            methods.append((spec, "none" if spec == NO_POLICY else "fp16", str(entry["weights"])))
+        else:
+            raise PaperError(f"a methods entry is a policy spec or {{policy: SPEC, weights: DIR}}, got {entry!r}")
+    return methods
+
+
+def with_weights(methods: list[tuple], fingerprint: str) -> list[tuple]:
+    """``methods`` with each weights folder replaced by its record (``weights_info`` plus path and digest: the
+    fields its rows carry), after checking the folder was quantized from the bench's model (``fingerprint``)."""
+    records = {}
+    for folder in dict.fromkeys(m[2] for m in methods if m[2]):
+        try:
+            info = weights_info(folder, fingerprint)
+        except ValueError as exc:
+            raise PaperError(f"methods: {exc}") from None
+        records[folder] = {"weights": info["weights"], "model_bytes": info["model_bytes"],
+                           "compression_ratio": info["compression_ratio"], "weights_dir": folder,
+                           "weights_digest": _tree_digest(Path(folder))}
+    labels = {}
+    for record in records.values():  # the leaderboard groups rows by the label: two folders must not share one
+        if labels.setdefault(record["weights"], record["weights_digest"]) != record["weights_digest"]:
+            raise PaperError(f"methods: two weights folders are both {record['weights']!r} with other contents, "
+                             f"{record['weights_dir']} one of them: keep one")
+    return [(spec, fmt, folder and records[folder]) for spec, fmt, folder in methods]
+
+
+def prepare(model, spec: str, weights: dict | None, settings):
+    """The model a method runs on (a weights entry's quantized model) and its prepared policy (None: uncached)."""
+    run_model = model if weights is None else load_model(weights["weights_dir"], device=str(model.device))
+    if weights is not None and spec == NO_POLICY:
+        return run_model, None
+    policy = make_policy(spec)
+    policy.prepare(run_model, settings)
+    return run_model, policy
 
 
 def write_json(path: Path, data) -> None:
@@ -126,7 +190,8 @@ def as_leaderboard_rows(rows: list[dict]) -> pd.DataFrame:
     """Bench rows in the shape ``collect_rows`` gives the leaderboard."""
     df = pd.DataFrame(rows)
     df["method"] = df["policy_config"]
-    df["experiment"], df["run_id"] = EXPERIMENT, [f"{r['seed']}-{slug(r['policy'], r['cache_dtype'])}" for r in rows]
+    df["experiment"] = EXPERIMENT
+    df["run_id"] = [f"{r['seed']}-{slug(r['policy'], r['cache_dtype'], r.get('weights_digest'))}" for r in rows]
     return df
 
 
@@ -145,27 +210,35 @@ def main(argv=None) -> int:
     settings.validate()
     out = Path(args.out)
     learned_from = args.learned_from or config.get("learned_from", "out/run")
-    methods = [] if learned_from is None else learned_methods(  # first: the rows the table is for
+    learned = [] if learned_from is None else learned_methods(  # first: the rows the table is for
         Path(learned_from), args.learned_config or config.get("learned_config", "configs/fmnist-dit.yaml"),
         out / "policies")
-    methods += [(spec, "fp16") for spec in config.get("methods", [])]
+    methods = [(spec, fmt, None) for spec, fmt in learned] + config_methods(config.get("methods") or [])
     if args.only:
-        methods = [m for m in methods if any(word in m[0] for word in args.only)]
-    for spec, _ in methods:
-        make_policy(spec)  # bad specs fail before anything runs
+        methods = [m for m in methods if any(word in m[0] or word in (m[2] or "") for word in args.only)]
+    fingerprint = model_fingerprint(model)
+    methods = with_weights(methods, fingerprint)
+    for spec, _, weights in methods:
+        if not (weights and spec == NO_POLICY):
+            make_policy(spec)  # bad specs fail before anything runs
     if args.retime:
-        return retime(model, settings, out, dict(methods), args.retime, num_samples, args.wall_repeats)
+        return retime(model, settings, out, methods, args.retime, num_samples, args.wall_repeats)
     (out / "work").mkdir(parents=True, exist_ok=True)
     labels = default_labels(num_samples, model.num_classes)
     classifier, fid, kid = load_classifier(), ClassifierFID(), ClassifierKID()
     per_image = model_costs(model, settings).plain(1, settings)
-    fingerprint = model_fingerprint(model)
+    fp_weights = fp_weights_info(model)
+    digests = {w["weights_dir"]: w["weights_digest"] for _, _, w in methods if w}
     for old in sorted((out / "rows").glob("*/*.json")):
-        if json.loads(old.read_text()).get("model_fingerprint") != fingerprint:
+        row = json.loads(old.read_text())
+        if row.get("model_fingerprint") != fingerprint:
             raise PaperError(f"{old} was measured on other weights than {model.name}'s now: "
                              f"bench into a new --out (or remove {out / 'rows'})")
-    todo = [(k, m) for k in replicates for m in [(BASELINE, "none")] + methods
-            if not (out / "rows" / str(k) / f"{slug(*m)}.json").is_file()]
+        if digests.get(row.get("weights_dir"), row.get("weights_digest")) != row.get("weights_digest"):
+            raise PaperError(f"{old} was measured on other weights than {row['weights_dir']} holds now: "
+                             f"bench into a new --out")
+    todo = [(k, m) for k in replicates for m in [(BASELINE, "none", None)] + methods
+            if not (out / "rows" / str(k) / f"{method_slug(m)}.json").is_file()]
     bar = tqdm(total=len(todo), desc="paper bench", unit="row", dynamic_ncols=True)
 
     def plain(k):
@@ -181,7 +254,7 @@ def main(argv=None) -> int:
             images = images_to_uint8(run.images).numpy()
             np.savez_compressed(plain_file, images=images)
             base_row = {**score(BASELINE, "none", run, None, labels, classifier, fid, kid, per_image),
-                        "images_sha256": hashlib.sha256(images.tobytes()).hexdigest()}
+                        "images_sha256": hashlib.sha256(images.tobytes()).hexdigest(), **fp_weights}
             write_json(base_row_file, finish(base_row, base_row, model, settings, num_samples, first, fingerprint))
             log_bench_rows(EXPERIMENT, [json.loads(base_row_file.read_text())])
             bar.update(1)
@@ -190,23 +263,25 @@ def main(argv=None) -> int:
 
     plains = {k: plain(k) for k in replicates}  # every replicate's plain model first: the noise floor early
     (out / "wall").mkdir(exist_ok=True)
-    for spec, fmt in methods:  # method by method, so a method's rows over all replicates are done early
-        policy = None
+    for method in methods:  # method by method, so a method's rows over all replicates are done early
+        spec, fmt, weights = method
+        prepared = None
         for k in replicates:
-            path = out / "rows" / str(k) / f"{slug(spec, fmt)}.json"
+            path = out / "rows" / str(k) / f"{method_slug(method)}.json"
             if path.is_file():
                 continue
-            bar.set_postfix_str(f"{spec[:48]}, replicate {k}")
-            if policy is None:
-                policy = make_policy(spec)
-                policy.prepare(model, settings)
+            bar.set_postfix_str(f"{spec[:48]}{' on ' + weights['weights'] if weights else ''}, replicate {k}")
+            if prepared is None:
+                prepared = prepare(model, spec, weights, settings)
+            run_model, policy = prepared
             first = seed_roles.test_start(k)
             seeds = [first + i for i in range(num_samples)]
-            base_row, reference = plains[k]
-            run = measured_sample(model, policy, fmt, labels, seeds, settings)
-            row = score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy)
-            wall = wall_record(out / "wall" / f"{slug(spec, fmt)}.json", model, policy, fmt, labels, seeds, settings,
-                               args.wall_repeats)
+            base_row, reference = plains[k]  # a weights entry too: ΔFID is against the unquantized uncached model
+            run = measured_sample(run_model, policy, fmt, labels, seeds, settings)
+            row = {**score(spec, fmt, run, reference, labels, classifier, fid, kid, per_image, policy),
+                   **(weights or fp_weights)}
+            wall = wall_record(out / "wall" / f"{method_slug(method)}.json", model, policy, fmt, labels, seeds,
+                               settings, args.wall_repeats, run_model)
             write_json(path, finish(row, base_row, model, settings, num_samples, first, fingerprint, wall))
             log_bench_rows(EXPERIMENT, [json.loads(path.read_text())])
             bar.update(1)
@@ -214,22 +289,24 @@ def main(argv=None) -> int:
     return write_table(out, num_samples)
 
 
-def retime(model, settings, out: Path, methods: dict[str, str], specs: list[str], num_samples: int,
+def retime(model, settings, out: Path, methods: list[tuple], specs: list[str], num_samples: int,
            repeats: int) -> int:
-    """New wall records for ``specs`` (methods of the table, timed as in the run: the first batch of replicate 0)."""
-    unknown = [spec for spec in specs if spec not in methods]
+    """New wall records for every method with a spec of ``specs`` (timed as in the run: the first batch of
+    replicate 0)."""
+    unknown = [spec for spec in specs if spec not in {m[0] for m in methods}]
     if unknown:
         raise PaperError(f"--retime {unknown[0]!r} is not a method of this table")
     first = seed_roles.test_start(0)
     seeds = [first + i for i in range(settings.batch_size)]
     labels = default_labels(len(seeds), model.num_classes)
-    for spec in tqdm(specs, desc="retime", unit="method"):
-        policy = make_policy(spec)
-        policy.prepare(model, settings)
-        measured_sample(model, policy, methods[spec], labels, seeds, settings)  # warm-up, as the quality pass is
-        path = out / "wall" / f"{slug(spec, methods[spec])}.json"
+    for method in tqdm([m for m in methods if m[0] in specs], desc="retime", unit="method"):
+        spec, fmt, weights = method
+        run_model, policy = prepare(model, spec, weights, settings)
+        measured_sample(run_model, policy, fmt, labels, seeds, settings)  # warm-up, as the quality pass is
+        path = out / "wall" / f"{method_slug(method)}.json"
         path.unlink(missing_ok=True)
-        print(spec, wall_record(path, model, policy, methods[spec], labels, seeds, settings, repeats)["wall_speedup"])
+        wall = wall_record(path, model, policy, fmt, labels, seeds, settings, repeats, run_model)
+        print(spec, weights["weights"] if weights else "", wall["wall_speedup"])
     return write_table(out, num_samples)
 
 
@@ -238,7 +315,7 @@ def write_table(out: Path, num_samples: int) -> int:
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*/*.json"))]
     rows = [r for r in rows if r["num_samples"] == num_samples]
     for row in rows:  # wall speedup is one measurement per method: a re-timed method's file wins
-        wall = out / "wall" / f"{slug(row['policy'], row['cache_dtype'])}.json"
+        wall = out / "wall" / f"{slug(row['policy'], row['cache_dtype'], row.get('weights_digest'))}.json"
         if row["family"] != "plain" and wall.is_file():
             row["wall_speedup"] = json.loads(wall.read_text())["wall_speedup"]
     if not rows:
@@ -270,16 +347,17 @@ WALL_SPREAD = 1.2  # timings of one run that differ more than this: the machine'
 WALL_MAX_PAIRS = 8
 
 
-def wall_record(path: Path, model, policy, fmt, labels, seeds, settings, repeats: int) -> dict:
+def wall_record(path: Path, model, policy, fmt, labels, seeds, settings, repeats: int, method_model=None) -> dict:
     """The method's wall speedup, timed once (first batch, the plain model and the method in turn) and kept in
     ``path``: pairs until the last ``repeats`` (at least 2) agree within ``WALL_SPREAD`` for both (a burst of load
-    elsewhere is timed past), the ratio of those pairs' medians."""
+    elsewhere is timed past), the ratio of those pairs' medians. ``method_model``: the model the method runs on
+    when it is not ``model`` (a quantized one; the plain runs stay on ``model``)."""
     if not path.is_file():
         n, window = min(settings.batch_size, len(seeds)), max(2, repeats)
         plain_s, method_s = [], []
         while True:  # the quality pass just warmed both up
-            times = interleaved_walls(model, [(None, "none"), (policy, fmt)], labels[:n], seeds[:n], settings, 1,
-                                      warmup=False)
+            times = interleaved_walls(model, [(None, "none"), (policy, fmt, method_model or model)], labels[:n],
+                                      seeds[:n], settings, 1, warmup=False)
             plain_s += times[0]
             method_s += times[1]
             recent = (plain_s[-window:], method_s[-window:])

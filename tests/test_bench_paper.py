@@ -119,3 +119,96 @@ def test_a_burst_of_load_gets_more_timing_pairs_and_the_median(tmp_path, monkeyp
     assert len(record["plain_s"]) == 4 and record["settled"]  # timed past the burst
     assert record["wall_speedup"] == pytest.approx(11.3 / 5.3)  # the medians of the last 2 pairs
     assert script.wall_record(tmp_path / "w.json", None, None, "fp16", [], [], None, 2) == record  # kept
+
+
+def _quantized(source_dir, out, method="int8"):
+    """``source_dir``'s model quantized into ``out`` (as ``cqpolicy quantize`` does); returns the report."""
+    from cqpolicy.models import load_model
+    from cqpolicy.quantization import quantize_model, save_quantized
+
+    model = load_model(str(source_dir))
+    return save_quantized(model, quantize_model(model, method), out)
+
+
+def test_weights_entries_are_scored_against_the_full_precision_plain_model(tiny_dit_dir, tmp_path):
+    script = load_script("bench_paper")
+    report = _quantized(tiny_dit_dir, tmp_path / "q8")
+    q8 = str(tmp_path / "q8")
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_dit_dir), "steps": 4, "batch_size": 4, "num_samples": 4,
+                                      "seeds": [0, 1], "learned_from": None,
+                                      "methods": ["fora:interval=2", {"policy": "none", "weights": q8},
+                                                  {"policy": "fora:interval=2", "weights": q8}]}))
+    out = tmp_path / "paper"
+    assert script.main(["--config", str(config), "--out", str(out)]) == 0
+    rows = {(r["seed"], r["policy"], r["weights"]): r
+            for r in (json.loads(p.read_text()) for p in (out / "rows").glob("*/*.json"))}
+    assert len(rows) == 2 * 4
+    digest = script._tree_digest(tmp_path / "q8")
+    assert (out / "rows" / "0" / f"{script.slug('fora:interval=2', 'fp16')}.json").is_file()  # fp slug as before
+    assert (out / "rows" / "0" / f"{script.slug('fora:interval=2', 'fp16', digest)}.json").is_file()
+    assert (out / "rows" / "0" / f"{script.slug('none', 'none', digest)}.json").is_file()
+    assert len(list((out / "wall").glob("*.json"))) == 3  # one per method, the weights ones included
+    from cqpolicy.models import load_model
+
+    params = sum(t.numel() for t in load_model(str(tiny_dit_dir)).transformer.state_dict().values())
+    for seed in (0, 1000000):
+        base = rows[(seed, "baseline", "fp")]
+        assert base["model_bytes"] == 4 * params and base["compression_ratio"] == 1.0
+        assert rows[(seed, "fora:interval=2", "fp")]["model_bytes"] == 4 * params
+        weights_only, joint = rows[(seed, "none", "int8")], rows[(seed, "fora:interval=2", "int8")]
+        for row in (weights_only, joint):
+            assert row["model_bytes"] == report["size_bytes"] < 4 * params / 3
+            assert row["compression_ratio"] == pytest.approx(report["compression_ratio"])
+            assert row["compression_ratio"] > 3
+            assert row["weights_dir"] == q8 and row["weights_digest"] == digest
+            assert row["model_fingerprint"] == base["model_fingerprint"] and row["model"] == base["model"]
+        # scored against the fp plain images: the quantized model alone is close, not identical, at the fp MACs
+        assert not weights_only["bit_identical"] and 20 < weights_only["psnr_vs_baseline"] < float("inf")
+        assert weights_only["policy_config"] == "none" and weights_only["family"] == "none"
+        assert weights_only["macs_speedup"] == 1.0 and weights_only["cache_dtype"] == "none"
+        assert joint["macs_speedup"] == pytest.approx(rows[(seed, "fora:interval=2", "fp")]["macs_speedup"])
+    table = pd.read_csv(out / "leaderboard.csv")
+    table.index = table["method"].str.split(":").str[0] + "/" + table["weights"]
+    assert table["family"].to_dict() == {"baseline/fp": "plain", "fora/fp": "fora", "none/int8": "none+int8",
+                                         "fora/int8": "fora+int8"}
+    seeds = (0, 1000000)
+    expected = sum(rows[(s, "none", "int8")]["fid"] - rows[(s, "baseline", "fp")]["fid"] for s in seeds) / 2
+    assert table.loc["none/int8", "delta_fid"] == pytest.approx(expected)  # paired with the fp plain FID
+    assert table.loc["none/int8", "model_bytes"] == report["size_bytes"] == table.loc["fora/int8", "model_bytes"]
+    assert table.loc["fora/fp", "compression_ratio"] == 1.0
+    md = (out / "leaderboard.md").read_text()
+    assert "| none+int8 | none | int8 | 1.00× |" in md and "model MiB | compression" in md
+
+
+def test_weights_from_another_model_are_refused_in_one_line(tiny_dit_dir, tmp_path):
+    from conftest import save_with_scheduler, tiny_fmnist_dit
+
+    script = load_script("bench_paper")
+    other = save_with_scheduler(tiny_fmnist_dit(seed=7), tmp_path / "other")
+    _quantized(other, tmp_path / "q-other")
+    config = tmp_path / "paper.yaml"
+    data = {"model": str(tiny_dit_dir), "steps": 2, "batch_size": 2, "num_samples": 2, "seeds": [0],
+            "learned_from": None, "methods": [{"policy": "none", "weights": str(tmp_path / "q-other")}]}
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "paper"
+    with pytest.raises(script.PaperError, match="was quantized from") as info:
+        script.main(["--config", str(config), "--out", str(out)])
+    assert "\n" not in str(info.value) and not out.exists()
+    for bad, message in [({"policy": "none"}, "a methods entry is"),
+                         ({"policy": "none", "weights": str(tmp_path / "missing")}, "does not exist")]:
+        config.write_text(yaml.safe_dump({**data, "methods": [bad]}))
+        with pytest.raises(script.PaperError, match=message):
+            script.main(["--config", str(config), "--out", str(out)])
+
+
+def test_the_shipped_weights_config_parses(request):
+    """configs/fmnist-dit-weights.yaml: fp FORA plus, per quantized folder, the weights alone and under FORA."""
+    script = load_script("bench_paper")
+    config = yaml.safe_load((Path(request.config.rootpath) / "configs" / "fmnist-dit-weights.yaml").read_text())
+    methods = script.config_methods(config["methods"])
+    assert config["learned_from"] is None and config["seeds"] == [0, 1, 2] and config["num_samples"] == 1000
+    assert methods[0] == ("fora:interval=3", "fp16", None)
+    folders = {m[2] for m in methods[1:]}
+    assert len(folders) == 5 and all(f.startswith("out/q/dit-") for f in folders)
+    assert sorted(m[:2] for m in methods[1:]) == [("fora:interval=3", "fp16")] * 5 + [("none", "none")] * 5

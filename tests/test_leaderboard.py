@@ -128,6 +128,38 @@ def test_families_are_frontiers_verdict():
     assert "+0.50 ± 0.10" in md and "more than the paired std" in md and "unopposed" in md
 
 
+def test_weights_rows_group_apart_and_their_family_carries_the_weights():
+    """(method, weights) rows: a quantized FORA is family fora+int8, judged against the fp FORA's frontier; rows
+    that logged no weights (older runs of the same model) group with the fp ones."""
+    base = {0: (10.0, 0.01), 1: (11.0, 0.02), 2: (12.0, 0.03)}
+    rows = _rows({("baseline", "plain", 1.0): base, ("fora:interval=2", "fora", 2.0): base,
+                  ("none", "none", 1.0): base})
+    rows["fid"] += np.select([rows["method"] == "fora:interval=2", rows["method"] == "none"], [0.5, 0.1], 0.0)
+    rows["weights"] = np.where(rows["method"] == "none", "int8", "fp")
+    rows.loc[(rows["method"] == "baseline") & (rows["seed"] == 2), "weights"] = None  # an older run
+    rows.loc[(rows["method"] == "fora:interval=2") & (rows["seed"] == 2), "weights"] = None
+    quantized = rows[rows["method"] == "fora:interval=2"].assign(weights="int8")
+    quantized["fid"] += quantized["seed"].map({0: 0.4, 1: 0.5, 2: 0.3})  # 0.4 ± 0.1 worse than fp fora
+    rows = pd.concat([rows, quantized], ignore_index=True)
+    rows["model_bytes"] = np.where(rows["weights"] == "int8", 1.1 * 2**20, 4 * 2**20)
+    rows["compression_ratio"] = np.where(rows["weights"] == "int8", 3.64, 1.0)
+    table = leaderboard(rows)
+    assert len(table) == 4 and table["n_seeds"].tolist() == [3] * 4
+    table = table.set_index(["method", "weights"])
+    assert table["family"].to_dict() == {("baseline", "fp"): "plain", ("fora:interval=2", "fp"): "fora",
+                                         ("fora:interval=2", "int8"): "fora+int8", ("none", "int8"): "none+int8"}
+    joint, fp = table.loc[("fora:interval=2", "int8")], table.loc[("fora:interval=2", "fp")]
+    assert joint["delta_fid"] == pytest.approx(0.9) and fp["delta_fid"] == pytest.approx(0.5)
+    assert joint["not_beaten_by_margin"] == "fora" and joint["unopposed"] == "none+int8"
+    assert fp["beats_all"] and fp["unopposed"] == "none+int8"
+    assert joint["model_bytes"] == 1.1 * 2**20 and joint["compression_ratio"] == 3.64
+    md = markdown(table.reset_index())
+    assert "| `fora:interval=2` | fora+int8 | fp16 | int8 | 2.00× |" in md
+    assert "| 1.10 | 3.64× |" in md and "| 4.00 | 1.00× |" in md
+    assert "| weights | MACs speedup |" in md and "| cache MiB | model MiB | compression | Pareto |" in md
+    assert "**Weights**" in md and "**Weights**" not in markdown(leaderboard(_rows(CASE)))
+
+
 # ------------------------------------------------------------------------------------- MLflow end to end
 @pytest.fixture(autouse=True)
 def isolated_mlflow(tmp_path, monkeypatch, module_mlflow_db):
@@ -232,6 +264,8 @@ def test_old_runs_fall_back_to_derived_family_and_nan_kid(logged):
     assert dict(zip(table["method"], table["family"])) == {"baseline": "plain", OLD: "fora"}
     md = markdown(table)
     assert "| – |" in md and "+1.50 ± 0.71" in md
+    assert "| fora | fp16 | – | 2.90× |" in md  # no weights logged: shown as such, no model size either
+    assert table["weights"].isna().all() and table["model_bytes"].isna().all()
 
 
 def test_leaderboard_and_files(logged, tmp_path):

@@ -238,3 +238,31 @@ def test_cli_budget_no_allocation_meets_is_exit_2_and_a_full_out_is_kept(tiny_di
     code = main(["quantize", "--model", str(tiny_dit_dir), "--weights", "int8", "--out", str(full)])
     assert code == 2 and "not empty" in capsys.readouterr().err
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def test_the_folder_records_its_source_model_and_a_label_per_setting(tiny_dit_dir, tmp_path):
+    from cqpolicy.models.fingerprint import model_fingerprint
+    from cqpolicy.quantization import fp_weights_info, weights_info, weights_label
+
+    source = model_fingerprint(load_model(str(tiny_dit_dir)))
+    model = load_model(str(tiny_dit_dir))
+    report = save_quantized(model, quantize_model(model, "int8"), tmp_path / "q")
+    assert model_fingerprint(model) != source  # quantizing changed the weights: recorded before, not after
+    meta = json.loads((tmp_path / "q" / "transformer" / META_FILE).read_text())
+    assert meta["source_fingerprint"] == report["source_fingerprint"] == source
+    assert meta["source_model"] == report["source_model"] == str(tiny_dit_dir)
+    info = weights_info(tmp_path / "q", source)
+    assert info["weights"] == "int8" and info["model_bytes"] == report["size_bytes"]
+    with pytest.raises(ModelLoadError, match="was quantized from"):
+        weights_info(tmp_path / "q", "0" * 16)
+    _edit_meta(tmp_path / "q" / "transformer", lambda m: m.pop("source_fingerprint"))
+    with pytest.raises(ModelLoadError, match="records no source model fingerprint"):
+        weights_info(tmp_path / "q")
+    fp = fp_weights_info(load_model(str(tiny_dit_dir)))
+    assert fp["weights"] == "fp" and fp["compression_ratio"] == 1.0 and fp["model_bytes"] == report["fp32_bytes"]
+    base = {"group_size": None, "budget_bits": None}
+    assert weights_label({**base, "method": "int4", "group_size": 64}) == "int4"
+    assert weights_label({**base, "method": "int4", "group_size": 0}) == "int4-g0"
+    assert weights_label({**base, "method": "acqe", "budget_bits": 3.5}) == "acqe3.5"
+    assert weights_label({"method": "mixed", "group_size": 64, "budget_bits": 4.0,
+                          "calibration_policy": "fora:interval=3,warmup=2"}) == "mixed4@fora:interval=3;warmup=2"

@@ -110,3 +110,58 @@ def test_search_cli_quick_and_bad_storage(tiny_dit_dir, tmp_path, capsys):
                  "--storage", "postgresql://nobody@127.0.0.1:1/none"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot open Optuna storage" in err[0]
+
+
+@pytest.fixture
+def int8_dir(tiny_dit_dir, tmp_path):
+    """The tiny DiT quantized to int8, as ``cqpolicy quantize`` writes it."""
+    from cqpolicy.models import load_model
+    from cqpolicy.quantization import quantize_model, save_quantized
+
+    model = load_model(str(tiny_dit_dir))
+    save_quantized(model, quantize_model(model, "int8"), tmp_path / "q8")
+    return str(tmp_path / "q8")
+
+
+def test_bad_weights_choices_fail_before_any_trial(tiny_dit_dir, tmp_path):
+    from conftest import save_with_scheduler, tiny_fmnist_dit
+
+    from cqpolicy.models import load_model
+    from cqpolicy.quantization import quantize_model, save_quantized
+
+    other = load_model(str(save_with_scheduler(tiny_fmnist_dit(seed=7), tmp_path / "other")))
+    save_quantized(other, quantize_model(other, "int8"), tmp_path / "q-other")
+    base = {"model": str(tiny_dit_dir), "families": {"fora": {}}}
+    for weights, message in [({"choices": ["fp", str(tmp_path / "nope")]}, "does not exist"),
+                             ({"choices": ["fp", str(tmp_path / "q-other")]}, "was quantized from"),
+                             (["fp"], "weights must be"), ({"choices": ["fp", "fp"]}, "distinct")]:
+        with pytest.raises(SpaceError, match=message) as info:
+            parse_space({**base, "weights": weights}, "space.yaml")
+        assert "\n" not in str(info.value)
+    with pytest.raises(SpaceError, match="unknown key"):
+        parse_space({**base, "weight": {"choices": ["fp"]}}, "space.yaml")
+
+
+def test_a_joint_study_picks_weights_and_minimises_model_bytes(tiny_dit_dir, tmp_path, int8_dir):
+    space = tiny_space(tiny_dit_dir, tmp_path, weights={"choices": ["fp", int8_dir]},
+                       objectives=["macs_speedup", "fid", "model_bytes"])
+    assert space.weights == ("fp", int8_dir) and space.directions[-1] == "minimize"
+    evaluate = Evaluator(space)
+    fp, q8 = evaluate("fora:interval=2", "fp16"), evaluate("fora:interval=2", "fp16", int8_dir)
+    assert q8["model_bytes"] < fp["model_bytes"] / 3 and q8["compression_ratio"] > 3 and fp["compression_ratio"] == 1.0
+    assert q8["psnr_vs_baseline"] != fp["psnr_vs_baseline"]  # the knob changes what runs
+    assert q8["macs_speedup"] == fp["macs_speedup"]
+    summary = run_study(space, n_trials=3, storage=str(tmp_path / "j.log"), study_name="joint", progress=False)
+    import optuna
+
+    trials = optuna.load_study(study_name="joint", storage=make_storage(str(tmp_path / "j.log"))).get_trials()
+    sizes = {"fp": fp["model_bytes"], int8_dir: q8["model_bytes"]}
+    assert summary["trials"] == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert t.params.get("weights") == t.user_attrs["weights"] and t.values[2] == sizes[t.user_attrs["weights"]]
+    assert all(p["weights"] in sizes for p in summary["pareto"])
+    import mlflow
+
+    logged = mlflow.search_runs(experiment_names=["cqpolicy-search"])
+    logged = logged[logged["tags.mlflow.runName"].str.startswith("trial-")]
+    assert set(logged["params.weights"]) <= {"fp", "int8"} and logged["metrics.model_bytes"].notna().all()

@@ -26,10 +26,12 @@ PLAIN_FAMILY = "plain"
 
 
 def cost_row(name: str, policy, cache_format: str, run, num_samples: int, plain_macs_per_image: int) -> dict:
-    """What a method is and what its scored run cost (``run``: a ``MeasuredRun``; ``policy`` None = plain)."""
+    """What a method is and what its scored run cost (``run``: a ``MeasuredRun``; ``policy`` None = uncached: the
+    plain model when ``name`` is ``BASELINE``, else a method of that name, e.g. a quantized model's ``none``)."""
     calibration = int(getattr(policy, "calibration_images", 0) or 0)
-    return {"policy": name, "policy_config": BASELINE if policy is None else spec_string(policy),
-            "family": PLAIN_FAMILY if policy is None else policy.family, "cache_dtype": cache_format,
+    family = policy.family if policy is not None else PLAIN_FAMILY if name == BASELINE else name
+    return {"policy": name, "policy_config": name if policy is None else spec_string(policy),
+            "family": family, "cache_dtype": cache_format,
             "macs_per_image": run.macs / num_samples, "macs_source": run.macs_source,
             "calibration_images": calibration, "calibration_macs": calibration * plain_macs_per_image,
             "quality_pass_s": run.wall_s, "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes}
@@ -108,11 +110,12 @@ def interleaved_walls(model, methods, labels, seeds, settings, repeats: int, war
                       on_run=None) -> dict[int, list[float]]:
     """Wall seconds of each ``(policy, cache format)`` of ``methods`` (policy None: the plain model, prepared
     policies otherwise) sampling the same batch, interleaved: every repeat runs each method once in turn, so a
-    change in the machine's load reaches all of them alike. ``warmup``: one untimed round first."""
+    change in the machine's load reaches all of them alike. ``warmup``: one untimed round first. An entry
+    ``(policy, cache format, other model)`` runs on that model (a quantized one) instead of ``model``."""
     times = {i: [] for i in range(len(methods))}
     for r in range(repeats + int(warmup)):
-        for i, (policy, fmt) in enumerate(methods):
-            run = measured_sample(model, policy, fmt, labels, seeds, settings)
+        for i, (policy, fmt, *other) in enumerate(methods):
+            run = measured_sample(other[0] if other else model, policy, fmt, labels, seeds, settings)
             if r >= int(warmup):
                 times[i].append(run.wall_s)
             if on_run is not None:
@@ -133,7 +136,7 @@ def bench_rows(model, methods, settings, num_samples: int, replicates, repeats: 
 
 
 BENCH_PARAMS = ("model", "policy", "policy_config", "family", "cache_dtype", "steps", "num_samples", "seed",
-                "macs_source")
+                "macs_source", "weights")
 
 
 def log_bench_rows(experiment: str, rows: list[dict], tags: dict | None = None, artifact=None) -> None:
@@ -148,7 +151,7 @@ def log_bench_rows(experiment: str, rows: list[dict], tags: dict | None = None, 
         with start_run(experiment, run_name=f"bench-{row['policy']}"):
             if tags:
                 mlflow.set_tags(tags)
-            mlflow.log_params({k: row[k] for k in BENCH_PARAMS})
+            mlflow.log_params({k: row[k] for k in BENCH_PARAMS if k in row})  # `cqpolicy bench` rows: no weights
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in BENCH_PARAMS
                                 and isinstance(v, (int, float)) and math.isfinite(float(v))})
             if artifact is not None:

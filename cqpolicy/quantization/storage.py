@@ -8,8 +8,10 @@
         <layer>.weight.q / .scales            uniform: int8, packed int4 or bit-packed codes; float16 scales
         <layer>.weight.stream / .lengths / .centres   acqe: Huffman stream, code lengths, float16 levels
         every other state-dict tensor          float16 (float tensors) or as is
-    DIR/<transformer|unet>/quantization.json  method, per-layer codec / bits / shape, sha256 of the safetensors
-    DIR/report.json                           sizes (every stored byte), compression, per-layer bits and errors
+    DIR/<transformer|unet>/quantization.json  method, per-layer codec / bits / shape, sha256 of the safetensors,
+                                              the source model's name and weight fingerprint
+    DIR/report.json                           sizes (every stored byte), compression, per-layer bits and errors,
+                                              the source model's name and weight fingerprint
 
 ``cqpolicy.models.load_model(DIR)`` finds ``quantization.json`` and calls ``load_quantized``: tensors are read
 with safetensors (never pickle), and anything missing, altered or inconsistent is a one-line ``ModelLoadError``.
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cqpolicy.quantization.codecs import KINDS, LayerCode, check_bits
-from cqpolicy.quantization.weights import QuantResult, attach, quantizable_layers
+from cqpolicy.quantization.weights import DEFAULT_GROUP_SIZE, QuantResult, attach, quantizable_layers
 
 QUANTIZED_FILE = "quantized.safetensors"
 META_FILE = "quantization.json"
@@ -59,7 +61,9 @@ def save_quantized(model, result: QuantResult, out_dir, overwrite: bool = False)
         model.transformer.save_config(folder)
         save_file(result.stored_tensors(), str(folder / QUANTIZED_FILE))
         meta = {"format": FORMAT, "method": result.method, "group_size": result.group_size,
-                "budget_bits": result.budget_bits, "sha256": _sha256(folder / QUANTIZED_FILE),
+                "budget_bits": result.budget_bits, "calibration_policy": result.calibration.get("policy", "none"),
+                "source_model": result.source.get("model"), "source_fingerprint": result.source.get("fingerprint"),
+                "sha256": _sha256(folder / QUANTIZED_FILE),
                 "layers": {n: {"kind": c.kind, "bits": c.bits, "shape": list(c.shape), "group_size": c.group_size}
                            for n, c in result.layers.items()},
                 "unquantized": sorted(result.unquantized)}
@@ -79,6 +83,56 @@ def save_quantized(model, result: QuantResult, out_dir, overwrite: bool = False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def weights_label(meta: dict) -> str:
+    """A short name for a folder's weights that tells different settings apart (a leaderboard row groups by it):
+    the method, the bit budget (mixed / acqe), a non-default group size, the calibration policy when there was
+    one, e.g. ``int8``, ``mixed4``, ``acqe3.5``, ``int4-g0``, ``mixed4@fora:interval=3``."""
+    label = meta["method"] + (f"{meta['budget_bits']:g}" if meta.get("budget_bits") is not None else "")
+    if meta.get("group_size") != DEFAULT_GROUP_SIZE.get(meta["method"]):
+        label += f"-g{meta['group_size']}"
+    policy = meta.get("calibration_policy") or "none"
+    # no commas: the leaderboard lists families (which carry this label) comma-separated
+    return label if policy == "none" else f"{label}@{policy.replace(',', ';')}"
+
+
+def weights_info(folder, fingerprint: str | None = None) -> dict:
+    """What a bench row records of a ``cqpolicy quantize`` folder: ``weights`` (``weights_label``), ``model_bytes``
+    (every stored byte), ``compression_ratio`` (vs fp32), ``source_model``, ``source_fingerprint``. With
+    ``fingerprint`` (``model_fingerprint`` of a bench's model) the folder must have been quantized from that model.
+    Anything else is a one-line ``ModelLoadError``."""
+    from cqpolicy.models.loading import ModelLoadError
+    from cqpolicy.outputs import read_json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"quantized model folder {folder} does not exist (cqpolicy quantize --out writes it)")
+    report = read_json(folder / "report.json", ModelLoadError, f"{folder} holds no report.json: not a cqpolicy "
+                                                               f"quantize folder")
+    denoiser = report.get("denoiser_folder") if isinstance(report, dict) else None
+    meta = read_json(folder / str(denoiser) / META_FILE, ModelLoadError, f"{folder} holds no {denoiser}/{META_FILE}")
+    try:
+        info = {"weights": weights_label(meta), "model_bytes": int(report["size_bytes"]),
+                "compression_ratio": float(report["compression_ratio"]), "source_model": meta.get("source_model"),
+                "source_fingerprint": meta.get("source_fingerprint")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: report.json or {META_FILE} lacks {exc}") from None
+    if not info["source_fingerprint"]:
+        raise ModelLoadError(f"{folder} records no source model fingerprint (quantized before provenance was "
+                             f"recorded): quantize it again")
+    if fingerprint is not None and info["source_fingerprint"] != fingerprint:
+        raise ModelLoadError(f"{folder} was quantized from {info['source_model']} (weights "
+                             f"{info['source_fingerprint']}), not from this model (weights {fingerprint})")
+    return info
+
+
+def fp_weights_info(model) -> dict:
+    """``weights_info``'s fields for an unquantized ``LoadedModel``: ``fp``, its denoiser's tensors' bytes in their
+    dtype as loaded (what its safetensors hold for a float32 checkpoint), compression vs fp32 (1.0 for float32)."""
+    tensors = model.transformer.state_dict().values()
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return {"weights": "fp", "model_bytes": size, "compression_ratio": 4 * sum(t.numel() for t in tensors) / size}
 
 
 def _sha256(path: Path) -> str:

@@ -41,6 +41,8 @@ class QuantResult:
     rel_errors: dict[str, float]  # relative L2 error of each quantized weight
     output_errors: dict[str, float] = field(default_factory=dict)  # calibration: output change at its chosen bits
     calibration: dict = field(default_factory=dict)
+    # the unquantized model's name and weight fingerprint: a bench checks a folder was made from its model
+    source: dict = field(default_factory=dict)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor written to ``quantized.safetensors``: ``<layer>.weight.<part>`` and the unquantized ones."""
@@ -61,7 +63,8 @@ class QuantResult:
             # stored bits of the quantized weights (scales, tables, levels, padding) per weight
             "bits_per_weight": 8 * weight_bytes / weight_params,
             "quantized_params": weight_params, "unquantized_bytes": size - weight_bytes,
-            "calibration": self.calibration,
+            "calibration": self.calibration, "source_model": self.source.get("model"),
+            "source_fingerprint": self.source.get("fingerprint"),
             "layers": {name: {"bits": c.bits, "bytes": c.nbytes, "params": c.numel,
                               "rel_error": self.rel_errors[name], "output_rel_error": self.output_errors.get(name)}
                        for name, c in self.layers.items()},
@@ -101,7 +104,10 @@ def quantize_model(model, method: str, group_size: int | None = None, budget_bit
     dim, else per channel; int8: per channel), 0 = per output channel. ``budget_bits`` (mixed, acqe; default 4):
     stored bits per quantized weight. ``calib_policy``: a cache policy spec to deploy while calibrating.
     """
+    from cqpolicy.models.fingerprint import model_fingerprint
+
     check_arguments(method, group_size, budget_bits, candidate_bits)
+    source = {"model": model.name, "fingerprint": model_fingerprint(model)}  # before any weight changes
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE.get(method)
     transformer = model.transformer
@@ -129,7 +135,8 @@ def quantize_model(model, method: str, group_size: int | None = None, budget_bit
                               .clamp_min(1e-30)) for name, m in layers.items()}
     unquantized = round_unquantized(transformer, set(layers))
     attach(transformer, codes)
-    return QuantResult(method, group_size, budget_bits, codes, unquantized, rel_errors, output_errors, calibration)
+    return QuantResult(method, group_size, budget_bits, codes, unquantized, rel_errors, output_errors, calibration,
+                       source)
 
 
 def round_unquantized(transformer: torch.nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:

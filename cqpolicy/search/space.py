@@ -7,13 +7,15 @@ num_samples: 128          # samples per trial (FID / PSNR over them)
 batch_size: 64
 seed: 30000000            # first sample seed: the search role's (cqpolicy/seeds.py); test seeds are refused
 sampler: tpe              # tpe (default) or nsga2
-objectives: [macs_speedup, fid]   # any of macs_speedup, wall_speedup (max), fid (min)
+objectives: [macs_speedup, fid]   # any of macs_speedup, wall_speedup (max), fid, model_bytes (min)
 proxy: false              # true: paired PSNR against the uncached images replaces FID (cheap, early trials)
 min_psnr: 15.0            # quality constraint (trial.set_constraint): PSNR vs uncached must reach this
 quick: {steps: 8, num_samples: 8, batch_size: 8}
 cache:
   dtype: [fp16, int8, int4]       # cached-tensor formats
   granularity: [tensor, token]    # scale granularity of the integer formats
+weights:                          # optional: fp (the model as is) or folders `cqpolicy quantize` made of it
+  choices: [fp, out/q/dit-int8]
 families:
   fora:
     interval: {int: [2, 6]}
@@ -25,7 +27,8 @@ families:
 ```
 
 A parameter is ``{int: [low, high]}``, ``{float: [low, high], log: bool}``, ``{choices: [...]}`` or
-``{fixed: value}``. Everything is validated (families, parameter names, ranges, formats) before any trial.
+``{fixed: value}``. Everything is validated (families, parameter names, ranges, formats, weights folders: they
+exist, load and were quantized from the space's model) before any trial.
 """
 from __future__ import annotations
 
@@ -36,10 +39,11 @@ from pathlib import Path
 from cqpolicy import seeds as seed_roles
 
 
-OBJECTIVES = {"macs_speedup": "maximize", "wall_speedup": "maximize", "fid": "minimize"}
+OBJECTIVES = {"macs_speedup": "maximize", "wall_speedup": "maximize", "fid": "minimize", "model_bytes": "minimize"}
+FP_WEIGHTS = "fp"  # the weights choice of the unquantized model
 SAMPLERS = ("tpe", "nsga2")
 _TOP_KEYS = {"model", "steps", "num_samples", "batch_size", "seed", "sampler", "objectives",
-             "proxy", "min_psnr", "quick", "cache", "families", "guidance_scale", "scheduler"}
+             "proxy", "min_psnr", "quick", "cache", "families", "guidance_scale", "scheduler", "weights"}
 
 
 class SpaceError(ValueError):
@@ -62,6 +66,7 @@ class SearchSpace:
     families: dict[str, list[Param]]
     cache_dtypes: tuple[str, ...] = ("fp16",)
     granularities: tuple[str, ...] = ("tensor",)
+    weights: tuple[str, ...] = (FP_WEIGHTS,)  # "fp" or quantized model folders
     model: str = "fmnist-dit"
     steps: int = 50
     num_samples: int = 128
@@ -149,10 +154,11 @@ def parse_space(data: dict, source: str = "") -> SearchSpace:
     objectives = tuple(data.get("objectives", ["macs_speedup", "fid"]))
     if not objectives or any(o not in OBJECTIVES for o in objectives) or len(set(objectives)) != len(objectives):
         raise SpaceError(f"{source}: objectives must be distinct names from {', '.join(OBJECTIVES)}")
+    weights = _weights_choices(data.get("weights", {"choices": [FP_WEIGHTS]}), source)
     sampler = data.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise SpaceError(f"{source}: unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    space = SearchSpace(families=families, cache_dtypes=dtypes, granularities=granularities,
+    space = SearchSpace(families=families, cache_dtypes=dtypes, granularities=granularities, weights=weights,
                         model=str(data.get("model", "fmnist-dit")), steps=int(data.get("steps", 50)),
                         num_samples=int(data.get("num_samples", 128)), batch_size=int(data.get("batch_size", 64)),
                         seed=int(data.get("seed", seed_roles.start("search"))),
@@ -167,7 +173,33 @@ def parse_space(data: dict, source: str = "") -> SearchSpace:
         seed_roles.check_disjoint({"search": [(space.seed, space.num_samples)]})
     except seed_roles.SeedOverlapError as exc:
         raise SpaceError(f"{source}: {exc}; search seeds start at {seed_roles.start('search')}") from None
+    _check_weights(space)
     return space
+
+
+def _weights_choices(spec, source: str) -> tuple[str, ...]:
+    choices = spec.get("choices") if isinstance(spec, dict) and set(spec) == {"choices"} else None
+    if not isinstance(choices, list) or not choices or len(set(map(str, choices))) != len(choices):
+        raise SpaceError(f"{source}: weights must be {{choices: [fp, DIR, ...]}} with distinct entries, got {spec!r}")
+    return tuple(str(c) for c in choices)
+
+
+def _check_weights(space: SearchSpace) -> None:
+    """Each quantized choice exists, loads and was quantized from the space's model (before any trial)."""
+    folders = [w for w in space.weights if w != FP_WEIGHTS]
+    if not folders:
+        return
+    from cqpolicy.models import load_model
+    from cqpolicy.models.fingerprint import model_fingerprint
+    from cqpolicy.quantization import weights_info
+
+    try:
+        fingerprint = model_fingerprint(load_model(space.model))
+        for folder in folders:
+            weights_info(folder, fingerprint)
+            load_model(folder)  # a damaged folder fails here, not in a trial
+    except ValueError as exc:
+        raise SpaceError(f"{space.source}: weights: {exc}") from None
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -200,3 +232,8 @@ def suggest(trial, space: SearchSpace) -> tuple[str, str]:
             if len(space.granularities) > 1 else space.granularities[0]
     spec = family + (":" + ",".join(values) if values else "")
     return spec, dtype if granularity == "tensor" else f"{dtype}-{granularity}"
+
+
+def suggest_weights(trial, space: SearchSpace) -> str:
+    """Draw the weights the trial's policy runs on: ``fp`` or a quantized model folder."""
+    return trial.suggest_categorical("weights", list(space.weights)) if len(space.weights) > 1 else space.weights[0]

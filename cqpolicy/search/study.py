@@ -3,7 +3,9 @@
 Every trial runs the chosen policy through the same runtime and sampler as ``bench``, on the same seeds as
 the uncached baseline that the worker measured once, on the search role's seeds (never test seeds): exact
 MACs of the trial's own run (``evaluation.cost``), wall time (same process), FID (shipped classifier
-features vs the real test set) or, with ``proxy``, paired PSNR.
+features vs the real test set) or, with ``proxy``, paired PSNR. With a ``weights`` section the trial also
+picks the weights the policy runs on (``fp`` or a quantized folder); the baseline stays the unquantized
+uncached model, and ``model_bytes`` is the chosen weights' stored size.
 
 Storages: ``--storage`` unset -> ``sqlite:///mlruns/optuna.db``; an RDB URL (``sqlite:///``,
 ``postgresql://``, ``mysql://``) -> ``RDBStorage`` (several machines); any other value is a file path ->
@@ -17,7 +19,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from cqpolicy.search.space import SearchSpace, suggest
+from cqpolicy.search.space import FP_WEIGHTS, SearchSpace, suggest, suggest_weights
 
 RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -56,10 +58,14 @@ class Evaluator:
         from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like
         from cqpolicy.evaluation.quality import images_to_uint8
         from cqpolicy.models import load_model
+        from cqpolicy.quantization import fp_weights_info, weights_info
         from cqpolicy.sampling import SampleSettings
 
         self.space = space
         self.model = load_model(space.model)
+        # choice -> (the model it runs, its weights_info); quantized folders loaded once per worker
+        self.weights = {w: (self.model, fp_weights_info(self.model)) if w == FP_WEIGHTS else
+                        (load_model(w), weights_info(w)) for w in space.weights}
         g = self.model.default_guidance_scale if space.guidance_scale is None else float(space.guidance_scale)
         self.settings = SampleSettings(steps=space.steps, guidance_scale=g, scheduler=space.scheduler,
                                        batch_size=space.batch_size)
@@ -76,14 +82,15 @@ class Evaluator:
         self.base_images, self.base_wall, self.base_macs = images_to_uint8(base.images), base.wall_s, base.macs
         self.base_fid = self.fid(self.base_images) if self.fid is not None else math.nan
 
-    def __call__(self, spec: str, cache_format: str) -> dict:
+    def __call__(self, spec: str, cache_format: str, weights: str = FP_WEIGHTS) -> dict:
         from cqpolicy.evaluation.cost import measured_sample
         from cqpolicy.evaluation.quality import images_to_uint8, paired_fidelity
         from cqpolicy.policies import make_policy
 
+        model, info = self.weights[weights]
         policy = make_policy(spec)
-        policy.prepare(self.model, self.settings)
-        run = measured_sample(self.model, policy, cache_format, self.labels, self.seeds, self.settings)
+        policy.prepare(model, self.settings)
+        run = measured_sample(model, policy, cache_format, self.labels, self.seeds, self.settings)
         images, macs, wall = images_to_uint8(run.images), run.macs, run.wall_s
         reuse, cache_bytes = run.reuse_ratio, run.cache_bytes
         fidelity = paired_fidelity(images, self.base_images)
@@ -91,7 +98,8 @@ class Evaluator:
                   "psnr_vs_baseline": fidelity["psnr"], "ssim_vs_baseline": fidelity["ssim"],
                   "reuse_ratio": reuse if reuse is not None else math.nan,
                   "cache_bytes": cache_bytes if cache_bytes is not None else math.nan,
-                  "baseline_fid": self.base_fid}
+                  "baseline_fid": self.base_fid, "model_bytes": info["model_bytes"],
+                  "compression_ratio": info["compression_ratio"]}
         result["fid"] = self.fid(images) if self.fid is not None else -min(fidelity["psnr"], 100.0)
         return result
 
@@ -103,9 +111,11 @@ def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | No
 
     def objective(trial: optuna.Trial):
         spec, cache_format = suggest(trial, space)
+        weights = suggest_weights(trial, space)
         trial.set_user_attr("policy", spec)
         trial.set_user_attr("cache_dtype", cache_format)
-        result = evaluator(spec, cache_format)
+        trial.set_user_attr("weights", weights)
+        result = evaluator(spec, cache_format, weights)
         for key, value in result.items():
             trial.set_user_attr(key, float(value))
         if space.min_psnr is not None:
@@ -113,6 +123,7 @@ def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | No
             trial.set_constraint("min_psnr", float(space.min_psnr) - psnr)  # feasible when <= 0
         with start_run(experiment, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id):
             mlflow.log_params({"policy": spec, "policy_config": spec, "cache_dtype": cache_format,
+                               "weights": evaluator.weights[weights][1]["weights"], "weights_dir": weights,
                                "model": space.model, "steps": space.steps, "num_samples": space.num_samples,
                                "seed": space.seed, "trial": trial.number, "study": trial.study.study_name,
                                **{f"p.{k}": v for k, v in trial.params.items()}})
@@ -184,6 +195,7 @@ def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, stu
         states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
         mlflow.log_metrics({f"trials_{k.lower()}": v for k, v in states.items()})
     best = [{"number": t.number, "policy": t.user_attrs.get("policy"), "cache_dtype": t.user_attrs.get("cache_dtype"),
-             **dict(zip(space.objectives, t.values))} for t in study.best_trials]
+             "weights": t.user_attrs.get("weights", FP_WEIGHTS), **dict(zip(space.objectives, t.values))}
+            for t in study.best_trials]
     return {"study": study_name, "trials": len(trials), "states": states, "stale_marked_failed": failed_stale,
             "pareto": best, "parent_run_id": parent_id}

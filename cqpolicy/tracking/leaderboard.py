@@ -1,12 +1,14 @@
 """The leaderboard: every bench / search run in MLflow, grouped per method, with per-family frontiers.
 
 ``collect_rows`` reads the finished runs (one row per run), ``leaderboard`` groups the runs of the same
-(model, steps, num_samples, method, cache_dtype) over seeds (FID / KID mean ± std, ΔFID / ΔKID against the
+(model, steps, num_samples, method, cache_dtype, weights) over seeds (FID / KID mean ± std, ΔFID / ΔKID against the
 baseline run of the same seed with their paired std, mean costs), flags the (MACs speedup ↑, FID ↓)
 Pareto-optimal methods of each setting and gives each method a "families are frontiers" verdict (DESIGN.md
 §4): does it beat every other family's best row at equal or higher MACs speedup by more than the paired
-std? ``write_leaderboard`` writes ``leaderboard.md``, ``leaderboard.csv`` and ``pareto.png`` into a folder
-that is either complete or absent.
+std? A row on quantized weights (``weights`` other than ``fp``) belongs to its policy's family tagged with the
+weights, e.g. ``fora+int8``, so a joint row is judged against every other family's frontier, the full-precision
+one of its own policy included. ``write_leaderboard`` writes ``leaderboard.md``, ``leaderboard.csv`` and
+``pareto.png`` into a folder that is either complete or absent.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ BASELINE = "baseline"  # the uncached run's method name
 PLAIN = "plain"  # ... and its family
 DEFAULT_PREFIXES = ("cqpolicy-bench", "cqpolicy-search")
 SETTING = ["model", "steps", "num_samples"]
-GROUP = SETTING + ["method", "cache_dtype"]
+GROUP = SETTING + ["method", "cache_dtype", "weights"]
 NO_CACHE = "none"  # the baseline's cache_dtype in the leaderboard: it caches nothing
+FP_WEIGHTS = "fp"  # the unquantized model's weights; runs that logged no weights group with it
 METRICS = ("macs_speedup", "wall_speedup", "fid", "kid", "psnr_vs_baseline", "ssim_vs_baseline", "reuse_ratio",
-           "cache_bytes", "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs")
+           "cache_bytes", "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs", "model_bytes",
+           "compression_ratio")
 MEANS = ("macs_speedup", "wall_speedup", "psnr_vs_baseline", "ssim_vs_baseline", "cache_bytes", "reuse_ratio",
-         "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs")
+         "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs", "model_bytes", "compression_ratio")
 COLUMNS = (GROUP + ["family", "n_runs", "n_seeds", "n_fid_seeds", "seeds", "fid_mean", "fid_std", "delta_fid",
                     "delta_fid_std", "kid_mean", "kid_std", "delta_kid", "delta_kid_std"] + list(MEANS)
            + ["pareto", "beats_all", "not_beaten_by_margin", "unopposed", "experiments", "run_ids"])
@@ -84,8 +88,9 @@ def _no_runs_error(uri: str) -> ValueError:
 def collect_rows(experiments: list[str] | None = None, tags: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per finished run of ``experiments`` (default: every experiment named ``cqpolicy-bench*`` or
     ``cqpolicy-search*``) carrying all of ``tags``: experiment, run_id, method, family (the ``family`` param;
-    for older runs ``plain`` for the baseline, else the spec's name before ``:``), cache_dtype, model, steps,
-    num_samples, seed and the bench metrics (NaN where a run did not log one, e.g. ``kid`` in older runs)."""
+    for older runs ``plain`` for the baseline, else the spec's name before ``:``), cache_dtype, weights (None where
+    not logged), model, steps, num_samples, seed and the bench metrics (NaN where a run did not log one, e.g.
+    ``kid`` in older runs)."""
     import mlflow
 
     uri = tracking_uri()
@@ -119,6 +124,7 @@ def collect_rows(experiments: list[str] | None = None, tags: dict[str, str] | No
         "method": method,
         "family": _families(method, column("params.family")),
         "cache_dtype": column("params.cache_dtype"),
+        "weights": column("params.weights"),
         "model": column("params.model"),
         "steps": pd.to_numeric(column("params.steps"), errors="coerce").astype("Int64"),
         "num_samples": pd.to_numeric(column("params.num_samples"), errors="coerce").astype("Int64"),
@@ -214,16 +220,20 @@ def _verdicts(table: pd.DataFrame, per_seed_fid: list[pd.Series]) -> pd.DataFram
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, steps, num_samples, method, cache_dtype), with
+    """One row per (model, steps, num_samples, method, cache_dtype, weights), with
 
+    - ``weights``: ``fp`` or a quantized model's label (runs that logged none group with ``fp`` and show None
+      unless a run of the group logged it);
     - ``family``: the logged family (older runs: ``plain`` for the baseline, else the spec's name before
-      ``:``); ``seeds``: the sorted seeds, space-separated; n_runs, n_seeds, n_fid_seeds;
+      ``:``), ``+<weights>`` on quantized weights; ``seeds``: the sorted seeds, space-separated; n_runs, n_seeds,
+      n_fid_seeds;
     - ``fid_mean`` / ``fid_std`` and ``kid_mean`` / ``kid_std``: mean and sample std over seeds of the
       per-seed value (repeats of a seed averaged first; std 0 for one seed);
     - ``delta_fid`` / ``delta_kid``: mean over seeds of the per-seed value minus the same-seed baseline's,
       ``delta_fid_std`` / ``delta_kid_std``: the sample std of those paired differences (NaN with fewer than
       two paired seeds; the baseline's own deltas are 0 ± 0);
-    - the means over runs of the costs and fidelity (``MEANS``, including ``calibration_macs``);
+    - the means over runs of the costs and fidelity (``MEANS``, including ``calibration_macs``, ``model_bytes``
+      and ``compression_ratio``);
     - ``pareto``: not dominated in (MACs speedup ↑, FID mean ↓) within the setting, baseline included at
       speedup 1;
     - ``beats_all`` / ``not_beaten_by_margin`` / ``unopposed``: the frontier verdict (``_verdicts``);
@@ -233,10 +243,15 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     if df is None or len(df) == 0:
         raise _no_runs_error(tracking_uri())
     work = df.copy()
-    for name in METRICS + ("seed", "cache_dtype", "model", "steps", "num_samples"):
+    for name in METRICS + ("seed", "cache_dtype", "model", "steps", "num_samples", "weights"):
         if name not in work.columns:
             work[name] = np.nan
     work["family"] = _families(work["method"], work["family"] if "family" in work.columns else None)
+    # runs from before weights were logged ran the unquantized model: they group with "fp" (shown as logged)
+    logged_weights = work["weights"].map(lambda w: isinstance(w, str) and w != "")
+    work["weights"] = work["weights"].where(logged_weights, FP_WEIGHTS)
+    quantized = work["weights"] != FP_WEIGHTS
+    work.loc[quantized, "family"] = work.loc[quantized, "family"] + "+" + work.loc[quantized, "weights"]
     is_base = work["method"] == BASELINE
     work.loc[is_base, "cache_dtype"] = NO_CACHE
     work.loc[is_base, "macs_speedup"] = work.loc[is_base, "macs_speedup"].fillna(1.0)
@@ -257,6 +272,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         d_fid, d_kid = _paired_deltas(fids, base["fid"], setting), _paired_deltas(kids, base["kid"], setting)
         families = group["family"].dropna()
         record = dict(zip(GROUP, key))
+        record["weights"] = record["weights"] if logged_weights[group.index].any() else None
         record.update({
             "family": families.mode().iloc[0] if len(families) else None,
             "n_runs": len(group),
@@ -357,11 +373,17 @@ FOOTNOTE = (
     "anything else is a tie at matched MACs. A difference inside the paired std is a tie.")
 
 
+WEIGHTS_NOTE = (
+    " **Weights**: `fp` = the unquantized model; a row on quantized weights belongs to its policy's family "
+    "tagged with them (`fora+int8`) and its ΔFID is against the unquantized uncached model; model MiB counts "
+    "every stored byte (scales and code tables included), compression is against float32.")
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The leaderboard as markdown: one table per (model, steps, num_samples)."""
-    header = ("| method | family | params | MACs speedup | wall speedup | FID ± std (n) | ΔFID ± paired std "
-              "| KID ± std | ΔKID ± paired std | PSNR (dB) | calib. MACs | cache MiB | Pareto | beats all "
-              "| vs. other families | runs |")
+    header = ("| method | family | params | weights | MACs speedup | wall speedup | FID ± std (n) "
+              "| ΔFID ± paired std | KID ± std | ΔKID ± paired std | PSNR (dB) | calib. MACs | cache MiB | model MiB | compression "
+              "| Pareto | beats all | vs. other families | runs |")
     out = ["# cqpolicy leaderboard", ""]
     for key, group in table.groupby(SETTING, dropna=False, sort=False):
         out += [f"## {_setting_title(key)}", "", header, "|" + "---|" * (header.count("|") - 1)]
@@ -370,17 +392,21 @@ def markdown(table: pd.DataFrame) -> str:
         for r in group.itertuples(index=False):
             fid = "–" if math.isnan(r.fid_mean) else f"{_pm(r.fid_mean, r.fid_std, '.2f')} ({r.n_fid_seeds})"
             cache = None if math.isnan(r.cache_bytes) else r.cache_bytes / 2**20
+            size = None if math.isnan(r.model_bytes) else r.model_bytes / 2**20
             runs = ", ".join(run[:8] for run in str(r.run_ids).split(",") if run)
             method = str(r.method).replace("|", "\\|")
             out.append(f"| `{method}` | {'–' if pd.isna(r.family) else r.family} | "
                        f"{'–' if pd.isna(r.cache_dtype) else r.cache_dtype} | "
+                       f"{'–' if pd.isna(r.weights) else r.weights} | "
                        f"{_fmt(r.macs_speedup, '.2f', '×')} | {_fmt(r.wall_speedup, '.2f', '×')} | {fid} | "
                        f"{_pm(r.delta_fid, r.delta_fid_std, '+.2f')} | {_pm(r.kid_mean, r.kid_std, kid)} | "
                        f"{_pm(r.delta_kid, r.delta_kid_std, '+' + kid)} | {_fmt(r.psnr_vs_baseline, '.1f')} | "
-                       f"{_fmt(r.calibration_macs, '.3g')} | {_fmt(cache, '.2f')} | {'✓' if r.pareto else ''} | "
+                       f"{_fmt(r.calibration_macs, '.3g')} | {_fmt(cache, '.2f')} | {_fmt(size, '.2f')} | "
+                       f"{_fmt(r.compression_ratio, '.2f', '×')} | {'✓' if r.pareto else ''} | "
                        f"{_star(r, families)} | {_versus(r)} | {runs} |")
         out.append("")
-    out.append(FOOTNOTE)
+    quantized = table["weights"].notna() & (table["weights"] != FP_WEIGHTS)
+    out.append(FOOTNOTE + (WEIGHTS_NOTE if quantized.any() else ""))  # tables without them read as before
     return "\n".join(out) + "\n"
 
 
