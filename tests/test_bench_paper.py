@@ -202,13 +202,16 @@ def test_weights_from_another_model_are_refused_in_one_line(tiny_dit_dir, tmp_pa
             script.main(["--config", str(config), "--out", str(out)])
 
 
-def test_the_shipped_weights_config_parses(request):
-    """configs/fmnist-dit-weights.yaml: fp FORA plus, per quantized folder, the weights alone and under FORA."""
+@pytest.mark.parametrize("name, cached, prefix", [("fmnist-dit-weights", "fora:interval=3", "out/q/dit-"),
+                                                   ("fmnist-unet-weights", "deepcache:interval=3,branch=0",
+                                                    "out/q/unet-")])
+def test_the_shipped_weights_configs_parse(request, name, cached, prefix):
+    """configs/fmnist-*-weights.yaml: the fp cached row plus, per quantized folder, the weights alone and cached."""
     script = load_script("bench_paper")
-    config = yaml.safe_load((Path(request.config.rootpath) / "configs" / "fmnist-dit-weights.yaml").read_text())
+    config = yaml.safe_load((Path(request.config.rootpath) / "configs" / f"{name}.yaml").read_text())
     methods = script.config_methods(config["methods"])
     assert config["learned_from"] is None and config["seeds"] == [0, 1, 2] and config["num_samples"] == 1000
-    assert methods[0] == ("fora:interval=3", "fp16", None)
+    assert methods[0] == (cached, "fp16", None)
     folders = {m[2] for m in methods[1:]}
-    assert len(folders) == 5 and all(f.startswith("out/q/dit-") for f in folders)
-    assert sorted(m[:2] for m in methods[1:]) == [("fora:interval=3", "fp16")] * 5 + [("none", "none")] * 5
+    assert len(folders) == 5 and all(f.startswith(prefix) for f in folders)
+    assert sorted(m[:2] for m in methods[1:]) == sorted([(cached, "fp16")] * 5 + [("none", "none")] * 5)
