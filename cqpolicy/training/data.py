@@ -219,7 +219,8 @@ class TraceDataModule(L.LightningDataModule):
             probes = col(DOWNSTREAM).astype(np.float64)
             probes[col("cfg_branch") != 0] = np.nan  # one probe per sample: its conditional row
             probes[~fresh] = np.nan  # a probe measured one reuse of a fresh cache: pair it with that label
-            probes[on_policy[keep]] = np.nan  # ... in the plain model; under a caching policy it also moves the rest
+            if self.chain:  # ... in the plain model, which chain rows price; next to it a rollout's probe is noise
+                probes[on_policy[keep]] = np.nan
             progress = step / max(1, self.steps - 1)
             if self.label == "downstream" or np.isfinite(probes).sum() >= MIN_DOWNSTREAM_PROBES:
                 fit = fit_step_weight(progress, impact, probes)
