@@ -428,7 +428,8 @@ def cmd_run(args) -> int:
 def cmd_quantize(args) -> int:
     from cqpolicy.models import load_model
     from cqpolicy.policies import make_policy
-    from cqpolicy.quantization import check_arguments, check_out_dir, quantize_model, save_quantized
+    from cqpolicy.outputs import check_out_dir
+    from cqpolicy.quantization import check_arguments, quantize_model, save_quantized
 
     check_arguments(args.weights, args.group_size, args.budget_bits)  # all bad input fails before loading
     calibrated = args.weights in ("mixed", "acqe")

@@ -7,6 +7,16 @@ import tempfile
 from pathlib import Path
 
 
+def check_out_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing non-empty ``path`` unless ``overwrite`` (call it before any work); returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {path} is not empty; choose a new folder or pass --overwrite")
+    return path
+
+
 class OutputDir:
     """Stage files in a sibling temporary folder; ``commit`` moves them into ``path``.
 
@@ -15,11 +25,7 @@ class OutputDir:
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise FileExistsError(f"--out {self.path} exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise FileExistsError(f"--out {self.path} is not empty; choose a new folder or pass --overwrite")
+        self.path = check_out_dir(path, overwrite)
         parent = self.path.resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)

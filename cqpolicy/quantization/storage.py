@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from cqpolicy.outputs import OutputDir
 from cqpolicy.quantization.codecs import KINDS, LayerCode, check_bits
 from cqpolicy.quantization.weights import DEFAULT_GROUP_SIZE, QuantResult, attach, quantizable_layers
 
@@ -35,27 +34,15 @@ META_FILE = "quantization.json"
 FORMAT = "cqpolicy-quantized-weights/1"
 
 
-def check_out_dir(path, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty ``path`` unless ``overwrite`` (call it before any work)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"--out {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {path} is not empty; choose a new folder or pass --overwrite")
-    return path
-
-
 def save_quantized(model, result: QuantResult, out_dir, overwrite: bool = False) -> dict:
     """Write ``model`` (quantized by ``quantize_model`` into ``result``) as a loadable folder; returns the report.
 
     Files are staged beside ``out_dir`` and moved in at the end: on any error ``out_dir`` is left as it was.
     """
-    path = check_out_dir(out_dir, overwrite)
-    path.resolve().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.resolve().parent))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with OutputDir(out_dir, overwrite) as out:
+        staging = out.staging
         name = "unet" if type(model.transformer).__name__.startswith("UNet") else "transformer"
         folder = staging / name
         model.transformer.save_config(folder)
@@ -74,14 +61,10 @@ def save_quantized(model, result: QuantResult, out_dir, overwrite: bool = False)
             model.vae.save_pretrained(staging / "vae")
         report = {"model": model.name, "denoiser_folder": name, **result.report()}
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if path.is_dir():  # only reached when empty or with overwrite: the old contents go, all at once
-            for item in path.iterdir():
+        if out.path.is_dir():  # only reached when empty or with overwrite: no file of an older folder stays
+            for item in out.path.iterdir():
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        path.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, path / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        out.commit()
     return report
 
 
