@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forecast: refit that many times on runs that follow the fitted forecast (DAgger; default 0)")
     p.add_argument("--affine", action="store_true",
                    help="forecast: weights that sum to 1 (a constant output is forecast as itself, as TaylorSeer's)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="forecast: weights and a bias per output channel (with --order 1, CacheQuant's DEC: a "
+                        "per-channel scale and shift of the cached output)")
     p.add_argument("--budget-range", type=float, nargs=2, default=[0.15, 0.55], metavar=("LOW", "HIGH"),
                    help="gates: the MACs fractions of the plain model it is trained for (default 0.15 0.55)")
     p.add_argument("--steps", type=int, default=50, help="gates, forecast: sampling steps (default 50)")
@@ -370,7 +373,7 @@ def cmd_train(args) -> int:
             raise CliError("--kind forecast needs --model and --schedule (not --traces)")
         meta = fit_forecast(args.model, args.schedule, args.out, steps=args.steps, order=args.order,
                             on_policy_rounds=args.on_policy_rounds, affine=args.affine,
-                            overwrite=args.overwrite)
+                            per_channel=args.per_channel, overwrite=args.overwrite)
         print(json.dumps(meta.get("metrics", {}), indent=2))
         print(f"wrote forecast artifact {args.out}: deploy with --policy forecast:path={args.out}")
         return 0

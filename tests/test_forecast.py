@@ -174,3 +174,42 @@ def test_the_affine_fit_is_the_least_squares_fit_whose_weights_sum_to_one():
     assert torch.allclose(free, torch.tensor([0.9, 0, 0], dtype=torch.float64), atol=1e-6)  # the free fit shrinks
     # with near-orthogonal inputs the constrained optimum spreads the missing 0.1 evenly: [0.9 + 0.1/3, 0.1/3, 0.1/3]
     assert torch.allclose(affine, torch.tensor([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], dtype=torch.float64), atol=0.02)
+
+
+def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fitted, tiny_unet_dir, tmp_path):
+    from conftest import mlflow_store_at
+
+    from cqpolicy.policies.families.forecast import forecast_by_channel
+
+    h = torch.randn(2, 3, 4, 4)  # a UNet layer's [B, C, H, W]: channels on dim 1
+    w = torch.tensor([[2.0, 1.0], [1.0, 0.0], [0.5, -1.0]])
+    expected = h * w[:, 0].reshape(1, 3, 1, 1) + w[:, 1].reshape(1, 3, 1, 1)
+    assert torch.allclose(forecast_by_channel(w, [h], 1, 1), expected)
+    assert torch.allclose(forecast_by_channel(w, [h.movedim(1, -1)], -1, 1), expected.movedim(1, -1))
+
+    model_dir, scalar_path, scalar = fitted
+    with mlflow_store_at(tmp_path):
+        meta = fit_forecast(str(model_dir), "fora:interval=3", tmp_path / "dec", steps=STEPS, samples=4,
+                            val_samples=2, batch_size=2, order=1, per_channel=True, progress=False)
+    tensors = load_file(tmp_path / "dec" / "weights.safetensors")
+    model = load_model(str(model_dir))
+    channels = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+    assert tensors["channel.0.attn1"].shape == (STEPS, channels, 2) and meta["channel_dim"] == -1
+    assert bool((tensors["channel.0.ff"][::3] == torch.tensor([1.0, 0.0])).all())  # computed steps: untouched
+    assert not torch.equal(tensors["channel.0.ff"][1], tensors["channel.0.ff"][1, :1].expand(channels, 2))
+    assert meta["metrics"]["val_error_vs_reuse"] < 1.0
+    dec, fora = _images(model, f"forecast:path={tmp_path / 'dec'}"), _images(model, "fora:interval=3")
+    assert dec.macs == fora.macs and not torch.allclose(dec.images, fora.images)
+
+    with pytest.raises(ValueError, match="do not combine"):
+        fit_forecast(str(model_dir), "fora:interval=3", tmp_path / "x", steps=STEPS, samples=2, val_samples=2,
+                     per_channel=True, affine=True, progress=False)
+    assert not (tmp_path / "x").exists()
+    unet = fit_forecast(str(tiny_unet_dir), "fora:interval=2,unit=layer", tmp_path / "unet", steps=STEPS, samples=2,
+                        val_samples=2, batch_size=2, order=1, per_channel=True, progress=False)
+    assert unet["channel_dim"] == 1 and unet["metrics"]["val_error_vs_reuse"] < 1.0
+    first = load_file(tmp_path / "unet" / "weights.safetensors")["channel.0.layer"]
+    unet_model = load_model(str(tiny_unet_dir))
+    assert first.shape[1] == unet_model.transformer.config.block_out_channels[0]
+    assert _images(unet_model, f"forecast:path={tmp_path / 'unet'}").macs == \
+        _images(unet_model, "fora:interval=2,unit=layer").macs

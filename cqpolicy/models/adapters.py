@@ -45,6 +45,7 @@ class ModelAdapter:
     model_class: str = ""  # the diffusers class name it serves
     unit_names: tuple[str, ...] = ()
     default_units: tuple[str, ...] = ()  # what a policy that names no units (``none``) hooks
+    channel_dim: int = -1  # the channel axis of a unit's output (per-channel corrections of cached outputs)
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The blocks whose units the runtime hooks, in execution order (a unit's ``block`` indexes this)."""
@@ -242,6 +243,7 @@ class UNet2DAdapter(ModelAdapter):
 
     model_class = "UNet2DModel"
     unit_names = default_units = ("layer",)
+    channel_dim = 1  # resnet and attention layers return [B, C, H, W]
     condition_kwarg = "class_labels"  # the keyword the model takes its condition by
 
     @staticmethod

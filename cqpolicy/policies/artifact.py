@@ -242,6 +242,14 @@ def _check_structure(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -
             raise bad(f"its table is not [steps, blocks, units] = {list(shape)}")
         if weights is None or weights.ndim != 4 or tuple(weights.shape[:3]) != shape or weights.shape[3] < 1:
             raise bad(f"its weights are not [steps, blocks, units, K] = {list(shape)} + [K]")
+        if meta.get("channel_dim") is not None:  # per-channel fits: [steps, C, K + 1] per (block, unit)
+            for key, w in tensors.items():
+                parts = key.split(".")
+                if key.startswith("channel.") and (
+                        len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= model["num_blocks"]
+                        or parts[2] not in units or w.ndim != 3 or w.shape[0] != model["steps"]
+                        or w.shape[2] != weights.shape[3] + 1):
+                    raise bad(f"its per-channel weights {key!r} are not [steps, C, K + 1] for a block and unit")
     elif kind == "scheduler":
         table = tensors.get("table")
         shape = (model["steps"], model["num_blocks"], len(units))

@@ -28,6 +28,7 @@ import torch
 from cqpolicy import seeds as seed_roles
 from cqpolicy.policies.artifact import check_target, save_artifact
 from cqpolicy.policies.base import DelegatingPolicy, Policy
+from cqpolicy.policies.families.forecast import forecast_by_channel
 
 __all__ = ["fit_forecast"]
 
@@ -71,8 +72,13 @@ class _NormalEquations(Policy):
 
     name = "forecast-fit"
 
-    def __init__(self, units: tuple[str, ...], table: torch.Tensor, order: int, weights: torch.Tensor | None = None):
+    def __init__(self, units: tuple[str, ...], table: torch.Tensor, order: int, weights: torch.Tensor | None = None,
+                 channel_dim: int | None = None, channel_weights: dict | None = None):
         self.units, self.table, self.order, self.weights = units, table, order, weights
+        # per-channel fits: each channel's own weights and a bias (inputs [h_0 .. h_{order-1}, 1], bias last)
+        self.channel_dim, self.channel_weights = channel_dim, channel_weights
+        self.channel_gram: dict = {}  # cell -> [C, order + 1, order + 1]
+        self.channel_cross: dict = {}  # cell -> [C, order + 1]
         steps, blocks, n = table.shape
         self.gram = torch.zeros(steps, blocks, n, order, order, dtype=torch.float64)
         self.cross = torch.zeros(steps, blocks, n, order, dtype=torch.float64)
@@ -89,7 +95,7 @@ class _NormalEquations(Policy):
 
     def _inputs(self, query) -> torch.Tensor:
         history = self._history[(query.block, query.unit)]
-        return torch.stack([v for _, v in reversed(history)])  # newest first
+        return torch.stack([v for _, v in reversed(history)])  # newest first, [k, *output shape]
 
     def decide(self, query):
         if self.weights is None or bool(self.table[self._cell(query)]):
@@ -100,24 +106,31 @@ class _NormalEquations(Policy):
         cell = self._cell(query)
         if bool(self.table[cell]):
             history = self._history.setdefault((query.block, query.unit), deque(maxlen=self.order))
-            history.append((query.step, output.detach().to(torch.float64).reshape(-1)))
+            history.append((query.step, output.detach().to(torch.float64)))
         elif self.weights is None:
             self._add(cell, self._inputs(query), output)
 
     def reuse(self, query, cached):
         h = self._inputs(query)
-        w = self.weights[self._cell(query)][:len(h)].to(torch.float64)
-        return (w @ h).reshape(cached.shape).to(cached.dtype)
+        cell = self._cell(query)
+        if self.channel_weights is not None:
+            return forecast_by_channel(self.channel_weights[cell[1:]][cell[0]], list(h), self.channel_dim,
+                                        self.order).to(cached.dtype)
+        w = self.weights[cell][:len(h)].to(torch.float64)
+        return (w @ h.reshape(len(h), -1)).reshape(cached.shape).to(cached.dtype)
 
     def observe_soft(self, query, computed, reused):
         cell = self._cell(query)
         h = self._inputs(query)
         y = self._add(cell, h, computed)
         self.errors["forecast"] += float((y - reused.detach().to(torch.float64).reshape(-1)).pow(2).sum())
-        self.errors["reuse"] += float((y - h[0]).pow(2).sum())
+        self.errors["reuse"] += float((y - h[0].reshape(-1)).pow(2).sum())
 
     def _add(self, cell, h, output) -> torch.Tensor:
         k = len(h)
+        if self.channel_dim is not None:
+            self._add_by_channel(cell, h, output)
+        h = h.reshape(k, -1)
         y = output.detach().to(torch.float64).reshape(-1)
         self.gram[cell][:k, :k] += h @ h.T
         self.cross[cell][:k] += h @ y
@@ -126,11 +139,31 @@ class _NormalEquations(Policy):
         self.last[cell] = [s for s, _ in reversed(self._history[(cell[1], self.units[cell[2]])])]
         return y
 
+    def _add_by_channel(self, cell, h, output) -> None:
+        k, dim = len(h), self.channel_dim
+        y = output.detach().to(torch.float64).movedim(dim, 0)
+        channels = y.shape[0]
+        x = torch.zeros(self.order + 1, channels, y[0].numel(), dtype=torch.float64)
+        x[:k] = h.movedim(dim + 1 if dim >= 0 else dim, 1).reshape(k, channels, -1)
+        x[-1] = 1.0
+        y = y.reshape(channels, -1)
+        gram = torch.einsum("icm,jcm->cij", x, x)
+        cross = torch.einsum("icm,cm->ci", x, y)
+        if cell in self.channel_gram:
+            self.channel_gram[cell] += gram
+            self.channel_cross[cell] += cross
+        else:
+            self.channel_gram[cell], self.channel_cross[cell] = gram, cross
+
     def merge(self, other: "_NormalEquations") -> None:
         """DAgger's aggregation: fit on every run so far."""
         self.gram += other.gram
         self.cross += other.cross
         self.target += other.target
+        for cell, gram in other.channel_gram.items():
+            self.channel_gram[cell] += gram
+            self.channel_cross[cell] += other.channel_cross[cell]
+
 
 
 def _residual(gram, cross, target, w) -> float:
@@ -171,17 +204,50 @@ def _solve(fit: _NormalEquations, table: torch.Tensor, ridge: float, affine: boo
     return weights
 
 
+def _solve_by_channel(fit: _NormalEquations, ridge: float) -> dict[tuple[int, int], torch.Tensor]:
+    """Per-channel fits (CacheQuant's DEC shape: each channel its own weights and a bias): for every (block, unit
+    index) with a reused cell, ``[steps, C, order + 1]`` weights, the bias last; each channel solves its ridge
+    system towards plain reuse with a zero bias. Computed cells keep plain reuse (never used)."""
+    order, steps = fit.order, fit.table.shape[0]
+    solved: dict[tuple[int, int], torch.Tensor] = {}
+    for cell, gram in fit.channel_gram.items():
+        k = int(fit.count[cell])
+        idx = list(range(k)) + [order]
+        gram, cross = gram[:, idx][:, :, idx], fit.channel_cross[cell][:, idx]
+        prior = torch.zeros(k + 1, dtype=torch.float64)
+        prior[0] = 1.0
+        lam = ridge * gram.diagonal(dim1=1, dim2=2)[:, :k].sum(-1) / k  # per channel, on its outputs' scale
+        w = torch.linalg.solve(gram + lam[:, None, None] * torch.eye(k + 1, dtype=torch.float64),
+                               cross + lam[:, None] * prior)
+        weights = solved.get(cell[1:])
+        if weights is None:
+            weights = solved[cell[1:]] = torch.zeros(steps, gram.shape[0], order + 1)
+            weights[..., 0] = 1.0
+        weights[cell[0]][:, idx] = w.float()
+    return solved
+
+
+def _channel_residual(fit: _NormalEquations, cell, w: torch.Tensor) -> float:
+    """``|y - forecast|^2`` of per-channel weights ``w`` ([C, order + 1]) from the cell's per-channel sums."""
+    w = w.double()
+    gram, cross = fit.channel_gram[cell], fit.channel_cross[cell]
+    return float(fit.target[cell] - 2 * (w * cross).sum() + torch.einsum("ci,cij,cj->", w, gram, w))
+
+
 def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, steps: int = 50,
                  scheduler: str = "ddim", guidance_scale: float | None = None, samples: int = 64,
                  val_samples: int = 32, order: int = 3, ridge: float = 1e-3, on_policy_rounds: int = 0,
-                 affine: bool = False, batch_size: int = 32, overwrite: bool = False, progress: bool = True) -> dict:
+                 affine: bool = False, per_channel: bool = False, batch_size: int = 32, overwrite: bool = False,
+                 progress: bool = True) -> dict:
     """Fit a forecast for the static schedule ``schedule`` (a policy spec) on ``model_name``; write its artifact.
 
     ``on_policy_rounds``: after the teacher-forced fit, run the forecast on the fit seeds that many times and refit
     on all data so far (DAgger), so the weights see the histories their own errors produce. ``affine``: weights
-    that sum to 1 (see ``_solve``)."""
+    that sum to 1 (see ``_solve``). ``per_channel``: every channel of a reused cell gets its own weights and a
+    bias (with ``order=1``, CacheQuant's DEC: a per-channel scale and shift of the cached output)."""
     from cqpolicy.evaluation.evaluate import default_labels
     from cqpolicy.models import load_model
+    from cqpolicy.models.adapters import adapter_for
     from cqpolicy.models.fingerprint import model_fingerprint
     from cqpolicy.policies import make_policy
     from cqpolicy.runtime import enable
@@ -195,8 +261,11 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"ridge must be a non-negative number, got {ridge}")
     if isinstance(on_policy_rounds, bool) or not isinstance(on_policy_rounds, int) or not 0 <= on_policy_rounds <= 8:
         raise ValueError(f"on_policy_rounds must be an int in [0, 8], got {on_policy_rounds!r}")
+    if affine and per_channel:
+        raise ValueError("affine and per_channel do not combine: a per-channel fit has a free bias")
     out = check_target(out_dir, overwrite)
     model = load_model(model_name)
+    channel_dim = adapter_for(model.transformer).channel_dim if per_channel else None
     settings = settings_for(model, steps, scheduler, batch_size, guidance_scale)
     started_cpu, started_wall = time.process_time(), time.perf_counter()
     first = seed_roles.start("calibration")
@@ -216,8 +285,10 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
     if bool(table.all()):
         raise ScheduleError(f"schedule {schedule!r} reuses nothing at {steps} steps: there is nothing to forecast")
 
-    def run(seeds, weights=None) -> _NormalEquations:
-        accumulator = _NormalEquations(units, table, order, weights)
+    def run(seeds, solved=None) -> _NormalEquations:
+        """An uncached run (``solved`` None) or one following the forecast ``solved`` = (weights, by_channel)."""
+        weights, by_channel = solved or (None, None)
+        accumulator = _NormalEquations(units, table, order, weights, channel_dim, by_channel)
         with enable(model.transformer, accumulator, cache_format="fp32"):
             sample(model, default_labels(len(seeds), model.num_classes), seeds, settings, progress=progress)
         return accumulator
@@ -225,15 +296,19 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
     def ratio(errors) -> float:
         return errors["forecast"] / max(errors["reuse"], 1e-30)
 
+    def solve(fit):
+        return _solve(fit, table, ridge, affine), (_solve_by_channel(fit, ridge) if per_channel else None)
+
     fit, val = run(fit_seeds), run(val_seeds)
-    weights = _solve(fit, table, ridge, affine)
+    solved = solve(fit)
     rounds = []  # each on-policy round: the error of the weights it ran, on their own trajectories
     for _ in range(on_policy_rounds):
-        follow = run(fit_seeds, weights)
+        follow = run(fit_seeds, solved)
         rounds.append(ratio(follow.errors))
         fit.merge(follow)
-        weights = _solve(fit, table, ridge, affine)
-    onpolicy_val = run(val_seeds, weights)
+        solved = solve(fit)
+    onpolicy_val = run(val_seeds, solved)
+    weights, by_channel = solved
 
     sums = {"reuse": 0.0, "forecast": 0.0, "taylor": 0.0}  # teacher-forced, on the uncached val runs
     for cell in map(tuple, (~table).nonzero().tolist()):
@@ -242,7 +317,8 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
             continue
         vg, vc, vt = val.gram[cell][:k, :k], val.cross[cell][:k], val.target[cell]
         sums["reuse"] += _residual(vg, vc, vt, _unit_reuse(k))
-        sums["forecast"] += _residual(vg, vc, vt, weights[cell][:k].double())
+        sums["forecast"] += (_channel_residual(val, cell, by_channel[cell[1:]][cell[0]]) if per_channel
+                             else _residual(vg, vc, vt, weights[cell][:k].double()))
         taylor = _unit_reuse(k)
         if k >= 2:
             c0, c1 = val.last[cell][:2]
@@ -255,7 +331,7 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
                # closed loop: on the trajectories this forecast itself produces on the val seeds
                "val_onpolicy_error_vs_reuse": ratio(onpolicy_val.errors)}
     meta = {"kind": "forecast", "schedule": schedule, "order": order, "ridge": ridge, "affine": affine,
-            "features": [],
+            "per_channel": per_channel, "channel_dim": channel_dim, "features": [],
             "model": {"class": type(model.transformer).__name__, "model_id": model.name,
                       "model_hash": model_fingerprint(model), "num_blocks": blocks, "units": list(units),
                       "steps": steps, "scheduler": scheduler, "guidance_scale": float(settings.guidance_scale)},
@@ -269,10 +345,12 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
         import mlflow
 
         meta["training"]["mlflow_run_id"] = run.info.run_id
-        meta = save_artifact(out, meta, {"table": table.to(torch.uint8), "weights": weights}, overwrite=overwrite)
+        tensors = {"table": table.to(torch.uint8), "weights": weights}
+        tensors.update({f"channel.{block}.{units[unit]}": w for (block, unit), w in (by_channel or {}).items()})
+        meta = save_artifact(out, meta, tensors, overwrite=overwrite)
         mlflow.log_params({"kind": "forecast", "schedule": schedule, "order": order, "ridge": ridge,
-                           "on_policy_rounds": on_policy_rounds, "affine": affine, "samples": samples, "model": model.name,
-                           "steps": steps})
+                           "on_policy_rounds": on_policy_rounds, "affine": affine, "per_channel": per_channel,
+                           "samples": samples, "model": model.name, "steps": steps})
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="policy")
     return meta

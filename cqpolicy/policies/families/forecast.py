@@ -12,6 +12,10 @@ calibration seeds. Plain reuse (``w = [1, 0, ...]``) and TaylorSeer's order-1 fo
 per cell from data. ``f(c_0)`` is the runtime's cached tensor (so the cache format's loss is what the model
 sees); older outputs are a float32 history the policy holds (``state_nbytes``).
 
+With ``per_channel`` every channel of a reused cell has its own weights and a bias (``order=1``: a per-channel
+scale and shift of the cached output, the form of CacheQuant's DEC), stored per (block, unit) as
+``channel.<block>.<unit>``.
+
 The table is indexed by step: the artifact deploys only at the step count and scheduler it was fitted for.
 """
 from __future__ import annotations
@@ -46,6 +50,10 @@ class ForecastPolicy(Policy):
         self.table = tensors["table"].bool()  # [steps, blocks, units]
         self.weights = tensors["weights"].float()  # [steps, blocks, units, K]
         self.order = self.weights.shape[-1]
+        # per-channel fits (DEC): (block, unit) -> [steps, C, order + 1], the bias last; absent cells reuse plainly
+        self.channel_dim = self.meta.get("channel_dim")
+        self.by_channel = {(int(key.split(".")[1]), key.split(".")[2]): w.float()
+                           for key, w in tensors.items() if key.startswith("channel.")}
         self.reset(None, 0)
 
     @property
@@ -82,6 +90,13 @@ class ForecastPolicy(Policy):
         w = self.weights[query.step, query.block, self.units.index(query.unit)]
         if not history:
             return cached
+        if self.channel_dim is not None:
+            by_channel = self.by_channel.get((query.block, query.unit))
+            if by_channel is None:
+                return cached
+            older = [history[-1 - j] for j in range(1, min(self.order, len(history)))]
+            return forecast_by_channel(by_channel[query.step], [cached.float(), *older], self.channel_dim,
+                                       self.order).to(cached.dtype)
         out = w[0] * cached.float()
         for j in range(1, min(self.order, len(history))):
             out = out + w[j] * history[-1 - j]
@@ -90,3 +105,14 @@ class ForecastPolicy(Policy):
     @property
     def state_nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for h in self._history.values() for v in h)
+
+
+def forecast_by_channel(w: torch.Tensor, history: list, dim: int, order: int) -> torch.Tensor:
+    """``sum_j w[c, j] h_j + w[c, order]`` along channel axis ``dim``; ``w`` is [C, order + 1], history newest
+    first."""
+    shape = [1] * history[0].dim()
+    shape[dim] = -1
+    out = w[:, -1].reshape(shape).to(history[0].dtype)
+    for j, h in enumerate(history[:order]):
+        out = out + w[:, j].reshape(shape).to(h.dtype) * h
+    return out
