@@ -137,16 +137,28 @@ def method_slug(method: tuple) -> str:
 
 def config_methods(entries: list) -> list[tuple]:
     """A config's ``methods:`` as ``(spec, cache format, weights folder)``: a spec string runs on the bench's
-    model (folder None), ``{policy: SPEC, weights: DIR}`` on the model quantized into DIR."""
+    model (folder None) with an fp16 cache, ``{policy: SPEC, weights: DIR, cache: FORMAT}`` (``weights`` and
+    ``cache`` optional) on the model quantized into DIR with cached tensors stored as FORMAT (e.g. ``int8-token``)."""
+    from cqpolicy.runtime.cache_store import CacheFormat
+
     methods = []
     for entry in entries:
         if isinstance(entry, str):
             methods.append((entry, "fp16", None))
-        elif isinstance(entry, dict) and set(entry) == {"policy", "weights"}:
+        elif isinstance(entry, dict) and "policy" in entry and set(entry) <= {"policy", "weights", "cache"}:
             spec = str(entry["policy"])
-            methods.append((spec, "none" if spec == NO_POLICY else "fp16", str(entry["weights"])))
+            if spec == NO_POLICY and ("weights" not in entry or "cache" in entry):
+                raise PaperError(f"a methods entry is {{policy: none, weights: DIR}} (no cache) to sample a "
+                                 f"quantized model uncached, got {entry!r}")
+            try:  # a head granularity's head count is the model's: any count checks the name
+                fmt = ("none" if spec == NO_POLICY
+                       else str(CacheFormat.parse(str(entry.get("cache", "fp16")), num_heads=1)))
+            except ValueError as exc:
+                raise PaperError(f"methods entry {entry!r}: {exc}") from None
+            methods.append((spec, fmt, str(entry["weights"]) if "weights" in entry else None))
         else:
-            raise PaperError(f"a methods entry is a policy spec or {{policy: SPEC, weights: DIR}}, got {entry!r}")
+            raise PaperError(f"a methods entry is a policy spec or {{policy: SPEC, weights: DIR, cache: FORMAT}}, "
+                             f"got {entry!r}")
     return methods
 
 

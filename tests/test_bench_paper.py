@@ -202,6 +202,17 @@ def test_weights_from_another_model_are_refused_in_one_line(tiny_dit_dir, tmp_pa
             script.main(["--config", str(config), "--out", str(out)])
 
 
+def test_methods_entries_name_a_cache_format():
+    script = load_script("bench_paper")
+    assert script.config_methods(["fora:interval=3", {"policy": "fora:interval=3", "cache": "int8-token"},
+                                  {"policy": "fora:interval=2", "weights": "q", "cache": "int4"}]) == [
+        ("fora:interval=3", "fp16", None), ("fora:interval=3", "int8-token", None), ("fora:interval=2", "int4", "q")]
+    for bad in [{"policy": "fora:interval=3", "cache": "int3"}, {"policy": "none", "weights": "q", "cache": "fp16"},
+                {"policy": "fora:interval=3", "bits": 4}]:
+        with pytest.raises(script.PaperError, match="methods entry"):
+            script.config_methods([bad])
+
+
 @pytest.mark.parametrize("name, cached, prefix", [("fmnist-dit-weights", "fora:interval=3", "out/q/dit-"),
                                                    ("fmnist-unet-weights", "deepcache:interval=3,branch=0",
                                                     "out/q/unet-")])
