@@ -201,6 +201,14 @@ def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fit
     dec, fora = _images(model, f"forecast:path={tmp_path / 'dec'}"), _images(model, "fora:interval=3")
     assert dec.macs == fora.macs and not torch.allclose(dec.images, fora.images)
 
+    import json
+
+    from cqpolicy.policies.artifact import ArtifactError, save_artifact
+
+    bad = {**tensors, "channel.0.ff": tensors["channel.0.ff"][:, :, :1]}  # no bias column
+    save_artifact(tmp_path / "bad", json.loads((tmp_path / "dec" / "policy.json").read_text()), bad)
+    with pytest.raises(ArtifactError, match="per-channel weights 'channel.0.ff'"):
+        make_policy(f"forecast:path={tmp_path / 'bad'}")
     with pytest.raises(ValueError, match="do not combine"):
         fit_forecast(str(model_dir), "fora:interval=3", tmp_path / "x", steps=STEPS, samples=2, val_samples=2,
                      per_channel=True, affine=True, progress=False)
