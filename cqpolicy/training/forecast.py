@@ -165,7 +165,6 @@ class _NormalEquations(Policy):
             self.channel_cross[cell] += other.channel_cross[cell]
 
 
-
 def _residual(gram, cross, target, w) -> float:
     """``|y - sum w_j h_j|^2`` from the normal-equation sums."""
     return float(target - 2 * w @ cross + w @ gram @ w)
