@@ -177,8 +177,11 @@ def test_the_affine_fit_is_the_least_squares_fit_whose_weights_sum_to_one():
 
 
 def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fitted, tiny_unet_dir, tmp_path):
+    import json
+
     from conftest import mlflow_store_at
 
+    from cqpolicy.policies.artifact import ArtifactError, save_artifact
     from cqpolicy.policies.families.forecast import forecast_by_channel
 
     h = torch.randn(2, 3, 4, 4)  # a UNet layer's [B, C, H, W]: channels on dim 1
@@ -187,7 +190,7 @@ def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fit
     assert torch.allclose(forecast_by_channel(w, [h], 1, 1), expected)
     assert torch.allclose(forecast_by_channel(w, [h.movedim(1, -1)], -1, 1), expected.movedim(1, -1))
 
-    model_dir, scalar_path, scalar = fitted
+    model_dir, _, _ = fitted
     with mlflow_store_at(tmp_path):
         meta = fit_forecast(str(model_dir), "fora:interval=3", tmp_path / "dec", steps=STEPS, samples=4,
                             val_samples=2, batch_size=2, order=1, per_channel=True, progress=False)
@@ -200,10 +203,6 @@ def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fit
     assert meta["metrics"]["val_error_vs_reuse"] < 1.0
     dec, fora = _images(model, f"forecast:path={tmp_path / 'dec'}"), _images(model, "fora:interval=3")
     assert dec.macs == fora.macs and not torch.allclose(dec.images, fora.images)
-
-    import json
-
-    from cqpolicy.policies.artifact import ArtifactError, save_artifact
 
     bad = {**tensors, "channel.0.ff": tensors["channel.0.ff"][:, :, :1]}  # no bias column
     save_artifact(tmp_path / "bad", json.loads((tmp_path / "dec" / "policy.json").read_text()), bad)

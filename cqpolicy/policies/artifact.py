@@ -61,7 +61,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-from cqpolicy.outputs import fsync_dir as _fsync_dir, read_json  # noqa: E402
+from cqpolicy.outputs import check_out_dir, fsync_dir as _fsync_dir, read_json  # noqa: E402
 
 
 def table_to_schedule(table: torch.Tensor, units) -> dict:
@@ -72,13 +72,12 @@ def table_to_schedule(table: torch.Tensor, units) -> dict:
 
 
 def check_target(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse (early) to write into an existing non-empty folder unless ``overwrite``; returns the path."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ArtifactError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    return out
+    """``cqpolicy.outputs.check_out_dir`` (refuse an existing non-empty folder unless ``overwrite``), raising
+    ``ArtifactError``; returns the path."""
+    try:
+        return check_out_dir(out_dir, overwrite)
+    except FileExistsError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def save_artifact(out_dir: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor],

@@ -87,20 +87,16 @@ class ForecastPolicy(Policy):
 
     def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
         history = self._history.get((query.block, query.unit))
-        w = self.weights[query.step, query.block, self.units.index(query.unit)]
         if not history:
             return cached
+        inputs = [cached.float(), *(history[-1 - j] for j in range(1, min(self.order, len(history))))]  # newest first
         if self.channel_dim is not None:
             by_channel = self.by_channel.get((query.block, query.unit))
             if by_channel is None:
                 return cached
-            older = [history[-1 - j] for j in range(1, min(self.order, len(history)))]
-            return forecast_by_channel(by_channel[query.step], [cached.float(), *older], self.channel_dim,
-                                       self.order).to(cached.dtype)
-        out = w[0] * cached.float()
-        for j in range(1, min(self.order, len(history))):
-            out = out + w[j] * history[-1 - j]
-        return out.to(cached.dtype)
+            return forecast_by_channel(by_channel[query.step], inputs, self.channel_dim, self.order).to(cached.dtype)
+        w = self.weights[query.step, query.block, self.units.index(query.unit)]
+        return sum(w[j] * h for j, h in enumerate(inputs)).to(cached.dtype)
 
     @property
     def state_nbytes(self) -> int:
