@@ -2,11 +2,10 @@
 __version__ = "0.1.0"
 
 
-def enable(model, policy, cache_format="fp16", compile=False):
-    """Hook a reuse ``policy`` (a Policy or a spec string) into a diffusers ``model``; see runtime.enable."""
-    from cqpolicy.policies import make_policy
-    from cqpolicy.runtime import enable as _enable
+def enable(target, policy, cache_format="fp16", compile=False, *, steps=None, guidance_scale=None, scheduler=None):
+    """Hook a reuse ``policy`` (a Policy or a spec string) into a diffusers pipeline or its denoiser; see
+    ``cqpolicy.deploy`` (a pipeline gives the policy its steps, step count and log-SNR, and prepares it)."""
+    from cqpolicy.deploy import enable as _enable
 
-    if isinstance(policy, str):
-        policy = make_policy(policy)
-    return _enable(model, policy, cache_format, compile)
+    return _enable(target, policy, cache_format, compile, steps=steps, guidance_scale=guidance_scale,
+                   scheduler=scheduler)

@@ -95,8 +95,10 @@ def test_fora_runs_on_unet_layers_and_dit_units_are_refused():
     model = unet_model()
     run = measured_sample(model, make_policy("fora:interval=2,unit=layer"), "fp16", [0, 1], [0, 1], SETTINGS)
     assert run.reuse_ratio == pytest.approx(0.5, abs=0.01)
+    default = measured_sample(model, make_policy("fora:interval=2"), "fp16", [0, 1], [0, 1], SETTINGS)
+    assert torch.equal(default.images, run.images)  # no unit named: the adapter's (layer)
     with pytest.raises(ValueError, match=r"unknown cache unit\(s\) \['attn1', 'ff'\] for UNet2DModel"):
-        cqpolicy.enable(model.transformer, make_policy("fora:interval=2"))
+        cqpolicy.enable(model.transformer, make_policy("fora:interval=2,unit=attn1+ff"))
     assert adapter_for(model.transformer) is model.adapter and not hasattr(model.transformer, "_cqpolicy_runtime")
 
 

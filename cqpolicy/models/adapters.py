@@ -44,7 +44,8 @@ class ModelAdapter:
 
     model_class: str = ""  # the diffusers class name it serves
     unit_names: tuple[str, ...] = ()
-    default_units: tuple[str, ...] = ()  # what a policy that names no units (``none``) hooks
+    default_units: tuple[str, ...] = ()  # what a policy that names no units (``none``, ``fora``) hooks
+    block_units: tuple[str, ...] = ()  # the units that are whole blocks (TeaCache skips those)
     channel_dim: int = -1  # the channel axis of a unit's output (per-channel corrections of cached outputs)
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -161,7 +162,10 @@ def find_cache_units(model: torch.nn.Module, names: tuple[str, ...]) -> list[Cac
 
 
 def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]:
-    """``'attn1+ff'`` -> ``('attn1', 'ff')``; one-line ValueError naming the policy family otherwise."""
+    """``'attn1+ff'`` -> ``('attn1', 'ff')``; ``''`` -> ``()`` (the model family's default units, which the
+    runtime takes from the adapter); one-line ValueError naming the policy family otherwise."""
+    if text == "":
+        return ()
     parts = tuple(text.split("+"))
     if any(p not in UNIT_NAMES for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(f"policy {family!r}: {field} must be distinct '+'-joined names from "
@@ -177,6 +181,7 @@ class DiTAdapter(ModelAdapter):
     model_class = "DiTTransformer2DModel"
     unit_names = ("attn1", "ff", "block")
     default_units = ("attn1", "ff")
+    block_units = ("block",)
     restarts_at_blocks = True
 
     def blocks(self, model):
@@ -242,7 +247,7 @@ class UNet2DAdapter(ModelAdapter):
     = classes + 1)."""
 
     model_class = "UNet2DModel"
-    unit_names = default_units = ("layer",)
+    unit_names = default_units = block_units = ("layer",)
     channel_dim = 1  # resnet and attention layers return [B, C, H, W]
     condition_kwarg = "class_labels"  # the keyword the model takes its condition by
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cqpolicy import defaults
 from cqpolicy.models import fmnist_dit, fmnist_unet
 from cqpolicy.models.adapters import ModelAdapter, NoCacheUnitsError, adapter_for
 
@@ -35,7 +36,7 @@ class LoadedModel:
     transformer: torch.nn.Module
     scheduler_config: dict
     vae: torch.nn.Module | None = None
-    default_guidance_scale: float = 4.0
+    default_guidance_scale: float = defaults.GUIDANCE_SCALE
     extra: dict = field(default_factory=dict)
 
     @property

@@ -32,10 +32,16 @@ class Policy:
 
     name = "base"
     units: tuple[str, ...] = ()  # the cache units it decides for; () = the model family's default units
+    # the adapter attribute a spec's empty unit option resolves to (TeaCache skips whole blocks: block_units)
+    units_from = "default_units"
 
     def prepare(self, model, settings) -> None:
         """Called once before sampling with the LoadedModel and SampleSettings: calibrating policies
         (SmoothCache, DPS, ReCaT) run their calibration here; a step-count mismatch raises here."""
+
+    def bind(self, adapter) -> None:
+        """Before the runtime hooks anything: resolve what the spec left to the model family (``adapter``, a
+        ``ModelAdapter``). A policy naming no units gets the adapter's ``default_units`` from the runtime."""
 
     def attach(self, model: torch.nn.Module) -> None:
         """The runtime was enabled on ``model`` (peer adapters install their own hooks here)."""
@@ -99,6 +105,10 @@ class DelegatingPolicy(Policy):
 
     def prepare(self, model, settings) -> None:
         self.inner.prepare(model, settings)
+
+    def bind(self, adapter) -> None:
+        self.inner.bind(adapter)
+        self.units = self.units or self.inner.units
 
     def attach(self, model) -> None:
         from cqpolicy.models.adapters import adapter_for

@@ -20,6 +20,14 @@ def register(name: str, config_cls: type):
     return wrap
 
 
+def policy_class(name: str) -> type:
+    """The Policy subclass registered as ``name`` (ValueError when none is)."""
+    _load_families()
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown policy {name!r}")
+    return _FAMILIES[name][1]
+
+
 def family_names() -> tuple[str, ...]:
     _load_families()
     return tuple(sorted(_FAMILIES))

@@ -2,9 +2,11 @@
 
 Tracing, benchmarking and deployment all run the model through this one runtime.
 
-* **Step context.** Our sampler announces each call and step (``begin_call`` / ``set_step``). Inside an
-  unmodified ``DiTPipeline.__call__`` nobody does, so a hook on the top-level model infers it from the
-  ``timestep`` argument: a timestep that does not decrease starts a new call at step 0.
+* **Step context.** Our sampler announces each call and step (``begin_call`` / ``set_step``). Inside a user's
+  own pipeline the runtime follows the pipeline's scheduler (``cqpolicy.runtime.context``): its timesteps give
+  each model call's step, the step count and the log-SNR, as the sampler would. With neither (a bare denoiser
+  called by hand) a hook on the top-level model infers the step from the ``timestep`` argument: a timestep that
+  does not decrease starts a new call at step 0, and step count and log-SNR stay unknown.
 * **State** (cache store, policy state, counters) belongs to one sampling call and is reset at every
   call. With batched classifier-free guidance the conditional and unconditional halves are separate
   rows of every cached tensor, so no branch ever reads the other's cache.
@@ -177,6 +179,7 @@ class CacheRuntime:
         self.model = model
         self.policy = policy
         self.compile = compile
+        policy.bind(self.adapter)
         self.units = find_cache_units(model, policy.units or self.adapter.default_units)
         self.store = CacheStore(cache_format)
         self.counts: Counter = Counter()
@@ -187,6 +190,8 @@ class CacheRuntime:
         self.held_peak = 0  # peak of cache store + policy-held tensors, over all calls
         self.calls = 0
         self._explicit = False
+        self._plan = None  # the current pipeline call's StepPlan, when following a scheduler
+        self._unfollow = None
         self._steps_seen = 0
         self._last_t: float | None = None
         self.step, self.num_steps, self.timestep = -1, None, float("nan")
@@ -224,11 +229,29 @@ class CacheRuntime:
         self._explicit = True
         if self.num_steps is not None and step >= self.num_steps:
             raise StepMismatchError(f"step {step} in a call announced with {self.num_steps} steps")
+        self._enter_step(step, float(timestep), log_snr)
+
+    def _enter_step(self, step: int, timestep: float, log_snr: float | None) -> None:
         self.step = step
-        self.timestep = float(timestep)
+        self.timestep = timestep
         self.log_snr = log_snr
         self._steps_seen = step + 1
-        self.policy.begin_step(step, self.num_steps, self.timestep)
+        self.policy.begin_step(step, self.num_steps, timestep)
+
+    def follow_scheduler(self, scheduler) -> None:
+        """Read every later call's steps, step count and log-SNR from ``scheduler`` (a user's pipeline drives
+        the model); undone by ``disable``."""
+        from cqpolicy.runtime.context import follow_scheduler
+
+        if self._unfollow is not None:
+            self._unfollow()
+        self._unfollow = follow_scheduler(self, scheduler)
+
+    def expect_call(self, plan) -> None:
+        """The followed scheduler set its timesteps: the next model call starts a call of ``plan``'s steps (a
+        call the pipeline left before its last step, e.g. interrupted by a callback, ends here)."""
+        self._plan = plan
+        self._steps_seen = 0
 
     def end_call(self) -> None:
         self._finish_call()
@@ -243,7 +266,14 @@ class CacheRuntime:
     def _on_model_call(self, t: float) -> None:
         if self._explicit:
             return
-        # Inferred context (unmodified pipelines): a non-decreasing timestep starts a new call.
+        plan = self._plan
+        if plan is not None:  # following the pipeline's scheduler
+            if plan.position < 0:
+                self.begin_call(plan.num_steps)
+            step = plan.locate(t)
+            self._enter_step(step, t, plan.log_snrs[step])
+            return
+        # Inferred context (a bare denoiser called by hand): a non-decreasing timestep starts a new call.
         if self._last_t is None or t >= self._last_t:
             self.begin_call(None)
             self.step = 0
@@ -289,6 +319,9 @@ class CacheRuntime:
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
+        if self._unfollow is not None:
+            self._unfollow()
+            self._unfollow = None
         for registry in self._registries:
             name = STEP_HOOK if registry._module_ref is self.model else UNIT_HOOK
             registry.remove_hook(name, recurse=False)

@@ -7,14 +7,15 @@ call: the runtime uses it to learn the step it is in.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from cqpolicy import defaults
 from cqpolicy.models.loading import LoadedModel
+from cqpolicy.runtime.context import schedule_log_snrs
 from cqpolicy.runtime.runtime import active_runtime
 
 SCHEDULERS = ("ddim", "dpm")
@@ -37,25 +38,19 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype=torch.float32,
                        ).to(device=device, dtype=dtype)
 
 
-def log_snr(scheduler, t) -> float:
-    """log(alpha_bar / (1 - alpha_bar)) of the training noise schedule at timestep ``t``."""
-    alpha_bar = float(scheduler.alphas_cumprod[int(t)])
-    return math.log(alpha_bar / (1.0 - alpha_bar))
-
-
 def step_log_snrs(model: LoadedModel, settings: "SampleSettings") -> list[float]:
     """The log-SNR of every step of a run with ``settings``, in sampling order (what ``set_step`` reports)."""
     scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
     scheduler.set_timesteps(int(settings.steps))
-    return [log_snr(scheduler, t) for t in scheduler.timesteps]
+    return schedule_log_snrs(scheduler)
 
 
 @dataclass
 class SampleSettings:
-    steps: int = 50
-    guidance_scale: float = 3.0
-    scheduler: str = "ddim"
-    batch_size: int = 64
+    steps: int = defaults.STEPS
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    scheduler: str = defaults.SCHEDULER
+    batch_size: int = defaults.BATCH_SIZE
 
     def validate(self):
         if int(self.steps) < 1:
@@ -68,12 +63,11 @@ class SampleSettings:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def settings_for(model: LoadedModel, steps: int = 50, scheduler: str = "ddim", batch_size: int = 64,
-                 guidance_scale: float | None = None) -> SampleSettings:
+def settings_for(model: LoadedModel, steps: int = defaults.STEPS, scheduler: str = defaults.SCHEDULER,
+                 batch_size: int = defaults.BATCH_SIZE, guidance_scale: float | None = None) -> SampleSettings:
     """Validated settings for ``model`` (``guidance_scale`` None: the model's default)."""
     settings = SampleSettings(steps=steps, scheduler=scheduler, batch_size=batch_size,
-                              guidance_scale=model.default_guidance_scale if guidance_scale is None
-                              else guidance_scale)
+                              guidance_scale=defaults.guidance_for(model, guidance_scale))
     settings.validate()
     return settings
 
@@ -108,9 +102,10 @@ def _denoise(model, labels, noise, settings, step_callback, progress, output_cal
     runtime = active_runtime(transformer)
     if runtime is not None:
         runtime.begin_call(settings.steps)  # cache state belongs to this batch of this call only
+        log_snrs = schedule_log_snrs(scheduler)
     for i, t in enumerate(scheduler.timesteps):
         if runtime is not None:
-            runtime.set_step(i, t, log_snr(scheduler, t))
+            runtime.set_step(i, t, log_snrs[i])
         if step_callback is not None:
             step_callback(i, settings.steps, t)
         x_in = torch.cat([x, x]) if cfg else x

@@ -254,7 +254,7 @@ def trace_rollouts(model, settings, artifact_dir, samples: int, budgets, out_dir
 
 
 def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50, guidance_scale: float | None = None,
-                scheduler: str = "ddim", budget_range: tuple[float, float] = (0.15, 0.6), train_samples: int = 128,
+                scheduler: str = "ddim", budget_range: tuple[float, float] = defaults.GATES_BUDGET_RANGE, train_samples: int = 128,
                 val_samples: int = 32, batch_size: int = 8, max_epochs: int = 8, hidden: int = 64, lr: float = 3e-3,
                 tau: float = 1.0, feature_weight: float = 1.0, seed: int = 0, max_minutes: float | None = None,
                 init_mlp: str | None = None, init_traces: str | None = None, rollout_traces: int = 0,

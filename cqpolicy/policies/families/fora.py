@@ -18,7 +18,7 @@ from cqpolicy.policies.registry import register
 class ForaConfig:
     interval: int = 2  # compute at steps where (step - warmup) % interval == 0
     warmup: int = 0  # steps computed fully before caching starts
-    unit: str = "attn1+ff"  # '+'-joined cache units: attn1, ff, block
+    unit: str = ""  # '+'-joined cache units (attn1, ff, block, layer); '': the model family's default units
     attn1_interval: int = 0  # attn1's own interval (0: ``interval``)
     ff_interval: int = 0  # ff's own interval (0: ``interval``)
 
@@ -37,16 +37,15 @@ class ForaPolicy(Policy):
     def __init__(self, config: ForaConfig = ForaConfig()):
         self.config = config
         self.units = parse_units(config.unit, "fora", "unit")
-        own = {"attn1": config.attn1_interval, "ff": config.ff_interval}
-        self.intervals = {u: own.get(u) or config.interval for u in self.units}
+        self.own = {"attn1": config.attn1_interval, "ff": config.ff_interval}  # 0: the common interval
 
     def decide(self, query: UnitQuery) -> bool:
         if query.step < self.config.warmup:
             return True
-        return (query.step - self.config.warmup) % self.intervals[query.unit] == 0
+        return (query.step - self.config.warmup) % (self.own.get(query.unit) or self.config.interval) == 0
 
 
 def interval_spec(interval: int, units: tuple[str, ...]) -> str:
-    """``fora:interval=k`` over ``units`` (a model family's default units), naming them unless FORA's default."""
-    own = "" if "+".join(units) == ForaConfig.unit else f",unit={'+'.join(units)}"
+    """``fora:interval=k`` over ``units``, naming them unless they are the DiT's (the specs of earlier tables)."""
+    own = "" if "+".join(units) == "attn1+ff" else f",unit={'+'.join(units)}"
     return f"fora:interval={interval}{own}"

@@ -60,6 +60,11 @@ class ForecastPolicy(Policy):
     def family(self) -> str:
         return "learned-forecast"
 
+    def attach(self, model) -> None:
+        from cqpolicy.policies.artifact import check_denoiser
+
+        check_denoiser(self.meta, model, self.config.path)
+
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import cache_blocks
         from cqpolicy.models.fingerprint import model_fingerprints

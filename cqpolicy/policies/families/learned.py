@@ -138,6 +138,20 @@ class LearnedPolicy(Policy):
             table, _, _ = plan(a, b, self.config.budget, float(self.meta["row_macs"]), self.unit_macs)
         return table.reshape(len(table), *self.unit_macs.shape)
 
+    def attach(self, model) -> None:
+        from cqpolicy.policies.artifact import check_denoiser
+
+        check_denoiser(self.meta, model, self.config.path)
+
+    def _need_schedule(self, query: UnitQuery) -> None:
+        """A one-line error where the features would be NaN: outside our sampler and a followed pipeline the step
+        count and the noise schedule are unknown."""
+        if ("progress" in self.features and not query.num_steps) or ("log_snr" in self.features
+                                                                     and query.log_snr is None):
+            raise ValueError(f"policy artifact {self.config.path} reads the step count and the noise schedule, which "
+                             f"a bare denoiser does not give: enable it on the pipeline (cqpolicy.enable(pipe, ...)) "
+                             f"or pass scheduler=")
+
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import cache_blocks
         from cqpolicy.models.fingerprint import model_fingerprints
@@ -174,6 +188,7 @@ class LearnedPolicy(Policy):
     def predict(self, query: UnitQuery) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted log impact per row and the rows' consecutive reuses so far (the tracker then holds the
         pending state for ``after``)."""
+        self._need_schedule(query)
         rows = query.inputs.shape[0]
         values = {**context_features(query, rows, query.cfg_branch),
                   **{k: v.cpu() for k, v in self.tracker.before((query.block, query.unit), query.inputs).items()}}
@@ -188,6 +203,7 @@ class LearnedPolicy(Policy):
         if query.block != 0 or query.unit != self.units[0]:
             raise RuntimeError(f"policy 'learned': a step-level policy must see block 0's {self.units[0]} first in "
                                f"a step, got block {query.block}'s {query.unit}")
+        self._need_schedule(query)
         units, blocks = len(self.units), query.num_blocks
         x = flat_rows(_token_subsample(query.inputs)).cpu()
         rows = x.shape[0]

@@ -138,7 +138,7 @@ class PartitionConfig:
     groups: int = 10  # K: number of contiguous step groups; each group's first step computes, the rest reuse
     min_len: int = 1  # shortest allowed group, in steps
     max_len: int = 0  # longest allowed group, in steps (0 = no bound)
-    units: str = "attn1+ff"  # '+'-joined cache units scheduled (and measured): attn1, ff, block
+    units: str = ""  # '+'-joined cache units scheduled (and measured); '': the model family's default units
     calibration_samples: int = 8  # samples in the uncached calibration run (2 rows each with guidance)
 
     family: ClassVar[str] = "partition"
@@ -183,6 +183,7 @@ class PartitionPolicy(Policy):
         raise NotImplementedError
 
     def prepare(self, model, settings) -> None:
+        self.units = self.units or model.adapter.default_units
         steps = int(settings.steps)
         cfg = self.config
         max_len = cfg.max_len or None

@@ -30,7 +30,7 @@ class SmoothCacheConfig:
     threshold: float = 0.1  # largest relative L1 error a reuse may introduce (vs. the last computed output)
     lookahead: int = 3  # at most this many consecutive reuses after a computed step
     calibration_samples: int = 8  # samples in the uncached calibration run (two rows each with CFG)
-    units: str = "attn1+ff"  # '+'-joined cache units, one schedule per unit type: attn1, ff, block
+    units: str = ""  # '+'-joined cache units, one schedule per unit type; '': the model family's default units
 
     def __post_init__(self):
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
@@ -96,6 +96,7 @@ class SmoothCachePolicy(Policy):
         return self._require().schedule
 
     def prepare(self, model, settings) -> None:
+        self.units = self.units or model.adapter.default_units
         key = (model.name, int(settings.steps), settings.scheduler, float(settings.guidance_scale))
         if key not in self._calibrated:  # calibrate once per setting; prepare is cheap afterwards
             outputs = calibration.record_unit_outputs(model, settings, self.units,

@@ -35,7 +35,7 @@ class TaylorSeerConfig:
     interval: int = 3  # compute at steps where (step - warmup) % interval == 0, forecast in between
     order: int = 1  # Taylor order of the forecast: 1 (linear) or 2 (quadratic)
     warmup: int = 1  # the first `warmup` steps always compute
-    units: str = "attn1+ff"  # '+'-joined cache units: attn1, ff, block
+    units: str = ""  # '+'-joined cache units (attn1, ff, block, layer); '': the model family's default units
 
     def __post_init__(self):
         if self.interval < 1:

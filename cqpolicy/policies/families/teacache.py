@@ -37,7 +37,7 @@ class TeaCacheConfig:
     threshold: float = 0.1  # reuse while the accumulated relative L1 change of block 0's input stays below this
     max_reuse: int = 4  # at most this many consecutive reused steps (0: never reuse)
     warmup: int = 1  # the first `warmup` steps always compute
-    unit: str = "block"  # '+'-joined cache units skipped in blocks 1..L-1: attn1, ff, block
+    unit: str = ""  # '+'-joined cache units skipped in blocks 1..L-1; '': the model's whole blocks (DiT block)
 
     def __post_init__(self):
         if not math.isfinite(self.threshold) or self.threshold < 0:
@@ -55,6 +55,11 @@ class TeaCachePolicy(Policy):
         self.config = config
         self.units = parse_units(config.unit, "teacache", "unit")
         self.reset(None, 0)
+
+    units_from = "block_units"
+
+    def bind(self, adapter) -> None:
+        self.units = self.units or adapter.block_units
 
     def reset(self, num_steps: int | None, num_blocks: int) -> None:
         self._previous: torch.Tensor | None = None  # the indicator at the previous step

@@ -1,0 +1,76 @@
+"""``cqpolicy.enable`` on a user's own diffusers pipeline or its denoiser: what the sampler gives a policy, given.
+
+A pipeline (anything with a ``scheduler`` and a ``transformer`` or ``unet``) is followed through its scheduler:
+every call's step, step count and log-SNR come from the timesteps the pipeline sets, as in cqpolicy's sampler.
+Before the hooks go in, the policy is prepared for the run as the sampler's callers prepare it: calibrating
+families (SmoothCache, DPS, ReCaT) calibrate, learned artifacts are checked against the model's class, depth,
+weights, step count and scheduler, and gates plan their schedule. The step count and guidance scale of that
+run are ``steps`` / ``guidance_scale`` when given, else the defaults of the pipeline's ``__call__``.
+
+A bare denoiser has no scheduler to follow (pass ``scheduler=`` to give it one): the runtime then infers steps
+from the timestep argument, policies are not prepared, and a policy that needs the step count or the noise
+schedule (a learned MLP, gates, the calibrating families) raises instead of guessing.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+DENOISERS = ("transformer", "unet")
+
+
+def split_pipeline(target):
+    """``(denoiser, pipeline or None)`` for a diffusers pipeline or a bare denoiser module."""
+    if isinstance(target, torch.nn.Module):
+        return target, None
+    for name in DENOISERS:
+        denoiser = getattr(target, name, None)
+        if isinstance(denoiser, torch.nn.Module) and getattr(target, "scheduler", None) is not None:
+            return denoiser, target
+    raise TypeError(f"cqpolicy.enable takes a diffusers pipeline (with a scheduler and a transformer or unet) or "
+                    f"its denoiser module, got {type(target).__name__}")
+
+
+def _call_default(pipeline, name: str):
+    if pipeline is None:
+        return None
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None = None):
+    """The ``LoadedModel`` a policy's ``prepare`` reads (weights fingerprint cached on the denoiser)."""
+    from cqpolicy.models.loading import LoadedModel
+
+    extra = denoiser.__dict__.setdefault("_cqpolicy_extra", {})
+    name = getattr(pipeline, "name_or_path", None) or getattr(denoiser, "name_or_path", None) or type(denoiser).__name__
+    return LoadedModel(str(name), denoiser, dict(scheduler.config), getattr(pipeline, "vae", None),
+                       default_guidance_scale=4.0 if guidance_scale is None else float(guidance_scale), extra=extra)
+
+
+def enable(target, policy, cache_format="fp16", compile: bool = False, *, steps: int | None = None,
+           guidance_scale: float | None = None, scheduler=None):
+    """Hook ``policy`` (a Policy or a spec string) into ``target`` (a pipeline or its denoiser); returns the
+    runtime handle (``with``-able; ``handle.disable()`` removes everything). See the module doc."""
+    from cqpolicy.policies import make_policy
+    from cqpolicy.runtime import enable as enable_runtime
+    from cqpolicy.runtime.context import scheduler_name
+    from cqpolicy.sampling.sampler import SampleSettings
+
+    denoiser, pipeline = split_pipeline(target)
+    scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
+    if isinstance(policy, str):
+        policy = make_policy(policy)
+    if scheduler is not None:
+        steps = steps if steps is not None else _call_default(pipeline, "num_inference_steps")
+        if steps is None:
+            raise ValueError("cqpolicy.enable: give steps= (the number of inference steps the pipeline will run)")
+        guidance = guidance_scale if guidance_scale is not None else _call_default(pipeline, "guidance_scale")
+        settings = SampleSettings(steps=int(steps), scheduler=scheduler_name(scheduler),
+                                  guidance_scale=1.0 if guidance is None else float(guidance))
+        policy.prepare(model_view(denoiser, scheduler, pipeline, guidance), settings)
+    handle = enable_runtime(denoiser, policy, cache_format, compile)
+    if scheduler is not None:
+        handle.follow_scheduler(scheduler)
+    return handle
