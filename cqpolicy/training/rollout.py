@@ -32,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from cqpolicy import defaults
 from cqpolicy import seeds as seed_roles
 from cqpolicy.policies.artifact import check_target, save_artifact
 from cqpolicy.policies.base import Policy

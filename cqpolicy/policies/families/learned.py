@@ -56,101 +56,71 @@ class LearnedConfig:
             raise ValueError(f"policy 'learned': threshold must be a positive number, got {self.threshold}")
 
 
+ARTIFACT_KINDS: dict[str, type] = {}  # artifact kind -> the policy class that deploys it
+
+
+def deploys(kind: str):
+    """Class decorator: the ``LearnedPolicy`` subclass that deploys artifacts of ``kind``."""
+
+    def wrap(cls):
+        cls.kind = kind
+        ARTIFACT_KINDS[kind] = cls
+        return cls
+
+    return wrap
+
+
 @register("learned", LearnedConfig)
 class LearnedPolicy(Policy):
-    def __init__(self, config: LearnedConfig = LearnedConfig()):
+    """``LearnedPolicy(config)`` loads the artifact and gives an instance of the class registered for its kind
+    (``deploys``); what every kind shares (loading, the model and step checks, the family) lives here."""
+
+    kind = ""
+
+    def __new__(cls, config: LearnedConfig = LearnedConfig()):
         from cqpolicy.policies.artifact import load_artifact
 
         if not config.path:
             raise ValueError("policy 'learned' needs path=ARTIFACT_DIR")
+        meta, tensors = load_artifact(config.path)
+        kind_cls = ARTIFACT_KINDS.get(meta["kind"])
+        if kind_cls is None:
+            raise ValueError(f"policy 'learned': {config.path} is a {meta['kind']!r} artifact; `learned` deploys "
+                             f"{', '.join(sorted(ARTIFACT_KINDS))} (forecasts: forecast:path=...)")
+        if cls is not LearnedPolicy and not issubclass(kind_cls, cls):
+            raise ValueError(f"policy artifact {config.path} is a {meta['kind']!r} artifact, not {cls.kind!r}")
+        policy = super().__new__(kind_cls)
+        policy._artifact = meta, tensors
+        return policy
+
+    def __init__(self, config: LearnedConfig = LearnedConfig()):
+        from cqpolicy.policies.artifact import transfers_across_steps
+
         self.config = config
-        self.meta, tensors = load_artifact(config.path)
-        self.kind = self.meta["kind"]
+        self.meta, tensors = self._artifact
+        del self._artifact
         self.units = tuple(self.meta["model"]["units"])
         if config.budget != -1.0 and self.kind != "gates":
             raise ValueError(f"policy 'learned': budget= applies to gates artifacts; {config.path} is a {self.kind}")
-        if self.kind == "mlp":
-            from cqpolicy.policies.networks import ReuseMLP
-
-            self.features = list(self.meta["features"])
-            self.mlp = ReuseMLP(len(self.features), int(self.meta["hidden"]))
-            try:
-                self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
-            except RuntimeError:  # names or shapes that do not fit policy.json's features and hidden
-                from cqpolicy.policies.artifact import ArtifactError
-
-                raise ArtifactError(f"policy artifact {config.path}: its weights do not fit an MLP of "
-                                    f"{len(self.features)} features and {self.meta['hidden']} hidden units "
-                                    f"(a damaged or hand-edited policy.json)") from None
-            self.mlp.eval().requires_grad_(False)
-            self.mean = torch.tensor(self.meta["normalization"]["mean"], dtype=torch.float32)
-            self.std = torch.tensor(self.meta["normalization"]["std"], dtype=torch.float32)
-            threshold = self.meta["default_threshold"] if config.threshold == -1.0 else config.threshold
-            self.threshold = threshold
-            self.log_threshold = math.log(threshold + 1e-6)  # the MLP predicts log(impact + 1e-6)
-            self.step_level = is_step_level(self.features)
-            if config.cumulative and not self.step_level:
-                raise ValueError(f"policy 'learned': cumulative=true needs an MLP on step-level features; "
-                                 f"{config.path} uses per-unit features")
-        elif config.cumulative:
+        if config.cumulative and self.kind != "mlp":
             raise ValueError(f"policy 'learned': cumulative=true applies to mlp artifacts; {config.path} is a "
                              f"{self.kind}")
-        elif self.kind == "scheduler":
-            self.table = tensors["table"].bool()
-        elif self.kind == "gates":
-            from cqpolicy.policies.gates import GateNet
-
-            low, high = self.meta["budget_range"]
-            if not low <= config.budget <= high:
-                from cqpolicy.policies.artifact import ArtifactError
-
-                given = "none given" if config.budget == -1.0 else f"got {config.budget:g}"
-                raise ArtifactError(f"policy artifact {config.path}: gates need budget=B within the trained range "
-                                    f"[{low:g}, {high:g}] ({given})")
-            units = len(self.units)
-            self.gate_net = GateNet(int(self.meta["model"]["num_blocks"]) * units, int(self.meta["hidden"]))
-            self.gate_net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items()
-                                           if k.startswith("net.")})
-            self.gate_net.eval().requires_grad_(False)
-            self.unit_macs = tensors["unit_macs"].double()
-            self.table = None  # the schedule at this budget, made in prepare for the run's steps and scheduler
-        else:
-            raise ValueError(f"policy 'learned': unknown artifact kind {self.kind!r}")
-        from cqpolicy.policies.artifact import transfers_across_steps
-
+        self.load(tensors)
         self.transfers = transfers_across_steps(self.meta)  # keyed on progress: fits other step counts
-        self.tracker = InputTracker()
-        self._run_length: dict = {}
+        self.reset(None, 0)
+
+    def load(self, tensors: dict) -> None:
+        """Build the deployed network or table from the artifact's tensors."""
+        raise NotImplementedError
 
     @property
     def family(self) -> str:
         return "learned-intervals" if self.meta.get("fit") == "intervals" else f"learned-{self.kind}"
 
-    def _gate_table(self, model, settings) -> torch.Tensor:
-        """The gates' hard schedule [steps, blocks, units] for this run's steps, scheduler and budget."""
-        from cqpolicy.policies.gates import gate_inputs, plan
-        from cqpolicy.sampling.sampler import step_log_snrs
-
-        norm = self.meta["normalization"]
-        with torch.no_grad():
-            a, b = self.gate_net(gate_inputs(step_log_snrs(model, settings), self.config.budget, norm["mean"],
-                                             norm["std"]))
-            table, _, _ = plan(a, b, self.config.budget, float(self.meta["row_macs"]), self.unit_macs)
-        return table.reshape(len(table), *self.unit_macs.shape)
-
     def attach(self, model) -> None:
         from cqpolicy.policies.artifact import check_denoiser
 
         check_denoiser(self.meta, model, self.config.path)
-
-    def _need_schedule(self, query: UnitQuery) -> None:
-        """A one-line error where the features would be NaN: outside our sampler and a followed pipeline the step
-        count and the noise schedule are unknown."""
-        if ("progress" in self.features and not query.num_steps) or ("log_snr" in self.features
-                                                                     and query.log_snr is None):
-            raise ValueError(f"policy artifact {self.config.path} reads the step count and the noise schedule, which "
-                             f"a bare denoiser does not give: enable it on the pipeline (cqpolicy.enable(pipe, ...)) "
-                             f"or pass scheduler=")
 
     def prepare(self, model, settings) -> None:
         from cqpolicy.models.adapters import cache_blocks
@@ -160,16 +130,6 @@ class LearnedPolicy(Policy):
         check_fits(self.meta, type(model.transformer).__name__, len(cache_blocks(model.transformer)),
                    settings.steps, settings.scheduler, source=self.config.path,
                    model_hashes=model_fingerprints(model), steps_transfer=self.transfers)
-        if self.kind == "gates":
-            from cqpolicy.policies.gates import min_budget
-
-            floor = min_budget(int(settings.steps), float(self.meta["row_macs"]), self.unit_macs)
-            if self.config.budget < floor:
-                from cqpolicy.policies.artifact import ArtifactError
-
-                raise ArtifactError(f"budget {self.config.budget:g} is below the least this model reaches at "
-                                    f"{settings.steps} steps ({floor:.3f})")
-            self.table = self._gate_table(model, settings)
 
     def reset(self, num_steps, num_blocks) -> None:
         model = self.meta["model"]
@@ -178,11 +138,53 @@ class LearnedPolicy(Policy):
 
             raise StepMismatchError(f"policy artifact {self.config.path} was trained for {model['steps']} steps, "
                                     f"the run has {num_steps}")
+
+
+@deploys("mlp")
+class MLPPolicy(LearnedPolicy):
+    """Reuse where the MLP's predicted harm is below the threshold (see the module doc)."""
+
+    def load(self, tensors: dict) -> None:
+        from cqpolicy.policies.networks import ReuseMLP
+
+        config = self.config
+        self.features = list(self.meta["features"])
+        self.mlp = ReuseMLP(len(self.features), int(self.meta["hidden"]))
+        try:
+            self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in tensors.items()})
+        except RuntimeError:  # names or shapes that do not fit policy.json's features and hidden
+            from cqpolicy.policies.artifact import ArtifactError
+
+            raise ArtifactError(f"policy artifact {config.path}: its weights do not fit an MLP of "
+                                f"{len(self.features)} features and {self.meta['hidden']} hidden units "
+                                f"(a damaged or hand-edited policy.json)") from None
+        self.mlp.eval().requires_grad_(False)
+        self.mean = torch.tensor(self.meta["normalization"]["mean"], dtype=torch.float32)
+        self.std = torch.tensor(self.meta["normalization"]["std"], dtype=torch.float32)
+        threshold = self.meta["default_threshold"] if config.threshold == -1.0 else config.threshold
+        self.threshold = threshold
+        self.log_threshold = math.log(threshold + 1e-6)  # the MLP predicts log(impact + 1e-6)
+        self.step_level = is_step_level(self.features)
+        if config.cumulative and not self.step_level:
+            raise ValueError(f"policy 'learned': cumulative=true needs an MLP on step-level features; "
+                             f"{config.path} uses per-unit features")
+        self.tracker = InputTracker()
+
+    def reset(self, num_steps, num_blocks) -> None:
+        super().reset(num_steps, num_blocks)
         self.tracker.reset()
-        self._run_length: dict = {}  # scheduler: consecutive reuses per unit
-        self._step = None  # step-level MLP: the step decided, its decisions, what each unit computed
+        self._step = None  # step-level: the step decided, its decisions, what each unit computed
         self._decisions: list = []
         self._computed: dict[int, torch.Tensor | bool] = {}
+
+    def _need_schedule(self, query: UnitQuery) -> None:
+        """A one-line error where the features would be NaN: outside our sampler and a followed pipeline the step
+        count and the noise schedule are unknown."""
+        if ("progress" in self.features and not query.num_steps) or ("log_snr" in self.features
+                                                                     and query.log_snr is None):
+            raise ValueError(f"policy artifact {self.config.path} reads the step count and the noise schedule, which "
+                             f"a bare denoiser does not give: enable it on the pipeline (cqpolicy.enable(pipe, ...)) "
+                             f"or pass scheduler=")
 
     @torch.no_grad()
     def predict(self, query: UnitQuery) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,23 +262,8 @@ class LearnedPolicy(Policy):
         return decision
 
     def decide(self, query: UnitQuery):
-        if self.kind == "mlp" and self.step_level:
+        if self.step_level:
             return self._decide_step_level(query)
-        if self.kind == "gates":
-            if self.table is None or (query.num_steps is not None and query.num_steps != len(self.table)):
-                from cqpolicy.runtime import StepMismatchError
-
-                raise StepMismatchError(f"policy artifact {self.config.path}: the gates' schedule was made for "
-                                        f"{None if self.table is None else len(self.table)} steps (in prepare), the "
-                                        f"run has {query.num_steps}")
-            return bool(self.table[query.step, query.block, self.units.index(query.unit)])
-        if self.kind == "scheduler":
-            key = (query.block, query.unit)
-            compute = bool(self.table[query.step, query.block, self.units.index(query.unit)])
-            if self.config.max_reuse >= 0 and self._run_length.get(key, 0) >= self.config.max_reuse:
-                compute = True
-            self._run_length[key] = 0 if compute or not query.has_cache else self._run_length.get(key, 0) + 1
-            return compute
         harm, since = self.predict(query)
         safe = harm < self.log_threshold
         if self.config.max_reuse >= 0:  # bound staleness: the labels measure reuses of a recent output
@@ -284,3 +271,77 @@ class LearnedPolicy(Policy):
         decision = ~safe if self.config.per_sample else bool(not safe.all())
         self.tracker.after(computed_rows(decision, query.has_cache, len(safe)))
         return decision
+
+
+@deploys("scheduler")
+class SchedulerPolicy(LearnedPolicy):
+    """A learned static step x block x unit table (an L2C-style router, or a fitted interval schedule)."""
+
+    def load(self, tensors: dict) -> None:
+        self.table = tensors["table"].bool()
+
+    def reset(self, num_steps, num_blocks) -> None:
+        super().reset(num_steps, num_blocks)
+        self._run_length: dict = {}  # consecutive reuses per unit (the max_reuse cap)
+
+    def decide(self, query: UnitQuery):
+        key = (query.block, query.unit)
+        compute = bool(self.table[query.step, query.block, self.units.index(query.unit)])
+        if self.config.max_reuse >= 0 and self._run_length.get(key, 0) >= self.config.max_reuse:
+            compute = True
+        self._run_length[key] = 0 if compute or not query.has_cache else self._run_length.get(key, 0) + 1
+        return compute
+
+
+@deploys("gates")
+class GatesPolicy(LearnedPolicy):
+    """A budget-conditioned gate net; ``prepare`` turns it into this run's static schedule."""
+
+    def load(self, tensors: dict) -> None:
+        from cqpolicy.policies.gates import GateNet
+
+        low, high = self.meta["budget_range"]
+        if not low <= self.config.budget <= high:
+            from cqpolicy.policies.artifact import ArtifactError
+
+            given = "none given" if self.config.budget == -1.0 else f"got {self.config.budget:g}"
+            raise ArtifactError(f"policy artifact {self.config.path}: gates need budget=B within the trained range "
+                                f"[{low:g}, {high:g}] ({given})")
+        self.gate_net = GateNet(int(self.meta["model"]["num_blocks"]) * len(self.units), int(self.meta["hidden"]))
+        self.gate_net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
+        self.gate_net.eval().requires_grad_(False)
+        self.unit_macs = tensors["unit_macs"].double()
+        self.table = None  # the schedule at this budget, made in prepare for the run's steps and scheduler
+
+    def _gate_table(self, model, settings) -> torch.Tensor:
+        """The gates' hard schedule [steps, blocks, units] for this run's steps, scheduler and budget."""
+        from cqpolicy.policies.gates import gate_inputs, plan
+        from cqpolicy.sampling.sampler import step_log_snrs
+
+        norm = self.meta["normalization"]
+        with torch.no_grad():
+            a, b = self.gate_net(gate_inputs(step_log_snrs(model, settings), self.config.budget, norm["mean"],
+                                             norm["std"]))
+            table, _, _ = plan(a, b, self.config.budget, float(self.meta["row_macs"]), self.unit_macs)
+        return table.reshape(len(table), *self.unit_macs.shape)
+
+    def prepare(self, model, settings) -> None:
+        from cqpolicy.policies.gates import min_budget
+
+        super().prepare(model, settings)
+        floor = min_budget(int(settings.steps), float(self.meta["row_macs"]), self.unit_macs)
+        if self.config.budget < floor:
+            from cqpolicy.policies.artifact import ArtifactError
+
+            raise ArtifactError(f"budget {self.config.budget:g} is below the least this model reaches at "
+                                f"{settings.steps} steps ({floor:.3f})")
+        self.table = self._gate_table(model, settings)
+
+    def decide(self, query: UnitQuery):
+        if self.table is None or (query.num_steps is not None and query.num_steps != len(self.table)):
+            from cqpolicy.runtime import StepMismatchError
+
+            raise StepMismatchError(f"policy artifact {self.config.path}: the gates' schedule was made for "
+                                    f"{None if self.table is None else len(self.table)} steps (in prepare), the "
+                                    f"run has {query.num_steps}")
+        return bool(self.table[query.step, query.block, self.units.index(query.unit)])
