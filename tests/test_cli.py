@@ -163,7 +163,10 @@ def test_a_folder_that_is_not_a_loadable_model_is_one_line(tiny_dit_dir, tmp_pat
     (["sample", "--scheduler", "euler", "--out", "o"], "argument --scheduler: invalid choice: 'euler'"),
     (["sample"], "the following arguments are required: --out"),
     (["bench", "--out", "o"], "the following arguments are required: --policies"),
-    (["train", "--kind", "tree", "--traces", "t", "--out", "o"], "argument --kind: invalid choice"),
+    (["train", "--kind", "tree", "--traces", "t", "--out", "o"], "argument KIND: invalid choice"),
+    (["train", "tree", "--traces", "t", "--out", "o"], "argument KIND: invalid choice"),
+    (["train", "gates", "--traces", "t", "--model", "m", "--out", "o"], "unrecognized arguments: --traces"),
+    (["train", "forecast", "--model", "m", "--out", "o"], "required: --schedule"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
     ([], "the following arguments are required: COMMAND"),
 ])

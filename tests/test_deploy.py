@@ -57,8 +57,8 @@ def artifacts(tiny_dit_dir, tmp_path):
     traces = tmp_path / "traces"
     assert main(["trace", "--model", str(tiny_dit_dir), "--steps", str(STEPS), "--num-samples", "4",
                  "--batch-size", "2", "--guidance-scale", "2", "--out", str(traces)]) == 0
-    assert main(["train", "--traces", str(traces), "--max-epochs", "2", "--out", str(tmp_path / "mlp")]) == 0
-    assert main(["train", "--traces", str(traces), "--kind", "scheduler", "--max-epochs", "2",
+    assert main(["train", "mlp", "--traces", str(traces), "--max-epochs", "2", "--out", str(tmp_path / "mlp")]) == 0
+    assert main(["train", "scheduler", "--traces", str(traces), "--max-epochs", "2",
                  "--out", str(tmp_path / "sched")]) == 0
     return tmp_path / "mlp", tmp_path / "sched"
 

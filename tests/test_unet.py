@@ -214,7 +214,7 @@ def test_unet_traces_train_policies_that_deploy(tiny_unet_dir, tmp_path):
     plain = measured_sample(model, None, "none", [0, 1], [0, 1], settings)
     for kind in ("mlp", "scheduler", "intervals"):
         out = tmp_path / kind
-        assert main(["train", "--traces", str(traces), "--kind", kind, "--max-epochs", "2", "--out", str(out)]) == 0
+        assert main(["train", kind, "--traces", str(traces), "--max-epochs", "2", "--out", str(out)]) == 0
         assert json.loads((out / "policy.json").read_text())["model"]["units"] == ["layer"]
         threshold = ",threshold=1e9" if kind == "mlp" else ""  # everything predicted safe: reuses wherever allowed
         run = measured_sample(model, make_policy(f"learned:path={out}{threshold}"), "fp16", [0, 1], [0, 1], settings)

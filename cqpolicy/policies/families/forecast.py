@@ -1,6 +1,6 @@
 """``forecast``: a static schedule whose reused cells are *forecast* by a fitted linear predictor (L2P-style).
 
-An artifact of kind ``forecast`` (``cqpolicy train --kind forecast --schedule SPEC``) holds the schedule it was
+An artifact of kind ``forecast`` (``cqpolicy train forecast --schedule SPEC``) holds the schedule it was
 fitted to (a step x block x unit compute table, recorded from ``SPEC``) and, for every (step, block, unit) the
 schedule reuses, weights over that unit's last ``K`` computed outputs, newest first:
 
