@@ -129,3 +129,23 @@ def test_peer_runs_are_counted_exactly_by_their_leaves(tiny, spec, guidance):
     assert run.macs_source == "leaf-module row counts"
     assert run.macs == flop_counted(tiny, make_policy(spec), labels, seeds, settings)
     assert run.macs < measured_sample(tiny, None, "fp16", labels, seeds, settings).macs
+
+
+@pytest.mark.parametrize("order, per_element", [(1, 2 + 2 + 2 + 2), (2, 2 + 2 + 5 + 5)])
+def test_a_policys_own_arithmetic_is_in_the_macs(tiny, order, per_element):
+    """TaylorSeer's extrapolation is counted on top of what the model ran: against the same decisions with plain
+    reuse, the difference is its multiply-adds per reused element (differences, then the series). Interval 3 with
+    warmup 1 over 7 steps reuses at steps 2, 3 (two points known: first order) and 5, 6 (three: order 2 possible)."""
+    from cqpolicy.policies.families.taylorseer import TaylorSeerPolicy
+
+    class PlainReuse(TaylorSeerPolicy):
+        def reuse(self, query, cached):
+            return cached
+
+    settings = SampleSettings(steps=7, guidance_scale=3.0, batch_size=3)
+    labels, seeds = [0, 1, 2, 3, 4], [11, 12, 13, 14, 15]
+    spec = f"taylorseer:interval=3,order={order}"
+    seer = measured_sample(tiny, make_policy(spec), "fp16", labels, seeds, settings)
+    plain = measured_sample(tiny, PlainReuse(make_policy(spec).config), "fp16", labels, seeds, settings)
+    rows, tokens, width, cells = 2 * 5, 49, 16, 3 * 2  # CFG rows of 5 samples; 3 blocks x (attn1, ff)
+    assert seer.macs - plain.macs == per_element * cells * rows * tokens * width

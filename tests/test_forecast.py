@@ -54,7 +54,12 @@ def test_forecast_runs_the_schedule_and_forecasts_the_reused_cells(fitted):
     model = load_model(str(model_dir))
     fora = _images(model, "fora:interval=3")
     forecast = _images(model, f"forecast:path={path}")
-    assert forecast.macs == fora.macs  # the same cells computed
+    # the same cells computed, plus the forecast's own multiply-adds: K newest outputs per reused element, with
+    # K = min(order 3, outputs computed so far); FORA-3 over 8 steps computes steps 0, 3, 6
+    rows, tokens, width = 2 * 2, (28 // 4) ** 2, 16  # 2 samples x CFG, 7 x 7 patches, 2 heads x 8
+    history = [min(3, (s + 2) // 3) for s in range(STEPS) if s % 3]
+    assert forecast.macs - fora.macs == 2 * 2 * sum(history) * rows * tokens * width  # 2 blocks x (attn1, ff)
+    assert make_policy(f"forecast:path={path}").calibration_images == 2 * 4 + 2 * 2  # its fit sampled these
     assert not torch.allclose(forecast.images, fora.images)  # but the reused ones were forecast
     assert forecast.cache_bytes > fora.cache_bytes  # its history is counted
 
@@ -114,7 +119,7 @@ def test_forecast_fits_and_deploys_on_a_unet(tiny_unet_dir, tmp_path):
     model = load_model(str(tiny_unet_dir))
     forecast = _images(model, f"forecast:path={tmp_path / 'fc'}")
     fora = _images(model, "fora:interval=2,unit=layer")
-    assert forecast.macs == fora.macs and not torch.equal(forecast.images, fora.images)
+    assert forecast.macs > fora.macs and not torch.equal(forecast.images, fora.images)  # + its own arithmetic
 
 
 def test_on_policy_rounds_follow_the_deployed_forecast_and_refit_on_its_states(fitted, tmp_path):
@@ -202,7 +207,8 @@ def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fit
     assert not torch.equal(tensors["channel.0.ff"][1], tensors["channel.0.ff"][1, :1].expand(channels, 2))
     assert meta["metrics"]["val_error_vs_reuse"] < 1.0
     dec, fora = _images(model, f"forecast:path={tmp_path / 'dec'}"), _images(model, "fora:interval=3")
-    assert dec.macs == fora.macs and not torch.allclose(dec.images, fora.images)
+    # a scale and a shift per reused element: 5 reused steps x 2 blocks x 2 units x 4 rows x 49 tokens x 16 wide
+    assert dec.macs - fora.macs == 2 * 5 * 2 * 2 * 4 * 49 * 16 and not torch.allclose(dec.images, fora.images)
 
     bad = {**tensors, "channel.0.ff": tensors["channel.0.ff"][:, :, :1]}  # no bias column
     save_artifact(tmp_path / "bad", json.loads((tmp_path / "dec" / "policy.json").read_text()), bad)
@@ -218,5 +224,5 @@ def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fit
     first = load_file(tmp_path / "unet" / "weights.safetensors")["channel.0.layer"]
     unet_model = load_model(str(tiny_unet_dir))
     assert first.shape[1] == unet_model.transformer.config.block_out_channels[0]
-    assert _images(unet_model, f"forecast:path={tmp_path / 'unet'}").macs == \
+    assert _images(unet_model, f"forecast:path={tmp_path / 'unet'}").macs > \
         _images(unet_model, "fora:interval=2,unit=layer").macs

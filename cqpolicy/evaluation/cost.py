@@ -114,10 +114,11 @@ class ModelCosts:
         return rows * self.row_macs + num_images * self.decode_macs
 
     def of_run(self, runtime, num_images: int) -> int:
-        """MACs of what ran under ``runtime`` (a ``CacheRuntime``) since it was enabled."""
+        """MACs of what ran under ``runtime`` (a ``CacheRuntime``) since it was enabled, the policy's own
+        arithmetic included (forecasts, decision networks, DQAR's attention entropy)."""
         skipped = sum((runtime.model_rows - runtime.unit_rows[u.block, u.name]) * self.unit_macs[u.block, u.name]
                       for u in runtime.units)
-        return runtime.model_rows * self.row_macs - skipped + num_images * self.decode_macs
+        return runtime.model_rows * self.row_macs - skipped + num_images * self.decode_macs + runtime.policy_macs
 
     @contextmanager
     def leaf_counter(self, transformer, num_images: int):

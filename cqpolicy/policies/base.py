@@ -79,6 +79,9 @@ class Policy:
     reports_reuse = True
     # images the last ``prepare`` sampled uncached to calibrate (SmoothCache, DPS, ReCaT): a cost of its own
     calibration_images = 0
+    # multiply-adds the policy itself executed since it was made (forecast arithmetic, decision networks,
+    # indicators that need extra matmuls); the runtime adds them to the run's MACs
+    executed_macs = 0
 
     @property
     def family(self) -> str:
@@ -158,6 +161,10 @@ class DelegatingPolicy(Policy):
     @property
     def calibration_images(self) -> int:
         return self.inner.calibration_images
+
+    @property
+    def executed_macs(self) -> int:
+        return self.inner.executed_macs
 
     @property
     def state_nbytes(self) -> int:

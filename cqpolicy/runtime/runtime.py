@@ -188,6 +188,7 @@ class CacheRuntime:
         self.unit_rows: Counter = Counter()
         self.model_rows = 0
         self.held_peak = 0  # peak of cache store + policy-held tensors, over all calls
+        self._policy_macs_start = policy.executed_macs
         self.calls = 0
         self._explicit = False
         self._plan = None  # the current pipeline call's StepPlan, when following a scheduler
@@ -303,6 +304,11 @@ class CacheRuntime:
         computed = sum(v for (_, kind), v in self.counts.items() if kind == "computed")
         reused = sum(v for (_, kind), v in self.counts.items() if kind == "reused")
         return reused / max(1, computed + reused)
+
+    @property
+    def policy_macs(self) -> int:
+        """Multiply-adds the policy executed itself since the runtime was enabled (forecasts, decision nets)."""
+        return self.policy.executed_macs - self._policy_macs_start
 
     @property
     def cache_bytes(self) -> int | None:

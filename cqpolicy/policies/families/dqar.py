@@ -149,6 +149,7 @@ class DqarPolicy(Policy):
         if query.unit != "attn1" or not self._entropy_can_matter(query):
             return
         x = query.inputs
+        per_row = 2 * x.shape[-2] * x.shape[-1] ** 2 + x.shape[-2] ** 2 * x.shape[-1]  # q, k and q k^T
         _, decision = self._decision.get(query.block, (None, True))
         previous = self._entropy.get(query.block)
         if torch.is_tensor(decision) and previous is not None and previous.shape[0] == x.shape[0]:
@@ -157,5 +158,7 @@ class DqarPolicy(Policy):
             updated = previous.clone()
             updated[mask.cpu()] = self_attention_entropy(query.module, x[mask]).cpu()
             self._entropy[query.block] = updated
+            self.executed_macs += int(mask.sum()) * per_row
         else:
             self._entropy[query.block] = self_attention_entropy(query.module, x).cpu()
+            self.executed_macs += x.shape[0] * per_row

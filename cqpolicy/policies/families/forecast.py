@@ -47,6 +47,7 @@ class ForecastPolicy(Policy):
             raise ArtifactError(f"policy 'forecast': {config.path} is a {self.meta['kind']} artifact, not a forecast "
                                 f"(deploy it with learned:path=...)")
         self.units = tuple(self.meta["model"]["units"])
+        self.calibration_images = fit_images(self.meta)
         self.table = tensors["table"].bool()  # [steps, blocks, units]
         self.weights = tensors["weights"].float()  # [steps, blocks, units, K]
         self.order = self.weights.shape[-1]
@@ -99,13 +100,25 @@ class ForecastPolicy(Policy):
             by_channel = self.by_channel.get((query.block, query.unit))
             if by_channel is None:
                 return cached
+            self.executed_macs += (min(self.order, len(inputs)) + 1) * cached.numel()  # weights and the bias
             return forecast_by_channel(by_channel[query.step], inputs, self.channel_dim, self.order).to(cached.dtype)
         w = self.weights[query.step, query.block, self.units.index(query.unit)]
+        self.executed_macs += len(inputs) * cached.numel()
         return sum(w[j] * h for j, h in enumerate(inputs)).to(cached.dtype)
 
     @property
     def state_nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for h in self._history.values() for v in h)
+
+
+def fit_images(meta: dict) -> int:
+    """Images the fit sampled uncached (teacher-forced fit and validation, each on-policy round): its calibration
+    cost. Artifacts that predate ``sampled_images`` give it from their seed ranges, by the same count."""
+    training = meta.get("training") or {}
+    if "sampled_images" in training:
+        return int(training["sampled_images"])
+    fit, val = (int((training.get(key) or [0, 0])[1]) for key in ("calibration_seeds", "val_seeds"))
+    return (2 + int(training.get("on_policy_rounds", 0))) * fit + 2 * val
 
 
 def forecast_by_channel(w: torch.Tensor, history: list, dim: int, order: int) -> torch.Tensor:

@@ -159,6 +159,8 @@ class MLPPolicy(LearnedPolicy):
                                 f"{len(self.features)} features and {self.meta['hidden']} hidden units "
                                 f"(a damaged or hand-edited policy.json)") from None
         self.mlp.eval().requires_grad_(False)
+        self.mlp_macs = sum(m.in_features * m.out_features for m in self.mlp.modules()
+                            if isinstance(m, torch.nn.Linear))  # per feature row
         self.mean = torch.tensor(self.meta["normalization"]["mean"], dtype=torch.float32)
         self.std = torch.tensor(self.meta["normalization"]["std"], dtype=torch.float32)
         threshold = self.meta["default_threshold"] if config.threshold == -1.0 else config.threshold
@@ -195,6 +197,7 @@ class MLPPolicy(LearnedPolicy):
         values = {**context_features(query, rows, query.cfg_branch),
                   **{k: v.cpu() for k, v in self.tracker.before((query.block, query.unit), query.inputs).items()}}
         x = torch.stack([values[name] for name in self.features], dim=1)
+        self.executed_macs += x.shape[0] * self.mlp_macs
         return self.mlp((x - self.mean) / self.std).squeeze(1), values["steps_since_compute"]
 
     # -- step-level MLP: one call per step -----------------------------------------------------------------
@@ -243,6 +246,7 @@ class MLPPolicy(LearnedPolicy):
         features = torch.stack([torch.as_tensor(values[n], dtype=torch.float32).expand(shape) for n in self.features],
                                dim=2)
         harm = self.mlp((features - self.mean) / self.std).squeeze(2)
+        self.executed_macs += features.shape[0] * features.shape[1] * self.mlp_macs
         if self.config.cumulative:
             self._pending = self._chain + (harm.exp() - 1e-6).clamp_min(0)  # the chain's cost if it reuses now
             safe = self._pending < self.threshold

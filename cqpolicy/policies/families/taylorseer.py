@@ -96,6 +96,8 @@ class TaylorSeerPolicy(Policy):
         history = self._history.get((query.block, query.unit))
         if not history or history[-1][1].shape != cached.shape:
             return cached  # no usable history (cannot happen within one call): plain reuse
+        order = min(self.config.order, len(history) - 1)
+        self.executed_macs += (order * (order + 1) // 2 + order) * cached.numel()  # differences, then the series
         forecast = taylor_forecast(list(history), query.step, self.config.order, base=cached)
         return forecast.to(cached.dtype)
 
