@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 from pathlib import Path
 
+from cqpolicy import defaults
 from cqpolicy import seeds as seed_roles
 
 
@@ -19,7 +21,7 @@ def _add_sampling_args(p: argparse.ArgumentParser):
                    help="embedded name (fmnist-dit, fmnist-unet), a local diffusers model directory (DiT, UNet2DModel) "
                         "or a cached hub id")
     p.add_argument("--policy", default="none", help="reuse policy spec NAME[:key=value,...] (default: none)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default: {defaults.STEPS})")
     p.add_argument("--num-samples", type=int, default=64, help="images to generate (default: 64)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -58,20 +60,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("bench", help="compare policies against the plain model, side by side",
-                       description="Run every policy and the plain model on the same seeds; write results.json "
-                                   "(one row per policy), print a markdown table, log one MLflow run per row.")
+    p = sub.add_parser("bench", help="bench methods against the plain model: methods x replicates x N, resumable",
+                       description="One engine (cqpolicy/evaluation/engine.py): every method and the plain model on "
+                                   "the same replicates, rows per (replicate, method), interleaved wall timing, "
+                                   "OUT/leaderboard.{md,csv} and pareto.png, one MLflow run per row. --config FILE "
+                                   "benches a config into --out and resumes what is there; --policies SPEC ... builds "
+                                   "the config from the flags into a new --out and adds results.json (every row) and "
+                                   "results.md. With --config, sampling flags given override the config's.")
     _add_sampling_args(p)
-    p.set_defaults(steps=50)
-    p.add_argument("--policies", nargs="+", required=True, help="policy specs, e.g. none fora:interval=2")
-    p.add_argument("--fid", action="store_true", help="FID against the real test set (fmnist models)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed interleaved repeats of the first batch per method after a warm-up (default 3); "
-                        "0 times each method's quality pass instead")
-    p.add_argument("--experiment", default="cqpolicy-bench", help="MLflow experiment name")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=cmd_bench)
+    # None: not given (the config's value, or the --policies form's default); --num-samples 0 likewise
+    p.set_defaults(model=None, policy=None, steps=None, batch_size=None, scheduler=None, dtype=None,
+                   cache_dtype=None, num_samples=0)
+    for action in p._actions:  # the shared sampling flags, as bench reads them
+        if action.dest == "policy":
+            action.help = argparse.SUPPRESS  # bench takes --policies
+        elif action.dest == "num_samples":
+            action.help = "samples per replicate (default: the config's; 64 with --policies)"
+        elif action.dest == "seed":
+            action.help = ("--policies: the first seed of the replicate to score (0: test replicate 0; test k * "
+                           "1_000_000, validation 60_000_000 + k * 100_000; cqpolicy/seeds.py); or --replicates")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="bench config YAML (e.g. configs/fmnist-dit-paper.yaml; keys in "
+                                         "cqpolicy/evaluation/engine.py)")
+    source.add_argument("--policies", nargs="+", help="policy specs, e.g. none fora:interval=2 (defaults: 50 steps, "
+                                                      "64 samples, the replicate --seed starts, 3 timing pairs)")
+    p.add_argument("--replicates", type=int, nargs="+", default=None, metavar="K",
+                   help="replicate ids to score (default: the config's; with --policies the one --seed starts)")
+    p.add_argument("--role", choices=["test", "validation"], default=None,
+                   help="replicates of this seed role (cqpolicy/seeds.py): validation chooses variants and settings, "
+                        "test scores what was chosen; one --out holds one role (default: the config's, test)")
+    p.add_argument("--only", nargs="+", default=None, metavar="WORD",
+                   help="--config: bench only the methods whose spec or weights folder contains one of these")
+    p.add_argument("--table-only", action="store_true", help="--config: bench nothing, write the table from the rows")
+    p.add_argument("--retime", nargs="+", default=None, metavar="SPEC",
+                   help="--config: time these methods' wall speedup again (their rows stay), then write the table")
+    p.add_argument("--fid", action="store_true", help="FID and KID against the real test set (fmnist models; a "
+                                                      "config's fid is on unless it says fid: false)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timing pairs (plain model, method) that must agree (default: the config's, 2; "
+                        "3 with --policies); 0 takes wall from the quality passes, flagged quality-pass")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (default: the config's, cqpolicy-bench-paper; cqpolicy-bench with --policies)")
+    p.add_argument("--overwrite", action="store_true", help="--policies: allow writing into a non-empty --out")
+    p.add_argument("--out", default=None, help="output folder (--config: resumed, default out/bench/<config name>; "
+                                               "--policies: required, new or empty)")
+    p.set_defaults(func=functools.partial(cmd_bench, parser=p))
 
     p = sub.add_parser("trace", help="record per-layer traces (signals and forced-reuse impact) as Parquet",
                        description="Record per (sample, CFG branch, step, block, unit) signals and forced-reuse "
@@ -86,59 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="trace run folder (e.g. traces/fmnist-none)")
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("train", help="train a reuse policy (MLP) or a layer scheduler on traces",
-                       description="Train on one or more trace runs (split by seed) with Lightning; write a policy "
-                                   "artifact (policy.json + weights.safetensors) to --out. Deploy it with "
-                                   "--policy learned:path=DIR[,threshold=x] in sample and bench.")
-    p.add_argument("--traces", nargs="+", help="trace run folders (every kind but gates)")
-    p.add_argument("--kind", choices=["mlp", "scheduler", "intervals", "gates", "forecast"], default="mlp",
-                   help="mlp: the reuse policy; scheduler: a step x block x unit table (L2C-style router); "
-                        "intervals: one phase-locked refresh interval per block and unit, fitted in closed form; "
-                        "gates: a budget-conditioned schedule trained through the sampler on --model (no traces; "
-                        "deploy with learned:path=DIR,budget=B); forecast: a linear predictor of the units a static "
-                        "--schedule reuses, fitted on uncached runs of --model (deploy with forecast:path=DIR)")
-    p.add_argument("--model", help="gates, forecast: the model to run (embedded name or local folder)")
-    p.add_argument("--schedule", help="forecast: the static schedule (a policy spec, e.g. fora:interval=3) whose "
-                                      "reused units the fitted predictor forecasts (deploy with forecast:path=DIR)")
-    p.add_argument("--order", type=int, default=3, help="forecast: computed outputs each forecast weighs (default 3)")
-    p.add_argument("--on-policy-rounds", type=int, default=0,
-                   help="forecast: refit that many times on runs that follow the fitted forecast (DAgger; default 0)")
-    p.add_argument("--affine", action="store_true",
-                   help="forecast: weights that sum to 1 (a constant output is forecast as itself, as TaylorSeer's)")
-    p.add_argument("--per-channel", action="store_true",
-                   help="forecast: weights and a bias per output channel (with --order 1, CacheQuant's DEC: a "
-                        "per-channel scale and shift of the cached output)")
-    p.add_argument("--budget-range", type=float, nargs=2, default=[0.15, 0.55], metavar=("LOW", "HIGH"),
-                   help="gates: the MACs fractions of the plain model it is trained for (default 0.15 0.55)")
-    p.add_argument("--steps", type=int, default=50, help="gates, forecast: sampling steps (default 50)")
-    p.add_argument("--train-samples", type=int, default=128, help="gates: rollout seeds to train on (default 128)")
-    p.add_argument("--init-mlp", help="gates: start from this trace-trained mlp artifact (its predicted harm per "
-                                      "step, unit and cache age ranks the first schedule); needs --init-traces")
-    p.add_argument("--init-traces", help="gates: the trace run the --init-mlp predictions are averaged over")
-    p.add_argument("--rollout-traces", type=int, default=0,
-                   help="gates: afterwards record this many training rollouts per validation budget as trace runs "
-                        "(OUT.traces/budget-B, probes local, chain, downstream) for retraining an mlp (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="gates: samples per rollout (default 8)")
-    p.add_argument("--max-minutes", type=float, default=None, help="gates: stop training after this long")
-    p.add_argument("--max-epochs", type=int, default=20)
-    p.add_argument("--compute-budget", type=float, default=0.5,
-                   help="scheduler, intervals: fraction of units that compute (default 0.5)")
-    p.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 4, 8],
-                   help="intervals: the refresh intervals to choose from, each dividing the next (default 1 2 4 8)")
-    p.add_argument("--label", choices=["auto", "local", "downstream"], default="auto",
-                   help="training label: the local output error as recorded, or weighted per step by the "
-                        "downstream probes (an estimate of the final-sample change); auto uses downstream when "
-                        "the traces hold enough probes")
-    p.add_argument("--features", choices=["step", "unit"], default="step",
-                   help="mlp inputs: step (model input and staleness, one MLP call decides a whole step; default) "
-                        "or unit (each unit's own input, computed before every unit call)")
-    p.add_argument("--chain", action="store_true",
-                   help="mlp: also train on chain labels (traces recorded with --probes chain): one row per "
-                        "staleness 2..8, so the policy prices chains of reuses, not one reuse of a fresh cache")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
-    p.add_argument("--out", required=True, help="policy artifact folder")
-    p.set_defaults(func=cmd_train)
+    _add_train_parsers(sub)
 
     p = sub.add_parser("search", help="Optuna study over policy parameters and cache formats",
                        description="Search a YAML space (configs/search/*.yaml) against MACs speedup and FID; "
@@ -180,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=8, help="calibration samples (calibration seeds; default 8)")
     p.add_argument("--calib-policy", default=None,
                    help="cache policy spec deployed while sampling the calibration inputs (default: none)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps of the calibration runs (default: 25)")
+    p.add_argument("--steps", type=int, default=defaults.STEPS,
+                   help=f"denoising steps of the calibration runs (default: {defaults.STEPS})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--out", required=True, help="output model folder")
@@ -195,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the config's quick setting (about 3 minutes)")
     p.add_argument("--out", default=None, help="output folder (default out/run or out/run-quick)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("docs", help="regenerate the tables in README.md and docs/ from docs/results",
+                       description="Rewrite every generated table block (<!-- table: SOURCE options --> ... "
+                                   "<!-- /table -->) in README.md and docs/**/*.md from its source file under "
+                                   "docs/results; with --check, change nothing and exit 1 listing the stale blocks. "
+                                   "Marker options: cqpolicy/tracking/tables.py.")
+    p.add_argument("paths", nargs="*", help="markdown files (default: README.md and docs/**/*.md under --root)")
+    p.add_argument("--check", action="store_true", help="list stale blocks and exit 1 if any; write nothing")
+    p.add_argument("--root", default=".", help="repository root the sources are relative to (default: .)")
+    p.set_defaults(func=cmd_docs)
     return parser
 
 
@@ -268,38 +260,64 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    import torch
+def cmd_bench(args, parser=None) -> int:
+    import shutil
 
-    from cqpolicy.evaluation.bench import bench, log_bench_rows, markdown_table
-    from cqpolicy.models import load_model
+    from cqpolicy.evaluation.bench import log_bench_rows, markdown_table
+    from cqpolicy.evaluation.engine import load_config, override, parse_config, run_bench
     from cqpolicy.outputs import OutputDir
-    from cqpolicy.policies import make_policy
-    from cqpolicy.runtime import CacheFormat
-    from cqpolicy.sampling import SampleSettings
 
-    for spec in args.policies:
-        make_policy(spec)
-    CacheFormat.parse(args.cache_dtype, num_heads=1)
-    settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
-                              else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
-    settings.validate()
-    if args.num_samples < 1:
-        raise CliError(f"--num-samples must be at least 1, got {args.num_samples}")
-    out = OutputDir(args.out, overwrite=args.overwrite)
-    with out:
-        model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
-        if args.guidance_scale is None:
-            settings.guidance_scale = model.default_guidance_scale
-        rows = bench(model, args.policies, settings, args.num_samples, seed=args.seed,
-                     cache_format=args.cache_dtype, fid=args.fid, repeats=args.repeats)
+    if args.policy is not None:
+        raise CliError("bench takes --policies SPEC ... (or --config FILE), not --policy")
+    if args.config is None and args.policies is None:
+        parser.error("the following arguments are required: --policies (or --config FILE)")
+    if args.config is not None:
+        if args.seed or args.cache_dtype or args.overwrite:
+            raise CliError("with --config, replicates, cache formats and --out come from the config, --replicates "
+                           "and --out (resumed): not --seed, --cache-dtype or --overwrite")
+        base, role = load_config(args.config), args.role
+    else:
+        if args.out is None:
+            parser.error("the following arguments are required: --out")
+        if args.table_only or args.retime or args.only:
+            raise CliError("--table-only, --retime and --only work on a --config bench's --out")
+        role, first = args.role or "test", seed_roles.replicate_of(args.seed)
+        if args.replicates is not None and args.seed:
+            raise CliError("give --replicates or --seed, not both")
+        if args.replicates is None:
+            if first is None or (args.role and first[0] != args.role):
+                raise CliError(f"--seed {args.seed} starts no {args.role or 'test or validation'} replicate (test "
+                               f"k * 1_000_000, validation 60_000_000 + k * 100_000, k < 10): use --replicates")
+            role, args.replicates = first[0], [first[1]]
+        fmt = args.cache_dtype or defaults.CACHE_FORMAT
+        methods = [spec if fmt == defaults.CACHE_FORMAT or spec == "none" else {"policy": spec, "cache": fmt}
+                   for spec in args.policies]  # `none` never caches: its format is moot
+        base = parse_config({"methods": methods, "num_samples": defaults.NUM_SAMPLES, "repeats": 3, "fid": False,
+                             "experiment": "cqpolicy-bench", "replicates": {"role": role, "ids": args.replicates}},
+                            "bench --policies")
+    config = override(base, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                      scheduler=args.scheduler, guidance_scale=args.guidance_scale, num_samples=args.num_samples or None,
+                      role=role, replicates=tuple(args.replicates) if args.replicates else None, repeats=args.repeats,
+                      fid=args.fid or None, experiment=args.experiment, dtype=args.dtype,
+                      device=_resolve_device(args.device) if args.device else None)
+    if args.config is not None:
+        out = Path(args.out or f"out/bench/{Path(args.config).stem}")
+        run_bench(config, out, only=args.only, retime=args.retime, table_only=args.table_only)
+        print((out / "leaderboard.md").read_text())
+        print(f"wrote {out}/leaderboard.md, leaderboard.csv, pareto.png")
+        return 0
+    with OutputDir(args.out, overwrite=args.overwrite) as out:  # a new --out (and its MLflow runs), complete or absent
+        rows = run_bench(config, out.staging, log=False)
         table = markdown_table(rows)
-        out.file("results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        out.file("results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         out.file("results.md").write_text(table + "\n")
+        for name in ("rows", "wall", "work"):  # --overwrite: this run's folders replace an earlier run's
+            if (out.path / name).is_dir():
+                shutil.rmtree(out.path / name)
         final = out.commit()
-    log_bench_rows(args.experiment, rows, artifact=final / "results.json")
+    log_bench_rows(config.experiment, rows, artifact=final / "results.json")
     print(table)
-    print(f"wrote {final}/results.json")
+    print(f"wrote {final}/results.json, results.md, leaderboard.md, leaderboard.csv, pareto.png")
     return 0
 
 
@@ -345,45 +363,153 @@ def cmd_trace(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+TRAIN_KINDS = ("mlp", "scheduler", "intervals", "gates", "forecast")
+
+
+def _add_train_parsers(sub) -> None:
+    """``cqpolicy train KIND``: one subcommand per artifact kind, each with only its own options."""
+    train = sub.add_parser("train", help="train a policy artifact: train {mlp,scheduler,intervals,gates,forecast}",
+                           description="Write a policy artifact (policy.json + weights.safetensors) to --out. Trace "
+                                       "kinds (mlp, scheduler, intervals) train with Lightning on trace runs split by "
+                                       "seed; gates train through the sampler on --model; forecast fits in closed "
+                                       "form on uncached runs of --model.")
+    kinds = train.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    def kind(name, help_text, deploy):
+        p = kinds.add_parser(name, help=help_text, description=f"{help_text}. Deploy with {deploy}.")
+        p.add_argument("--out", required=True, help="artifact folder")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=cmd_train)
+        return p
+
+    def on_traces(p, epochs=20):
+        p.add_argument("--traces", nargs="+", required=True, help="trace run folders (cqpolicy trace)")
+        p.add_argument("--max-epochs", type=int, default=epochs)
+        p.add_argument("--label", choices=["auto", "local", "downstream"], default="auto",
+                       help="training label: the local output error as recorded, or weighted per step by the "
+                            "downstream probes (an estimate of the final-sample change); auto uses downstream when "
+                            "the traces hold enough probes")
+
+    def budget(p, default=0.5):
+        p.add_argument("--compute-budget", type=float, default=default,
+                       help=f"fraction of units that compute (default {default})")
+
+    def on_model(p):
+        p.add_argument("--model", required=True, help="the model to run (embedded name or local folder)")
+        p.add_argument("--steps", type=int, default=defaults.STEPS,
+                       help=f"sampling steps (default {defaults.STEPS})")
+
+    p = kind("mlp", "an MLP that predicts the harm of each reuse from run-time features",
+             "--policy learned:path=DIR[,threshold=x,max_reuse=k]")
+    on_traces(p)
+    p.add_argument("--features", choices=["step", "unit"], default="step",
+                   help="inputs: step (model input and staleness, one MLP call decides a whole step; default) or "
+                        "unit (each unit's own input, computed before every unit call)")
+    p.add_argument("--chain", action="store_true",
+                   help="also train on chain labels (traces recorded with --probes chain): one row per staleness "
+                        "2..8, so the policy prices chains of reuses, not one reuse of a fresh cache")
+    p = kind("scheduler", "a static step x block x unit table (an L2C-style router)", "--policy learned:path=DIR")
+    on_traces(p)
+    budget(p)
+    p = kind("intervals", "one phase-locked refresh interval per block and unit, fitted in closed form",
+             "--policy learned:path=DIR")
+    on_traces(p)
+    budget(p)
+    p.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="the refresh intervals to choose from, each dividing the next (default 1 2 4 8)")
+    p = kind("gates", "a budget-conditioned schedule trained through the sampler (no traces)",
+             "--policy learned:path=DIR,budget=B")
+    on_model(p)
+    p.add_argument("--budget-range", type=float, nargs=2, default=list(defaults.GATES_BUDGET_RANGE),
+                   metavar=("LOW", "HIGH"), help="the MACs fractions of the plain model it is trained for "
+                                                 "(default %(default)s)")
+    p.add_argument("--train-samples", type=int, default=128, help="rollout seeds to train on (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per rollout (default 8)")
+    p.add_argument("--max-epochs", type=int, default=20, help="0 writes the warm start untrained (--init-mlp)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
+    p.add_argument("--init-mlp", help="start from this trace-trained mlp artifact (its predicted harm per step, unit "
+                                      "and cache age ranks the first schedule); needs --init-traces")
+    p.add_argument("--init-traces", help="the trace run the --init-mlp predictions are averaged over")
+    p.add_argument("--rollout-traces", type=int, default=0,
+                   help="afterwards record this many training rollouts per validation budget as trace runs "
+                        "(OUT.traces/budget-B, probes local, chain, downstream) for retraining an mlp (default 0)")
+    p = kind("forecast", "a linear predictor of the units a static --schedule reuses, fitted on uncached runs",
+             "--policy forecast:path=DIR")
+    on_model(p)
+    p.add_argument("--schedule", required=True,
+                   help="the static schedule (a policy spec, e.g. fora:interval=3) whose reused units it forecasts")
+    p.add_argument("--order", type=int, default=3, help="computed outputs each forecast weighs (default 3)")
+    p.add_argument("--on-policy-rounds", type=int, default=0,
+                   help="refit that many times on runs that follow the fitted forecast (DAgger; default 0)")
+    p.add_argument("--affine", action="store_true",
+                   help="weights that sum to 1 (a constant output is forecast as itself, as TaylorSeer's)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="weights and a bias per output channel (with --order 1, CacheQuant's DEC: a per-channel "
+                        "scale and shift of the cached output)")
+
+
+def legacy_train_argv(argv: list[str]) -> list[str]:
+    """``train [--kind K] ...`` (the form before subcommands) as ``train K ...``; ``--kind`` absent: mlp."""
+    if not argv or argv[0] != "train" or len(argv) < 2 or not argv[1].startswith("-") or argv[1] in ("-h", "--help"):
+        return argv
+    rest, kind = list(argv[1:]), "mlp"
+    for i, arg in enumerate(rest):
+        if arg == "--kind" and i + 1 < len(rest):
+            kind = rest[i + 1]
+            del rest[i:i + 2]
+            break
+        if arg.startswith("--kind="):
+            kind = arg.split("=", 1)[1]
+            del rest[i]
+            break
+    return ["train", kind, *rest]
+
+
+def _train_gates(args) -> tuple[dict, str]:
+    from cqpolicy.training.rollout import train_gates
+
+    if args.max_epochs < (0 if args.init_mlp else 1):  # a warm start may be written untrained
+        raise CliError(f"--max-epochs must be at least {0 if args.init_mlp else 1}, got {args.max_epochs}")
+    meta = train_gates(args.model, args.out, steps=args.steps, budget_range=tuple(args.budget_range),
+                       train_samples=args.train_samples, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                       seed=args.seed, max_minutes=args.max_minutes, init_mlp=args.init_mlp,
+                       init_traces=args.init_traces, rollout_traces=args.rollout_traces, overwrite=args.overwrite)
+    return meta, f"learned:path={args.out},budget=B"
+
+
+def _train_forecast(args) -> tuple[dict, str]:
+    from cqpolicy.training.forecast import fit_forecast
+
+    meta = fit_forecast(args.model, args.schedule, args.out, steps=args.steps, order=args.order,
+                        on_policy_rounds=args.on_policy_rounds, affine=args.affine, per_channel=args.per_channel,
+                        overwrite=args.overwrite)
+    return meta, f"forecast:path={args.out}"
+
+
+def _train_on_traces(args) -> tuple[dict, str]:
     from cqpolicy.training.train import train_policy
 
-    warm = args.kind == "gates" and args.init_mlp
-    if args.max_epochs < (0 if warm else 1):  # a warm start may be written untrained
-        raise CliError(f"--max-epochs must be at least {0 if warm else 1}, got {args.max_epochs}")
-    if not 0 < args.compute_budget <= 1:
-        raise CliError(f"--compute-budget must lie in (0, 1], got {args.compute_budget}")
-    if args.kind == "gates":
-        from cqpolicy.training.rollout import train_gates
-
-        if args.traces or not args.model:
-            raise CliError("--kind gates trains on rollouts of --model, not on --traces")
-        meta = train_gates(args.model, args.out, steps=args.steps, budget_range=tuple(args.budget_range),
-                           train_samples=args.train_samples, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                           seed=args.seed, max_minutes=args.max_minutes, init_mlp=args.init_mlp,
-                           init_traces=args.init_traces, rollout_traces=args.rollout_traces,
-                           overwrite=args.overwrite)
-        print(json.dumps(meta.get("metrics", {}), indent=2))
-        print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out},budget=B")
-        return 0
-    if args.kind == "forecast":
-        from cqpolicy.training.forecast import fit_forecast
-
-        if args.traces or not args.model or not args.schedule:
-            raise CliError("--kind forecast needs --model and --schedule (not --traces)")
-        meta = fit_forecast(args.model, args.schedule, args.out, steps=args.steps, order=args.order,
-                            on_policy_rounds=args.on_policy_rounds, affine=args.affine,
-                            per_channel=args.per_channel, overwrite=args.overwrite)
-        print(json.dumps(meta.get("metrics", {}), indent=2))
-        print(f"wrote forecast artifact {args.out}: deploy with --policy forecast:path={args.out}")
-        return 0
-    if not args.traces:
-        raise CliError(f"--kind {args.kind} needs --traces")
+    if args.max_epochs < 1:
+        raise CliError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+    budget = getattr(args, "compute_budget", 0.5)
+    if not 0 < budget <= 1:
+        raise CliError(f"--compute-budget must lie in (0, 1], got {budget}")
     meta = train_policy(args.traces, kind=args.kind, out_dir=args.out, max_epochs=args.max_epochs, seed=args.seed,
-                        compute_budget=args.compute_budget, overwrite=args.overwrite, label=args.label,
-                        features=args.features, intervals=args.intervals, chain=args.chain)
+                        compute_budget=budget, overwrite=args.overwrite, label=args.label,
+                        features=getattr(args, "features", "step"), intervals=getattr(args, "intervals", [1, 2, 4, 8]),
+                        chain=getattr(args, "chain", False))
+    return meta, f"learned:path={args.out}"
+
+
+TRAINERS = {"gates": _train_gates, "forecast": _train_forecast, "mlp": _train_on_traces,
+            "scheduler": _train_on_traces, "intervals": _train_on_traces}
+
+
+def cmd_train(args) -> int:
+    meta, spec = TRAINERS[args.kind](args)
     print(json.dumps(meta.get("metrics", {}), indent=2))
-    print(f"wrote policy artifact {args.out}: deploy with --policy learned:path={args.out}")
+    print(f"wrote {args.kind} artifact {args.out}: deploy with --policy {spec}")
     return 0
 
 
@@ -425,6 +551,24 @@ def cmd_run(args) -> int:
     out = args.out or ("out/run-quick" if args.quick else "out/run")
     summary = run_pipeline(config, out)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_docs(args) -> int:
+    from cqpolicy.tracking import tables
+
+    paths = args.paths or tables.default_paths(args.root)
+    if args.check:
+        stale = tables.check(paths, root=args.root)
+        for block in stale:
+            print(f"stale: {block}")
+        print(f"{len(stale)} stale table block(s) in {len(paths)} file(s)" if stale
+              else f"every table block of {len(paths)} file(s) is current")
+        return 1 if stale else 0
+    changed = tables.write(paths, root=args.root)
+    for block in changed:
+        print(f"rewrote: {block}")
+    print(f"rewrote {len(changed)} table block(s) in {len(paths)} file(s)")
     return 0
 
 
@@ -484,10 +628,16 @@ def main(argv: list[str] | None = None) -> int:
         # argparse prints the whole usage before its error: one line is enough, ``--help`` has the rest
         return lambda message: p.exit(2, f"{p.prog}: error: {message} (see {p.prog} --help)\n")
 
-    for p in [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-                         for sub in action.choices.values()]:
+    def with_subparsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from with_subparsers(sub)
+
+    for p in with_subparsers(parser):
         p.error = one_line_error(p)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(legacy_train_argv(list(sys.argv[1:] if argv is None else argv)))
     from cqpolicy.data import DatasetMissingError
     from cqpolicy.models import ModelLoadError
     from cqpolicy.pipeline import PipelineError

@@ -7,7 +7,8 @@ Stages (each writes ``OUT/<stage>/done.json`` when complete; a re-run skips comp
 3. ``retrain``   close the loop: record traces under the learned policy, retrain on both runs
 4. ``search``    an Optuna study over the learned policy's threshold and the cache format
 5. ``bench``     the study's Pareto points, the learned scheduler and every baseline family, side by side,
-                 at a larger sample count over several seeds (one MLflow run per row and seed)
+                 at a larger sample count over several test replicates (``cqpolicy.evaluation.engine``: rows
+                 under ``OUT/bench/rows``, resumable; one MLflow run per row and replicate)
 6. ``report``    leaderboard (md, csv), Pareto plot, heatmap of the learned policy's reuse decisions,
                  sample grids (uncached vs the best policies), summary
 """
@@ -263,12 +264,21 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
         matched = (interval_spec(interval, model.adapter.default_units), p["cache_dtype"])
         if interval > 1 and matched not in baselines:
             baselines.append(matched)
-    from cqpolicy.evaluation.bench import bench_rows, log_bench_rows
+    from cqpolicy.evaluation.engine import parse_config, run_bench
 
-    rows = bench_rows(model, learned + baselines, replace(settings, batch_size=int(b.get("batch_size", 64))),
-                      int(b.get("num_samples", 64)), b.get("seeds", [0, 1, 2]), int(b.get("repeats", 0)), progress)
-    bench_id = uuid.uuid4().hex  # the report reads exactly these runs, not those of earlier runs into this --out
-    log_bench_rows(f"cqpolicy-bench-{stage_dir.parent.name}", rows, {BENCH_TAG: bench_id})
+    # the report reads exactly these runs, not those of earlier runs into this --out; kept for a resumed bench
+    id_file = stage_dir / "bench_id"
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex)
+    bench_id = id_file.read_text().strip()
+    bench = parse_config({"model": str(config.get("model", "fmnist-dit")), "steps": settings.steps,
+                          "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
+                          "batch_size": int(b.get("batch_size", 64)), "num_samples": int(b.get("num_samples", 64)),
+                          "seeds": list(b.get("seeds", [0, 1, 2])), "repeats": int(b.get("repeats", 0)),
+                          "methods": [{"policy": spec, "cache": fmt} if spec != "none" else spec
+                                      for spec, fmt in learned + baselines],
+                          "experiment": f"cqpolicy-bench-{stage_dir.parent.name}"}, f"{config['source']} bench")
+    rows = run_bench(bench, stage_dir, model=model, progress=progress, tags={BENCH_TAG: bench_id})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
 
@@ -328,10 +338,10 @@ def stage_report(config, model, settings, stage_dir, results, progress):
                "baseline_fid": float(base["fid_mean"].iloc[0]) if len(base) else None,
                "best": best[["method", "cache_dtype", "macs_speedup", "wall_speedup", "fid_mean", "fid_std"]]
                .to_dict("records"),
-               # does each learned row sit below every other family's frontier at >= its MACs, by > paired std?
+               # each learned row against every other family's frontier interpolated at its MACs (protocol v2)
                "learned_verdicts": board[board["family"].astype(str).str.startswith("learned")][
-                   ["method", "cache_dtype", "macs_speedup", "delta_fid", "delta_fid_std", "beats_all",
-                    "not_beaten_by_margin", "unopposed"]].to_dict("records")}
+                   ["method", "name", "cache_dtype", "macs_speedup", "delta_fid", "delta_fid_std", "beats_all",
+                    "beats", "ties", "loses_to", "unopposed", "vs_frontiers"]].to_dict("records")}
     print(paths["markdown"].read_text())
     return summary
 
@@ -383,7 +393,7 @@ def _decision_heatmap(config, model, settings, artifact, path, label="learned po
 
 def _grids(config, model, settings, plain, shown, path):
     """The same display-seed samples under the plain model and each shown leaderboard row, one titled panel each
-    (spec, MACs speedup, FID)."""
+    (short name, MACs speedup, FID)."""
     from cqpolicy.evaluation.quality import images_to_uint8
     from cqpolicy.policies import make_policy
     from cqpolicy.runtime import enable
@@ -405,7 +415,7 @@ def _grids(config, model, settings, plain, shown, path):
         policy.prepare(model, settings)
         with enable(model.transformer, policy, row["cache_dtype"]):
             images = images_to_uint8(sample(model, labels, seeds, settings, progress=False))
-        panels.append((title(f"{row['method']} ({row['cache_dtype']})", row), images))
+        panels.append((title(f"{row['name']} ({row['cache_dtype']})", row), images))
     save_sample_grids(panels, path)
 
 

@@ -14,18 +14,25 @@ role            seeds                        used by
 ``search``      ``30_000_000 + i``           Optuna trials
 ``selection``   ``40_000_000 + i``           model selection: guidance scale, training checkpoints
 ``display``     ``50_000_000 + i``           report pictures (sample grids, decision heatmaps); never scored
+``validation``  ``60_000_000 + k * 100_000   bench validation replicate ``k``: variants and settings are chosen
+                + i``, k<10                  on these, test replicates score only what was chosen
 ==============  ===========================  ==================================================================
 
 Nothing learned, calibrated or searched ever sees a test seed: ``cqpolicy train`` refuses traces of test
-seeds, ``cqpolicy search`` a space on test seeds, and ``cqpolicy run`` a config whose ranges meet.
+seeds, ``cqpolicy search`` a space on test seeds, ``cqpolicy run`` a config whose ranges meet, and
+``cqpolicy bench`` an artifact that records test seeds. A bench scores the replicates of one role (``test`` or
+``validation``: ``replicate_start``), never both in one table.
 """
 from __future__ import annotations
 
 SPAN = 1_000_000  # seeds per role (and per test replicate)
 TEST_REPLICATES = 10
 STARTS = {"test": 0, "calibration": 10_000_000, "trace": 20_000_000, "retrain": 21_000_000,
-          "rollout": 22_000_000, "search": 30_000_000, "selection": 40_000_000, "display": 50_000_000}
+          "rollout": 22_000_000, "search": 30_000_000, "selection": 40_000_000, "display": 50_000_000,
+          "validation": 60_000_000}
 ROLES = tuple(STARTS)
+# the roles a bench scores, replicate k of each: samples start + k * span + i (span: samples per replicate)
+REPLICATE_SPANS = {"test": SPAN, "validation": 100_000}
 
 
 class SeedOverlapError(ValueError):
@@ -44,6 +51,24 @@ def test_start(replicate: int) -> int:
     if not 0 <= int(replicate) < TEST_REPLICATES:
         raise ValueError(f"test replicate must lie in [0, {TEST_REPLICATES}), got {replicate}")
     return int(replicate) * SPAN
+
+
+def replicate_start(role: str, replicate: int) -> int:
+    """The first sample seed of bench replicate ``replicate`` of ``role`` (``test`` or ``validation``)."""
+    if role not in REPLICATE_SPANS:
+        raise ValueError(f"a bench scores replicates of {' or '.join(REPLICATE_SPANS)}, not {role!r}")
+    if not 0 <= int(replicate) < TEST_REPLICATES:
+        raise ValueError(f"{role} replicate must lie in [0, {TEST_REPLICATES}), got {replicate}")
+    return STARTS[role] + int(replicate) * REPLICATE_SPANS[role]
+
+
+def replicate_of(seed: int) -> tuple[str, int] | None:
+    """``(role, k)`` when ``seed`` is the first seed of a bench replicate, else None."""
+    for role, span in REPLICATE_SPANS.items():
+        k, rest = divmod(int(seed) - STARTS[role], span)
+        if rest == 0 and 0 <= k < TEST_REPLICATES:
+            return role, k
+    return None
 
 
 def is_test_seed(seed: int) -> bool:

@@ -18,9 +18,9 @@ $PY scripts/readme_table.py docs/results/main-job/leaderboard.csv | tee docs/res
 $PY scripts/select_guidance.py --scales 1.5 2 2.5 3 --num-samples 500 --json docs/results/guidance.json \
     | tee docs/results/guidance.md
 
-# 1. the uncached model: FID over 3 seeds x 1000 samples, accuracy, MACs and time per image, 50 DDIM steps
-$PY scripts/bench_foundation.py --steps 50 --num-samples 1000 --seeds 0 1 2 \
-    --json docs/results/foundation.json | tee docs/results/foundation.md
+# 1. the uncached model (FID over 3 test replicates x 1000 samples, accuracy, MACs and time per image, 50 DDIM
+#    steps) is the plain rows of the paper table, step 3 (docs/results/paper/rows/*/baseline-*.json); alone:
+#    cqpolicy bench --config configs/fmnist-dit-paper.yaml --out docs/results/paper --only baseline
 
 # 2. a sample grid (50 steps, 10 per class)
 rm -rf out/readme-grid
@@ -29,7 +29,7 @@ cp out/readme-grid/grid.png docs/fmnist-dit-grid.png
 
 # 3. the paper-scale table: every family's frontier and the main job's learned policies, N = 1000 x 3 test
 #    replicates (resumable; about 3 hours here), into docs/results/paper/; its README table
-$PY scripts/bench_paper.py --config configs/fmnist-dit-paper.yaml --out docs/results/paper
+.venv/bin/cqpolicy bench --config configs/fmnist-dit-paper.yaml --out docs/results/paper
 $PY scripts/readme_table.py docs/results/paper/leaderboard.csv | tee docs/results/paper/readme-table.md
 
 # 4. the cost of recording traces
@@ -53,5 +53,5 @@ rm -rf out/run-unet
 cp out/run-unet/report/leaderboard/leaderboard.{md,csv} out/run-unet/report/leaderboard/pareto.png \
     out/run-unet/report/grids.png out/run-unet/report/learned-*.png $U/main-job/
 $PY scripts/readme_table.py $U/main-job/leaderboard.csv | tee $U/main-job/readme-table.md
-$PY scripts/bench_paper.py --config configs/fmnist-unet-paper.yaml --out docs/results/paper-unet
+.venv/bin/cqpolicy bench --config configs/fmnist-unet-paper.yaml --out docs/results/paper-unet
 $PY scripts/readme_table.py docs/results/paper-unet/leaderboard.csv | tee docs/results/paper-unet/readme-table.md

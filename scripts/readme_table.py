@@ -4,56 +4,20 @@
     python scripts/readme_table.py out/run/report/leaderboard/leaderboard.csv
     python scripts/readme_table.py docs/results/paper/leaderboard.csv --bold learned
 
-Every number is the leaderboard's own (``cqpolicy leaderboard`` / ``cqpolicy run`` / ``bench_paper.py``); this
+Every number is the leaderboard's own (``cqpolicy leaderboard`` / ``cqpolicy run`` / ``cqpolicy bench --config``); this
 only picks columns and shortens the method specs (options at their default dropped, artifact paths shortened to
 their folder name).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from cqpolicy.policies.registry import make_config, parse_spec
-
-
-def short_spec(spec: str) -> str:
-    """``spec`` without the options at their default (the family's first option stays when nothing else does), a
-    ``path`` shortened to its last folder and long floats to 3 significant digits."""
-    if spec == "baseline":
-        return "plain model"
-    name, params = parse_spec(spec)
-    try:
-        fields = dataclasses.fields(type(make_config(name, params)))
-    except ValueError:
-        return spec
-    defaults = {f.name: f.default for f in fields}
-    kept = {k: v for k, v in params.items() if defaults.get(k, dataclasses.MISSING) is dataclasses.MISSING
-            or not _same(v, defaults[k])}
-    if not kept and fields and fields[0].name in params:
-        kept = {fields[0].name: params[fields[0].name]}
-    return name + (":" + ",".join(f"{k}={_short_value(k, v)}" for k, v in kept.items()) if kept else "")
-
-
-def _short_value(key: str, value: str) -> str:
-    if key == "path":
-        return Path(value).name
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return f"{number:.3g}" if "." in value and len(value) > 6 else value
-
-
-def _same(text: str, default) -> bool:
-    try:
-        return type(default)(text) == default if not isinstance(default, bool) else text == str(default)
-    except (TypeError, ValueError):
-        return False
+from cqpolicy.tracking.names import short_name as short_spec
 
 
 def _pm(mean, std, digits: int, sign: bool = False) -> str:
@@ -63,17 +27,20 @@ def _pm(mean, std, digits: int, sign: bool = False) -> str:
     return text if std is None or (isinstance(std, float) and math.isnan(std)) else f"{text} ± {std:.{digits}f}"
 
 
-def _not_beaten(row) -> str:
-    text = row.get("not_beaten_by_margin")
-    if isinstance(text, str) and text:
-        return text.replace(",", ", ")
-    return "none (unopposed)" if isinstance(row.get("unopposed"), str) and row["unopposed"] else "none"
+def verdict(row) -> str:
+    """The leaderboard's frontier verdict (protocol v2): ``beats X, Y; ties Z; loses to W; unopposed V``."""
+    parts = []
+    for label, column in (("beats", "beats"), ("ties", "ties"), ("loses to", "loses_to"), ("unopposed", "unopposed")):
+        text = row.get(column)
+        if isinstance(text, str) and text:  # an empty list reads back from the CSV as NaN
+            parts.append(f"{label} {text.replace(',', ', ')}")
+    return "; ".join(parts) or "–"
 
 
 def readme_table(csv: str | Path, bold: str | None = None) -> str:
     table = pd.read_csv(csv).sort_values("macs_speedup", ascending=False)
     lines = ["| method | cache | MACs speedup | wall speedup | FID | ΔFID ± paired std | KID | ΔKID ± paired std | "
-             "PSNR (dB) | families it does not beat at ≥ its MACs |", "|" + "---|" * 10]
+             "PSNR (dB) | vs. other families' frontiers at its MACs |", "|" + "---|" * 10]
     for row in table.to_dict("records"):
         name = f"`{short_spec(row['method'])}`"
         if bold and str(row["family"]).startswith(bold):
@@ -83,7 +50,7 @@ def readme_table(csv: str | Path, bold: str | None = None) -> str:
                      f"{_pm(row['fid_mean'], row['fid_std'], 2)} | {_pm(row['delta_fid'], row['delta_fid_std'], 2, True)} | "
                      f"{_pm(row['kid_mean'], row['kid_std'], 3)} | {_pm(row['delta_kid'], row['delta_kid_std'], 3, True)} | "
                      f"{'∞' if plain else format(row['psnr_vs_baseline'], '.1f')} | "
-                     f"{'–' if plain else _not_beaten(row)} |")
+                     f"{'–' if plain else verdict(row)} |")
     return "\n".join(lines)
 
 

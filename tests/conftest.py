@@ -41,12 +41,12 @@ def mlflow_store_at(folder):
             os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
-def load_script(name: str):
-    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+def load_script(name: str, folder: str = "scripts"):
+    """``<folder>/<name>.py`` imported as a module (scripts and benchmarks/research are not packages)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,4 +1,4 @@
-"""scripts/adaptivity_ablation.py: an adaptive policy's mean schedule at its own MACs."""
+"""benchmarks/research/adaptivity_ablation.py: an adaptive policy's mean schedule at its own MACs."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ from cqpolicy.policies.families.table import load_table
 
 
 def test_the_mean_schedule_of_a_static_policy_is_that_policy(tiny_dit_dir, tmp_path):
-    script = load_script("adaptivity_ablation")
+    script = load_script("adaptivity_ablation", "benchmarks/research")
     out = tmp_path / "ab"
     assert script.main(["--policy", "fora:interval=3", "--model", str(tiny_dit_dir), "--steps", "7",
                         "--samples", "4", "--batch-size", "2", "--out", str(out)]) == 0
@@ -25,7 +25,7 @@ def test_the_mean_schedule_of_a_static_policy_is_that_policy(tiny_dit_dir, tmp_p
 
 
 def test_a_per_sample_policy_gets_a_static_table_at_its_mean_macs(tiny_dit_dir, tmp_path):
-    script = load_script("adaptivity_ablation")
+    script = load_script("adaptivity_ablation", "benchmarks/research")
     out = tmp_path / "ab"
     assert script.main(["--policy", "teacache:threshold=0.3", "--model", str(tiny_dit_dir), "--steps", "8",
                         "--samples", "4", "--batch-size", "2", "--out", str(out)]) == 0

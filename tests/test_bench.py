@@ -1,3 +1,4 @@
+"""``cqpolicy bench --policies``: a config built from the flags, through the one engine; results.json / results.md."""
 import json
 
 import pytest
@@ -35,16 +36,26 @@ def test_bench_rejects_a_bad_policy_before_running(tiny_dit_dir, tmp_path, capsy
     assert not (tmp_path / "b").exists()
 
 
-def test_bench_takes_a_cache_format_per_method_and_times_quality_passes(tiny_dit_dir):
-    from cqpolicy.evaluation.bench import bench
-    from cqpolicy.models import load_model
-    from cqpolicy.sampling import SampleSettings
+def test_bench_takes_a_cache_format_per_method_and_times_quality_passes(tiny_dit_dir, tmp_path):
+    from cqpolicy.evaluation.engine import parse_config, run_bench
 
-    model = load_model(str(tiny_dit_dir))
-    rows = bench(model, ["fora:interval=2", ("fora:interval=2", "int8-token")], SampleSettings(steps=4, batch_size=2),
-                 num_samples=2, repeats=0, progress=False)
+    config = parse_config({"model": str(tiny_dit_dir), "steps": 4, "batch_size": 2, "num_samples": 2, "seeds": [0],
+                           "repeats": 0, "fid": False,
+                           "methods": ["fora:interval=2", {"policy": "fora:interval=2", "cache": "int8-token"}]})
+    rows = run_bench(config, tmp_path / "b", progress=False)
     assert [r["cache_dtype"] for r in rows] == ["none", "fp16", "int8-token"]
     fp16, int8 = rows[1], rows[2]
     assert int8["cache_bytes"] < fp16["cache_bytes"]  # the int8 row really ran with an int8 cache
     assert all(r["wall_speedup"] > 0 and r["quality_pass_s"] > 0 for r in rows)  # repeats=0: from quality passes
-    assert rows[0]["wall_speedup"] == 1.0 and "quality pass" in rows[0]["wall_measured_on"]
+    assert rows[0]["wall_speedup"] == 1.0 and "quality passes" in rows[1]["wall_measured_on"]
+    assert rows[1]["wall_flag"] == "quality-pass" and rows[0]["fid"] is None
+
+
+def test_bench_overwrite_replaces_an_earlier_run(tiny_dit_dir, tmp_path, capsys):
+    argv = ["bench", "--model", str(tiny_dit_dir), "--policies", "fora:interval=2", "--steps", "2", "--num-samples",
+            "2", "--batch-size", "2", "--repeats", "0", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err  # nothing overwritten unasked
+    assert main(argv + ["--replicates", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "b" / "rows").iterdir()) == ["1"]  # the earlier run's rows are gone
+    assert {r["seed"] for r in json.loads((tmp_path / "b" / "results.json").read_text())} == {1_000_000}

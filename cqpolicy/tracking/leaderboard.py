@@ -4,14 +4,16 @@
 (model, steps, num_samples, method, cache_dtype, weights) over seeds (FID / KID mean ± std, ΔFID / ΔKID against the
 baseline run of the same seed with their paired std, mean costs), flags the (MACs speedup ↑, FID ↓)
 Pareto-optimal methods of each setting and gives each method a "families are frontiers" verdict (DESIGN.md
-§4): does it beat every other family's best row at equal or higher MACs speedup by more than the paired
-std? A row on quantized weights (``weights`` other than ``fp``) belongs to its policy's family tagged with the
-weights, e.g. ``fora+int8``, so a joint row is judged against every other family's frontier, the full-precision
-one of its own policy included. ``write_leaderboard`` writes ``leaderboard.md``, ``leaderboard.csv`` and
-``pareto.png`` into a folder that is either complete or absent.
+§4, protocol v2): per other family, is it below, on or above that family's frontier interpolated at its MACs
+speedup, by more than 2 standard errors of the per-replicate differences? A row on quantized weights (``weights``
+other than ``fp``) belongs to its policy's family tagged with the weights, e.g. ``fora+int8``, so a joint row is
+judged against every other family's frontier, the full-precision one of its own policy included.
+``write_leaderboard`` writes ``leaderboard.md``, ``leaderboard.csv`` and ``pareto.png`` into a folder that is either
+complete or absent.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Sequence
@@ -34,9 +36,10 @@ METRICS = ("macs_speedup", "wall_speedup", "fid", "kid", "psnr_vs_baseline", "ss
            "compression_ratio")
 MEANS = ("macs_speedup", "wall_speedup", "psnr_vs_baseline", "ssim_vs_baseline", "cache_bytes", "reuse_ratio",
          "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs", "model_bytes", "compression_ratio")
-COLUMNS = (GROUP + ["family", "n_runs", "n_seeds", "n_fid_seeds", "seeds", "fid_mean", "fid_std", "delta_fid",
+COLUMNS = (GROUP + ["name", "family", "n_runs", "n_seeds", "n_fid_seeds", "seeds", "fid_mean", "fid_std", "delta_fid",
                     "delta_fid_std", "kid_mean", "kid_std", "delta_kid", "delta_kid_std"] + list(MEANS)
-           + ["pareto", "beats_all", "not_beaten_by_margin", "unopposed", "experiments", "run_ids"])
+           + ["pareto", "beats_all", "beats", "ties", "loses_to", "unopposed", "vs_frontiers", "experiments",
+              "run_ids"])
 
 
 def derived_family(method) -> str | None:
@@ -169,54 +172,110 @@ def _spread_std(values: pd.Series) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else math.nan)
 
 
-def _beats(row_fid: pd.Series, row_delta: float, best_fid: pd.Series, best_delta: float) -> bool:
-    """True when ``row_delta`` is below ``best_delta`` by more than the paired std: the sample std, over
-    the seeds both have a FID for, of the per-seed FID differences row minus best (no std with fewer than
-    two shared seeds: False)."""
-    shared = row_fid.index.intersection(best_fid.index)
-    if len(shared) < 2:
-        return False
-    paired_std = _sample_std(row_fid[shared].to_numpy(dtype=float) - best_fid[shared].to_numpy(dtype=float))
-    return bool(best_delta - row_delta > paired_std)
+def _short_names(methods: pd.Series) -> pd.Series:
+    """``names.short_name`` of each method (imported here: it loads the policy registry, and torch with it)."""
+    from cqpolicy.tracking.names import short_name
+
+    return methods.map(lambda m: short_name(m) if isinstance(m, str) else m)
 
 
-MACS_MATCH = 0.02  # "equal MACs" within 2%: a hand schedule 1% cheaper than a learned one is its twin, not slower
+def _frontier_points(setting: pd.DataFrame, family: str, plain: int | None) -> list[tuple[float, int]]:
+    """``family``'s frontier in ``setting`` as (MACs speedup, row index) sorted by speedup: its Pareto-optimal rows
+    (MACs speedup ↑, mean FID ↓) at >= 1x, plus the plain row at 1x (the family's setting that never reuses); at
+    equal speedups the lower mean FID stands (plain on a tie). Rows without a speedup or a FID take no part."""
+    rows = setting[setting["family"].astype(str) == family]
+    mask = pareto_mask(rows[["macs_speedup", "fid_mean"]].to_numpy(dtype=float), [True, False])
+    points = [(float(m), j, float(rows.at[j, "fid_mean"]), 1) for j, m in rows["macs_speedup"][mask].items() if m >= 1]
+    if plain is not None and not math.isnan(setting.at[plain, "fid_mean"]):
+        points.append((1.0, plain, float(setting.at[plain, "fid_mean"]), 0))
+    points.sort(key=lambda p: (p[0], p[2], p[3]))
+    kept: list[tuple[float, int]] = []
+    for m, j, _, _ in points:
+        if not kept or kept[-1][0] != m:
+            kept.append((m, j))
+    return kept
+
+
+def _frontier_at(points: list[tuple[float, int]], m: float, per_seed_fid: list[pd.Series]) -> pd.Series | None:
+    """Per replicate, the frontier's FID at MACs speedup ``m`` (clamped at 1x), linear in log(speedup) between the
+    two points around it, over the replicates both points have; None when ``m`` is outside the frontier."""
+    m = max(m, 1.0)
+    xs = [x for x, _ in points]
+    k = bisect.bisect_left(xs, m)
+    if k == len(xs) or (k == 0 and xs[0] != m):
+        return None
+    if xs[k] == m:
+        return per_seed_fid[points[k][1]]
+    (x0, j0), (x1, j1) = points[k - 1], points[k]
+    t = (math.log(m) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    lo, hi = per_seed_fid[j0], per_seed_fid[j1]
+    shared = lo.index.intersection(hi.index)
+    return lo[shared] + t * (hi[shared] - lo[shared])
+
+
+def _versus_frontier(fid: pd.Series, frontier: pd.Series | None) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the per-replicate differences row minus frontier over the replicates both have
+    (NaN mean without any, NaN SE with fewer than two)."""
+    if frontier is None:
+        return math.nan, math.nan, 0
+    shared = fid.index.intersection(frontier.index)
+    d = fid[shared].to_numpy(dtype=float) - frontier[shared].to_numpy(dtype=float)
+    if not len(d):
+        return math.nan, math.nan, 0
+    return float(d.mean()), _sample_std(d) / math.sqrt(len(d)), len(d)
+
+
+def _verdict(mean: float, se: float, n: int) -> str:
+    """``beats`` / ``loses_to`` when the mean difference is beyond 2 SE on its side (n >= 2), else ``ties``."""
+    if n < 2:
+        return "ties"
+    if mean < 0 and mean < -2 * se:
+        return "beats"
+    if mean > 0 and mean > 2 * se:
+        return "loses_to"
+    return "ties"
+
+
+VERDICTS = ["beats", "ties", "loses_to", "unopposed", "beats_all", "vs_frontiers"]
 
 
 def _verdicts(table: pd.DataFrame, per_seed_fid: list[pd.Series]) -> pd.DataFrame:
-    """The "families are frontiers" verdict of every non-plain row: for each other family G (``plain``
-    excluded) of its setting, G's rows with MACs speedup >= the row's (within ``MACS_MATCH``); none: G is
-    unopposed there (counts as
-    beaten); else the best of them (lowest delta_fid, ties: higher MACs speedup) must be beaten by more than
-    the paired std (``_beats``). A row without a delta_fid or a MACs speedup beats no opposed family and
-    never beats all; plain rows get no verdict (False / "")."""
-    beats_all = pd.Series(False, index=table.index)
-    not_beaten = pd.Series("", index=table.index)
-    unopposed = pd.Series("", index=table.index)
+    """The protocol-v2 "families are frontiers" verdict (DESIGN.md §4) of every non-plain row against every other
+    non-plain family G of its setting: unopposed when the row is faster than G's fastest frontier point (plain
+    included), else the per-replicate differences row minus G's frontier interpolated at the row's speedup
+    (``_frontier_at``) beat / tie / lose by 2 standard errors (``_verdict``). ``vs_frontiers``:
+    ``G:mean:se:n`` per opposed G. A row without a speedup ties every family; plain rows get no verdict."""
+    out = {name: pd.Series("", index=table.index, dtype=object) for name in VERDICTS}
+    out["beats_all"] = pd.Series(False, index=table.index)
     for _, setting in table.groupby(SETTING, dropna=False, sort=False):
         fam = setting["family"].astype(str)
-        macs = setting["macs_speedup"].astype(float)
-        delta = setting["delta_fid"].astype(float)
+        plains = setting.index[fam == PLAIN]
+        plain = plains[0] if len(plains) else None
+        families = sorted(set(fam) - {PLAIN})
+        frontiers = {g: _frontier_points(setting, g, plain) for g in families}
         for i in setting.index:
             if fam[i] == PLAIN:
                 continue
-            others = sorted(set(fam) - {PLAIN, fam[i]})
-            lost, free = [], []
-            for g in others:
-                at = setting.index[(fam == g) & (macs >= macs[i] * (1 - MACS_MATCH))]  # NaN compares False
-                if len(at) == 0 and not math.isnan(macs[i]):
-                    free.append(g)
+            m = float(setting.at[i, "macs_speedup"])
+            lists = {"beats": [], "ties": [], "loses_to": [], "unopposed": []}
+            numbers = []
+            for g in families:
+                if g == fam[i]:
                     continue
-                candidates = [j for j in at if not math.isnan(delta[j])]
-                if math.isnan(delta[i]) or not candidates:
-                    lost.append(g)
+                points = frontiers[g]
+                if not math.isnan(m) and (not points or m > points[-1][0]):
+                    lists["unopposed"].append(g)
                     continue
-                best = min(candidates, key=lambda j: (delta[j], -macs[j]))
-                if not _beats(per_seed_fid[i], delta[i], per_seed_fid[best], delta[best]):
-                    lost.append(g)
-            beats_all[i] = bool(others) and not lost and not math.isnan(delta[i])
-            not_beaten[i], unopposed[i] = ",".join(lost), ",".join(free)
-    return pd.DataFrame({"beats_all": beats_all, "not_beaten_by_margin": not_beaten, "unopposed": unopposed})
+                frontier = None if math.isnan(m) else _frontier_at(points, m, per_seed_fid)
+                mean, se, n = _versus_frontier(per_seed_fid[i], frontier)
+                lists[_verdict(mean, se, n)].append(g)
+                numbers.append(f"{g}:{mean:.4f}:{se:.4f}:{n}")
+            for name, names in lists.items():
+                out[name][i] = ",".join(names)
+            opposed = len(families) - 1 - len(lists["unopposed"])
+            out["beats_all"][i] = opposed > 0 and len(lists["beats"]) == opposed
+            out["vs_frontiers"][i] = ";".join(numbers)
+    return pd.DataFrame(out)
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
@@ -236,7 +295,9 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
       and ``compression_ratio``);
     - ``pareto``: not dominated in (MACs speedup ↑, FID mean ↓) within the setting, baseline included at
       speedup 1;
-    - ``beats_all`` / ``not_beaten_by_margin`` / ``unopposed``: the frontier verdict (``_verdicts``);
+    - ``name``: the short method name (``names.short_name``: the spec without its defaults);
+    - ``beats`` / ``ties`` / ``loses_to`` / ``unopposed`` / ``beats_all`` / ``vs_frontiers``: the frontier verdict
+      (``_verdicts``);
     - the experiments and run ids.
 
     Sorted per setting: Pareto-optimal first, then MACs speedup descending."""
@@ -302,6 +363,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         mask = pareto_mask(group[["macs_speedup", "fid_mean"]].to_numpy(dtype=float), [True, False])
         table.loc[group.index, "pareto"] = mask
     table = table.join(_verdicts(table, per_seed_fid))
+    table["name"] = _short_names(table["method"])
     table = table[COLUMNS].sort_values(SETTING + ["pareto", "macs_speedup", "fid_mean", "method"],
                                        ascending=[True, True, True, False, False, True, True], na_position="last",
                                        kind="stable")
@@ -341,36 +403,40 @@ def _setting_title(key) -> str:
     return f"{model} · {steps} steps · {num_samples} samples"
 
 
+def _listed(value) -> list[str]:
+    """A comma-separated family list (a CSV read back gives NaN for an empty one)."""
+    return [v for v in value.split(",") if v] if isinstance(value, str) else []
+
+
 def _star(r, families: set) -> str:
-    """★ when the row beats every other family and at least one of them had a row at its MACs speedup to
-    beat; "★ (unopposed)" when no other family had any (``families``: the setting's non-plain families)."""
-    if not r.beats_all:
-        return ""
-    unopposed = set(filter(None, str(r.unopposed).split(","))) if isinstance(r.unopposed, str) else set()
-    return "★ (unopposed)" if unopposed >= families - {r.family} else "★"
+    """★ when the row beats every opposed family (at least one); "unopposed" when every other family is unopposed
+    at its MACs speedup, so there was nothing to beat (``families``: the setting's non-plain families)."""
+    if r.beats_all:
+        return "★"
+    others = families - {r.family}
+    return "unopposed" if others and set(_listed(r.unopposed)) >= others else ""
 
 
 def _versus(r) -> str:
-    parts = []
-    if isinstance(r.not_beaten_by_margin, str) and r.not_beaten_by_margin:
-        parts.append("not beaten: " + r.not_beaten_by_margin.replace(",", ", "))
-    if isinstance(r.unopposed, str) and r.unopposed:
-        parts.append("unopposed: " + r.unopposed.replace(",", ", "))
-    return "; ".join(parts)
+    """``beats X, Y; ties Z; loses to W; unopposed V`` (empty parts left out)."""
+    parts = [(label, _listed(getattr(r, column))) for label, column in
+             (("beats", "beats"), ("ties", "ties"), ("loses to", "loses_to"), ("unopposed", "unopposed"))]
+    return "; ".join(f"{label} {', '.join(names)}" for label, names in parts if names)
 
 
 FOOTNOTE = (
     "FID / KID ± sample std over seeds (n = seeds with a FID; KID is unbiased, in the same classifier feature "
     "space as FID). ΔFID / ΔKID = mean over seeds of the value minus the same-seed baseline's ± the sample std "
     "of those paired differences (no ± with fewer than two paired seeds). Pareto = not dominated in "
-    "(MACs speedup ↑, FID ↓) within the setting. **Beats**: a row beats another family G when, among G's rows "
-    "of the same setting with MACs speedup ≥ the row's (matched within 2%), the best one (lowest ΔFID) has a ΔFID higher than "
-    "the row's by more than the paired std — the sample std, over the seeds both share, of the per-seed FID "
-    "differences (this row minus that G row); with fewer than two shared seeds there is no std and G is not "
-    "beaten. If G has no row at ≥ the row's MACs speedup, G is *unopposed* there: it counts as beaten but is "
-    "listed separately. **Beats all** (★) = beats every other family (the uncached `plain` model excluded); "
-    "★ (unopposed) = no other family has a row at its MACs speedup, so there was nothing to beat; "
-    "anything else is a tie at matched MACs. A difference inside the paired std is a tie.")
+    "(MACs speedup ↑, FID ↓) within the setting. **Versus other families** (protocol v2): a family's frontier is "
+    "its Pareto-optimal rows (MACs speedup ↑, mean FID ↓) plus the uncached `plain` model at 1×; per seed, its "
+    "FID at a row's MACs speedup is interpolated linearly in log(MACs speedup) between the two frontier points around "
+    "it (rows below 1× are compared at 1×). Over the seeds the row and those points share, d = row FID minus "
+    "frontier FID: the row *beats* the family when mean d < −2 SE (SE = sample std of d / √n, n ≥ 2), *loses to* "
+    "it when mean d > 2 SE, and *ties* it otherwise. A family whose fastest frontier point is slower than the "
+    "row is *unopposed* there: listed, never counted as beaten. **Beats all** (★) = beats every opposed family "
+    "(at least one; `plain` is no family to beat); \"unopposed\" = no other family reaches the row's MACs "
+    "speedup. The CSV's `vs_frontiers` holds family:mean d:SE:n per opposed family.")
 
 
 WEIGHTS_NOTE = (
@@ -394,7 +460,7 @@ def markdown(table: pd.DataFrame) -> str:
             cache = None if math.isnan(r.cache_bytes) else r.cache_bytes / 2**20
             size = None if math.isnan(r.model_bytes) else r.model_bytes / 2**20
             runs = ", ".join(run[:8] for run in str(r.run_ids).split(",") if run)
-            method = str(r.method).replace("|", "\\|")
+            method = str(r.name if isinstance(r.name, str) else r.method).replace("|", "\\|")
             out.append(f"| `{method}` | {'–' if pd.isna(r.family) else r.family} | "
                        f"{'–' if pd.isna(r.cache_dtype) else r.cache_dtype} | "
                        f"{'–' if pd.isna(r.weights) else r.weights} | "
@@ -436,6 +502,7 @@ def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) ->
     delta = group[f"delta_{metric}"].to_numpy(dtype=float)
     fam = group["family"].astype(str).to_numpy()
     x = group["macs_speedup"].to_numpy(dtype=float)
+    names = (group["name"] if "name" in group else group["method"]).astype(str).to_numpy()
     use_delta = bool(np.isfinite(delta[fam != PLAIN]).any())
     if use_delta:
         y, err = delta.copy(), np.nan_to_num(group[f"delta_{metric}_std"].to_numpy(dtype=float))
@@ -469,6 +536,7 @@ def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) ->
         handles.setdefault("global Pareto frontier", h)
         h = ax.scatter(gx, gy, s=170, facecolors="none", edgecolors="black", lw=1.4, zorder=5, label="Pareto-optimal")
         handles.setdefault("Pareto-optimal", h)
+        _label_frontier(ax, x, y, names, base)
     if base.any() and np.isfinite(y[base]).any():
         h = ax.errorbar(x[base], y[base], yerr=err[base], fmt="*", color="crimson", ms=16, mec="black", capsize=3,
                         zorder=6, label="plain (uncached)")
@@ -484,10 +552,23 @@ def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) ->
     ax.grid(True, alpha=0.3)
 
 
+def _label_frontier(ax, x: np.ndarray, y: np.ndarray, names: np.ndarray, base: np.ndarray) -> None:
+    """The short name of each globally Pareto-optimal cached row (one label per distinct point), alternately below
+    and above it so neighbours on a flat stretch of the frontier do not overprint."""
+    optimal = np.flatnonzero(pareto_mask(np.column_stack([x, y]), [True, False]) & ~base)
+    seen = set()
+    for i in optimal[np.argsort(x[optimal], kind="stable")]:
+        if (x[i], y[i]) in seen:
+            continue
+        seen.add((x[i], y[i]))
+        ax.annotate(names[i], (x[i], y[i]), xytext=(6, -11 if len(seen) % 2 else 7), textcoords="offset points",
+                    fontsize=6.5, alpha=0.85, zorder=7)
+
+
 def plot_pareto(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """One column per setting: ΔFID (mean ± paired std; raw FID where no baseline FID) against MACs speedup,
-    families by colour and marker, learned families in bold; a second row with ΔKID / KID when KID was
-    logged."""
+    families by colour and marker, learned families in bold, the globally Pareto-optimal rows labelled with their
+    short names; a second row with ΔKID / KID when KID was logged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -14,7 +14,7 @@ Options follow the source as ``key=value`` words (shell quoting: a value with sp
 are comma-separated, except ``names``, whose items contain commas and are separated by ``;``.
 
 **A leaderboard CSV** (it has a ``method`` column; written by ``cqpolicy leaderboard``, ``cqpolicy run`` or
-``scripts/bench_paper.py``) renders one row per CSV row.
+``cqpolicy bench --config``) renders one row per CSV row.
 
 Rows. ``family=P,...`` keeps the rows whose ``family`` starts with one of the prefixes (``family=plain`` is the
 uncached row); ``names=N;...`` keeps the rows named by one of N: the CSV's ``name`` column,

@@ -4,16 +4,16 @@ one-reuse labels only (``impact_local``), one with the chain labels too (``--pro
 ``train --chain``), each at thresholds chosen on search seeds to land on given MACs speedups. The chain MLP runs
 under two rules: a threshold on each step's predicted cost, and ``cumulative=true`` (a threshold on the chain's
 summed predicted cost). With ``--rollout-traces`` (a gates artifact's rollouts recorded as traces,
-``cqpolicy train --kind gates --rollout-traces N``) a third MLP trains on the chain traces plus those runs and
+``cqpolicy train gates --rollout-traces N``) a third MLP trains on the chain traces plus those runs and
 runs under the cumulative rule: what the states a through-sampler policy reaches add to the trace data.
 
-    python scripts/chain_ablation.py --traces out/chain/traces --out out/chain --speedups 2 3 4
+    python benchmarks/research/chain_ablation.py --traces out/chain/traces --out out/chain --speedups 2 3 4
 
 The one-reuse MLP needs a cap on consecutive reuses (uncapped it never refreshes: its labels price one reuse of a
 fresh cache), so it gets the smallest cap that can reach each speedup; the chain MLP runs uncapped. Thresholds are
 bisected on search seeds (``cqpolicy.seeds`` role ``search``), never on test seeds; the specs found are written to
 ``OUT/specs.json`` (a rerun keeps the ones found and bisects only what is missing) and printed as lines for a
-paper-table config (``scripts/bench_paper.py`` then scores them on the test replicates).
+paper-table config (``cqpolicy bench --config`` then scores them on the test replicates).
 """
 from __future__ import annotations
 

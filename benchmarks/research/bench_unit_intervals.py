@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Uniform refresh (FORA) against phase-locked per-unit-type intervals, FID mean ± std over seeds.
 
-    python scripts/bench_unit_intervals.py --pairs 6:3 6:4 4:6 --foras 3 4 5 --out out/unit-intervals
+    python benchmarks/research/bench_unit_intervals.py --pairs 6:3 6:4 4:6 --foras 3 4 5 --out out/unit-intervals
 
 Each ``A:F`` pair writes a SmoothCache JSON schedule in which every block's ``attn1`` computes at steps
 0, A, 2A, ... and its ``ff`` at steps 0, F, 2F, ...: refreshes stay in phase across blocks, as in FORA, but
 attention and feed-forward keep their caches for different lengths. ``--staggered K`` adds FORA-K with
 block b's refresh shifted by b mod K steps (same share of computed units, phases out of step), the control
 for "does synchronised refresh matter". Every schedule runs through ``schedule:path=...`` in the same
-runtime as the rest; seed s draws the noise of samples s * 1,000,000 + i (as in the main job's bench).
+runtime as the rest, benched by the one engine (``cqpolicy.evaluation.engine``) on test replicates ``--seeds``
+(replicate s draws the noise of samples s * 1,000,000 + i), rows under OUT/bench/.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ import json
 import statistics
 from pathlib import Path
 
-from cqpolicy import seeds as seed_roles
-from cqpolicy.evaluation.bench import bench
+from cqpolicy.evaluation.engine import parse_config, run_bench
 from cqpolicy.models import load_model
 from cqpolicy.models.adapters import cache_blocks
-from cqpolicy.sampling import SampleSettings
 
 
 def schedule(steps: int, blocks: int, interval: dict, phase=lambda block: 0) -> dict:
@@ -37,7 +36,7 @@ def main():
     p.add_argument("--foras", type=int, nargs="*", default=[3, 4, 5], help="uniform FORA intervals to compare")
     p.add_argument("--staggered", type=int, nargs="*", default=[5])
     p.add_argument("--policies", nargs="*", default=[], help="more policy specs to bench alongside (e.g. "
-                   "learned:path=DIR of a `cqpolicy train --kind intervals` artifact)")
+                   "learned:path=DIR of a `cqpolicy train intervals` artifact)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
@@ -63,12 +62,10 @@ def main():
         specs.append(f"schedule:path={path}")
 
     specs += args.policies
-    settings = SampleSettings(steps=args.steps, guidance_scale=model.default_guidance_scale,
-                              batch_size=args.batch_size)
-    rows = []
-    for seed in args.seeds:
-        rows += bench(model, specs, settings, args.num_samples, seed=seed_roles.test_start(seed), fid=True,
-                      repeats=0)
+    config = parse_config({"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+                           "num_samples": args.num_samples, "seeds": args.seeds, "methods": specs, "repeats": 0,
+                           "experiment": "cqpolicy-bench-unit-intervals"}, "bench_unit_intervals")
+    rows = run_bench(config, out / "bench", model=model)
     (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     base = {r["seed"]: r["fid"] for r in rows if r["policy"] == "baseline"}
     macs = {r["policy"]: r["macs_speedup"] for r in rows if r.get("macs_speedup") is not None}

@@ -2,14 +2,14 @@
 """What input-adaptivity adds (issue 16, item 3): a learned policy that decides from run-time features against
 its own static (mean) schedule at equal MACs.
 
-    python scripts/adaptivity_ablation.py --policy "learned:path=DIR,threshold=T,max_reuse=3" --out out/adaptivity
+    python benchmarks/research/adaptivity_ablation.py --policy "learned:path=DIR,threshold=T,max_reuse=3" --out out/adaptivity
 
 The policy runs on search seeds (``cqpolicy.seeds`` role ``search``, never test seeds) while a wrapper counts, per
 (step, block, unit), the share of rows it computed. The static schedule computes the cells the policy computed
 most often, most often first, until its unit MACs reach the policy's mean unit MACs: the same budget, spent where
 the policy spent it on average, with no per-input choice left. It is written as ``OUT/mean-schedule.safetensors``
 (deploy with ``table:path=...``); both specs are printed as lines for a paper-table config
-(``scripts/bench_paper.py`` then scores them on the test replicates).
+(``cqpolicy bench --config`` then scores them on the test replicates).
 """
 from __future__ import annotations
 

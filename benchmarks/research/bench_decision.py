@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decision overhead of a learned MLP policy, measured side by side in one process.
 
-    python scripts/bench_decision.py --policy-path runs/main/retrain/mlp --steps 50 --batch-size 64
+    python benchmarks/research/bench_decision.py --policy-path runs/main/retrain/mlp --steps 50 --batch-size 64
 
 Two measures, both against the same sampling run:
 

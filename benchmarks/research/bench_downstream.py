@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How much of one reuse's local output error reaches the final sample, step by step.
 
-    python scripts/bench_downstream.py --traces out/run/traces/none --num-samples 16
+    python benchmarks/research/bench_downstream.py --traces out/run/traces/none --num-samples 16
 
 For each (unit, block) in --units and each step in --steps-probed, every sample is sampled again with that
 one unit forced to reuse its last computed output at that one step; the relative L2 change of the final
