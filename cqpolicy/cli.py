@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "learned policy), search its threshold and cache format, bench the Pareto points "
                                    "against every baseline family over several seeds, and report. Re-running "
                                    "resumes finished stages.")
-    p.add_argument("config", nargs="?", default="configs/fmnist-dit.yaml", help="pipeline config YAML")
+    p.add_argument("config", nargs="?", default="fmnist-dit",
+                   help="run config: a YAML file or a packaged config's name (fmnist-dit, the default; fmnist-unet; "
+                        "fmnist-dit-n128)")
     p.add_argument("--quick", action="store_true", help="the config's quick setting (about 3 minutes)")
     p.add_argument("--out", default=None, help="output folder (default out/run or out/run-quick)")
     p.set_defaults(func=cmd_run)

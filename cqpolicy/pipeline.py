@@ -21,7 +21,9 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-DEFAULT_CONFIG = "configs/fmnist-dit.yaml"
+from cqpolicy.config import GatesConfig, RunConfig
+
+DEFAULT_CONFIG = "fmnist-dit"  # a packaged config (cqpolicy/configs/)
 STAGES = ("traces", "train", "retrain", "search", "bench", "report")
 BENCH_TAG = "cqpolicy_bench_id"
 
@@ -30,24 +32,14 @@ class PipelineError(ValueError):
     """A pipeline config that cannot run (one line)."""
 
 
-def load_config(path: str | Path, quick: bool = False) -> dict:
-    from cqpolicy.outputs import read_yaml
+def load_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> RunConfig:
+    """The typed run config of ``path`` (a file or a packaged config's name), its seed roles checked."""
+    from cqpolicy.config import ConfigError, load_run_config
 
-    path = Path(path)
-    config = read_yaml(path, PipelineError, "pipeline config")
-    if not isinstance(config, dict):
-        raise PipelineError(f"{path}: a pipeline config is a YAML mapping")
-    known = {"model", "steps", "guidance_scale", "trace", "train", "search", "bench", "quick", "retrain", "seeds"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise PipelineError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    if quick:
-        for section, values in (config.get("quick") or {}).items():
-            if isinstance(values, dict):
-                config[section] = {**(config.get(section) or {}), **values}
-            else:
-                config[section] = values
-    config["source"] = str(path)
+    try:
+        config = load_run_config(path, quick)
+    except ConfigError as exc:
+        raise PipelineError(str(exc)) from None
     check_seed_roles(config)
     return config
 
@@ -56,44 +48,43 @@ SEED_KEYS = ("trace", "retrain", "search", "display")  # roles a config may move
 GRID_SAMPLES = 20
 
 
-def seed_start(config: dict, role: str) -> int:
+def seed_start(config: RunConfig, role: str) -> int:
     """The first sample seed of ``role`` in this config: ``seeds.<role>`` or the default of cqpolicy/seeds.py."""
     from cqpolicy import seeds
 
-    return int((config.get("seeds") or {}).get(role, seeds.start(role)))
+    return int(config.seeds.get(role, seeds.start(role)))
 
 
-def seed_uses(config: dict) -> dict[str, list[tuple[int, int]]]:
+def seed_uses(config: RunConfig) -> dict[str, list[tuple[int, int]]]:
     """Every (first seed, count) range each role of this config samples."""
     from cqpolicy import seeds
 
-    t, s, b = (config.get(k) or {} for k in ("trace", "search", "bench"))
-    n_trace = int(t.get("num_samples", 32))
+    n_trace = config.trace.num_samples
     uses = {"trace": [(seed_start(config, "trace"), n_trace)],
-            "search": [(seed_start(config, "search"), int(s.get("num_samples", 64)))],
+            "search": [(seed_start(config, "search"), config.search.num_samples)],
             "calibration": [(seeds.start("calibration"), seeds.SPAN)],
             "display": [(seed_start(config, "display"), GRID_SAMPLES)],
-            "test": [(seeds.test_start(int(k)), int(b.get("num_samples", 64))) for k in b.get("seeds", [0, 1, 2])]}
-    if config.get("retrain", True):
+            "test": [(seeds.test_start(k), config.bench.num_samples) for k in config.bench.seeds]}
+    if config.retrain:
         uses["retrain"] = [(seed_start(config, "retrain"), n_trace)]
-    g = (config.get("train") or {}).get("gates")
+    g = config.train.gates
     if g:
-        uses["rollout"] = [(seeds.start("rollout"), int(g.get("train_samples", 128)) + int(g.get("val_samples", 32)))]
+        uses["rollout"] = [(seeds.start("rollout"), g.train_samples + g.val_samples)]
     return uses
 
 
-def check_seed_roles(config: dict) -> None:
+def check_seed_roles(config: RunConfig) -> None:
     """Refuse (one line) a config whose roles would see the same samples, or learn on test samples."""
-    unknown = sorted(set(config.get("seeds") or {}) - set(SEED_KEYS))
+    unknown = sorted(set(config.seeds) - set(SEED_KEYS))
     if unknown:
-        raise PipelineError(f"{config['source']}: seeds has no role {unknown[0]!r}; movable roles: "
+        raise PipelineError(f"{config.source}: seeds has no role {unknown[0]!r}; movable roles: "
                             f"{', '.join(SEED_KEYS)} (test seeds are bench.seeds replicates)")
     from cqpolicy import seeds
 
     try:
         seeds.check_disjoint(seed_uses(config))
     except ValueError as exc:  # SeedOverlapError, or a test replicate out of range
-        raise PipelineError(f"{config['source']}: {exc}") from None
+        raise PipelineError(f"{config.source}: {exc}") from None
 
 
 class Stage:
@@ -115,7 +106,7 @@ class Stage:
         return result
 
 
-def run_pipeline(config: dict, out: str | Path, progress: bool = True) -> dict:
+def run_pipeline(config: RunConfig, out: str | Path, progress: bool = True) -> dict:
     import mlflow
 
     from cqpolicy.models import load_model
@@ -124,13 +115,13 @@ def run_pipeline(config: dict, out: str | Path, progress: bool = True) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.get("model", "fmnist-dit"))
-    g = config.get("guidance_scale")
-    settings = SampleSettings(steps=int(config.get("steps", 50)),
-                              guidance_scale=model.default_guidance_scale if g is None else float(g))
+    from cqpolicy.defaults import guidance_for
+
+    model = load_model(config.model)
+    settings = SampleSettings(steps=config.steps, guidance_scale=guidance_for(model, config.guidance_scale))
     timings, results = {}, {}
     with start_run("cqpolicy-run", run_name=f"run-{out.name}"):
-        mlflow.log_params({"config": config["source"], "model": model.name, "steps": settings.steps})
+        mlflow.log_params({"config": config.source, "model": model.name, "steps": settings.steps})
         for name in STAGES:
             stage = Stage(out, name)
             if stage.done:
@@ -152,11 +143,11 @@ def run_pipeline(config: dict, out: str | Path, progress: bool = True) -> dict:
 def _trace(config, model, settings, stage_dir, results, progress, policy="none", name="none", role="trace"):
     from cqpolicy.tracing.collect import collect
 
-    t = config.get("trace") or {}
-    s = replace(settings, batch_size=int(t.get("batch_size", 16)))
-    probes = tuple(p for p in str(t.get("probes", "local")).split(",") if p)
+    t = config.trace
+    s = replace(settings, batch_size=t.batch_size)
+    probes = tuple(p for p in t.probes.split(",") if p)
     run_dir = stage_dir / name
-    summary = collect(model, s, run_dir, int(t.get("num_samples", 32)),
+    summary = collect(model, s, run_dir, t.num_samples,
                       seed=seed_start(config, role),
                       policy=policy, probes=probes, progress=progress)
     return {"run_dir": str(run_dir), "rows": summary["rows"], "record_s": summary["record_s"]}
@@ -169,14 +160,12 @@ def stage_traces(config, model, settings, stage_dir, results, progress):
 def _train_both(config, traces, stage_dir, progress):
     from cqpolicy.training.train import train_policy
 
-    t = config.get("train") or {}
-    mlp = train_policy(traces, kind="mlp", out_dir=stage_dir / "mlp", max_epochs=int(t.get("max_epochs", 15)),
-                       seed=int(t.get("seed", 0)), overwrite=True, progress=progress,
-                       label=str(t.get("label", "auto")))
-    sched = train_policy(traces, kind="scheduler", out_dir=stage_dir / "scheduler",
-                         max_epochs=int(t.get("scheduler_epochs", 40)),
-                         compute_budget=float(t.get("compute_budget", 0.4)), seed=int(t.get("seed", 0)),
-                         overwrite=True, progress=progress, label=str(t.get("label", "auto")))
+    t = config.train
+    mlp = train_policy(traces, kind="mlp", out_dir=stage_dir / "mlp", max_epochs=t.max_epochs, seed=t.seed,
+                       overwrite=True, progress=progress, label=t.label)
+    sched = train_policy(traces, kind="scheduler", out_dir=stage_dir / "scheduler", max_epochs=t.scheduler_epochs,
+                         compute_budget=t.compute_budget, seed=t.seed, overwrite=True, progress=progress,
+                         label=t.label)
     return {"mlp": str(stage_dir / "mlp"), "scheduler": str(stage_dir / "scheduler"),
             "mlp_metrics": mlp.get("metrics", {}), "scheduler_metrics": sched.get("metrics", {})}
 
@@ -187,29 +176,28 @@ def stage_train(config, model, settings, stage_dir, results, progress):
     trained = _train_both(config, [results["traces"]["run_dir"]], stage_dir, progress)
     # phase-locked interval schedules, fitted on the fresh-cache labels of the first traces only (the chain
     # cost model sums one-step drifts; the retrain traces' labels are of stale caches)
-    t = config.get("train") or {}
+    t = config.train
     intervals = {}
-    for budget in t.get("interval_budgets", [0.2, 0.3]):
-        out = stage_dir / f"intervals-{float(budget):g}"
-        train_policy([results["traces"]["run_dir"]], kind="intervals", out_dir=out, compute_budget=float(budget),
-                     seed=int(t.get("seed", 0)), overwrite=True, label=str(t.get("label", "auto")))
-        intervals[f"{float(budget):g}"] = str(out)
+    for budget in t.interval_budgets:
+        out = stage_dir / f"intervals-{budget:g}"
+        train_policy([results["traces"]["run_dir"]], kind="intervals", out_dir=out, compute_budget=budget,
+                     seed=t.seed, overwrite=True, label=t.label)
+        intervals[f"{budget:g}"] = str(out)
     gates = None
-    g = t.get("gates")
+    g = t.gates
     if g:  # trained through the sampler: one artifact, benched at several budgets
         from cqpolicy.training.rollout import train_gates
 
         gates = str(stage_dir / "gates")
-        train_gates(config.get("model", "fmnist-dit"), gates, steps=settings.steps,
-                    guidance_scale=settings.guidance_scale, budget_range=tuple(g.get("budget_range", [0.15, 0.55])),
-                    train_samples=int(g.get("train_samples", 128)), val_samples=int(g.get("val_samples", 32)),
-                    batch_size=int(g.get("batch_size", 8)), max_epochs=int(g.get("max_epochs", 10)),
-                    max_minutes=g.get("max_minutes"), seed=int(t.get("seed", 0)), overwrite=True, progress=progress)
+        train_gates(config.model, gates, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                    budget_range=g.budget_range, train_samples=g.train_samples, val_samples=g.val_samples,
+                    batch_size=g.batch_size, max_epochs=g.max_epochs, max_minutes=g.max_minutes, seed=t.seed,
+                    overwrite=True, progress=progress)
     return {**trained, "intervals": intervals, "gates": gates}
 
 
 def stage_retrain(config, model, settings, stage_dir, results, progress):
-    if not config.get("retrain", True):
+    if not config.retrain:
         return {**results["train"], "retrained": False}
     traced = _trace(config, model, settings, stage_dir, results, progress,
                     policy=f"learned:path={results['train']['mlp']},max_reuse={_reuse_cap(config)}", name="learned",
@@ -220,40 +208,39 @@ def stage_retrain(config, model, settings, stage_dir, results, progress):
 
 def _reuse_cap(config) -> int:
     """``train.max_reuse``: the cap on consecutive reuses of the retrain traces and of the benched scheduler."""
-    return int((config.get("train") or {}).get("max_reuse", 2))
+    return config.train.max_reuse
 
 
 def stage_search(config, model, settings, stage_dir, results, progress):
     from cqpolicy.search.space import parse_space
     from cqpolicy.search.study import run_study
 
-    s = config.get("search") or {}
+    s = config.search
     mlp = results["retrain"]["mlp"]
     # the learned threshold is searched around the artifact's default (its labels' median): label scales differ
     from cqpolicy.policies.artifact import load_artifact
 
     default = float(load_artifact(mlp)[0]["default_threshold"])
-    lo, hi = (default * float(v) for v in s.get("threshold_factor", [0.05, 20.0]))
-    space = parse_space({"model": config.get("model", "fmnist-dit"), "steps": settings.steps,
-                         "guidance_scale": settings.guidance_scale,
-                         "num_samples": int(s.get("num_samples", 64)), "batch_size": int(s.get("batch_size", 64)),
+    lo, hi = (default * v for v in s.threshold_factor)
+    space = parse_space({"model": config.model, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+                         "num_samples": s.num_samples, "batch_size": s.batch_size,
                          "seed": seed_start(config, "search"), "objectives": ["macs_speedup", "fid"],
-                         "proxy": bool(s.get("proxy", False)), "min_psnr": s.get("min_psnr"),
-                         "cache": {"dtype": s.get("cache_dtypes", ["fp16", "int8"]), "granularity": ["token"]},
+                         "proxy": s.proxy, "min_psnr": s.min_psnr,
+                         "cache": {"dtype": list(s.cache_dtypes), "granularity": ["token"]},
                          "families": {"learned": {"path": {"fixed": mlp},
                                                   "threshold": {"float": [lo, hi], "log": True},
-                                                  "max_reuse": {"int": list(s.get("max_reuse", [1, 4]))}}}},
+                                                  "max_reuse": {"int": list(s.max_reuse)}}}},
                         source=str(stage_dir / "space"))
-    summary = run_study(space, int(s.get("n_trials", 12)), storage=str(stage_dir / "journal.log"),
+    summary = run_study(space, s.n_trials, storage=str(stage_dir / "journal.log"),
                         study_name=f"learned-{stage_dir.parent.name}", progress=progress)
     return summary
 
 
 def stage_bench(config, model, settings, stage_dir, results, progress):
-    b = config.get("bench") or {}
-    pareto, learned = learned_methods(config, results, int(b.get("max_pareto", 3)))
+    b = config.bench
+    pareto, learned = learned_methods(config, results, b.max_pareto)
     interval_paths = list((results["train"].get("intervals") or {}).values())
-    baselines = [(spec, "fp16") for spec in b.get("baselines", ["fora:interval=2"])]
+    baselines = [(spec, "fp16") for spec in b.baselines]
     # the strongest hand rule at each learned point's MACs and cache format: do the decisions beat a uniform interval?
     from cqpolicy.policies.families.fora import interval_spec
 
@@ -271,19 +258,19 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     if not id_file.is_file():
         id_file.write_text(uuid.uuid4().hex)
     bench_id = id_file.read_text().strip()
-    bench = parse_config({"model": str(config.get("model", "fmnist-dit")), "steps": settings.steps,
+    bench = parse_config({"model": config.model, "steps": settings.steps,
                           "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
-                          "batch_size": int(b.get("batch_size", 64)), "num_samples": int(b.get("num_samples", 64)),
-                          "seeds": list(b.get("seeds", [0, 1, 2])), "repeats": int(b.get("repeats", 0)),
+                          "batch_size": b.batch_size, "num_samples": b.num_samples, "seeds": list(b.seeds),
+                          "repeats": b.repeats,
                           "methods": [{"policy": spec, "cache": fmt} if spec != "none" else spec
                                       for spec, fmt in learned + baselines],
-                          "experiment": f"cqpolicy-bench-{stage_dir.parent.name}"}, f"{config['source']} bench")
+                          "experiment": f"cqpolicy-bench-{stage_dir.parent.name}"}, f"{config.source} bench")
     rows = run_bench(bench, stage_dir, model=model, progress=progress, tags={BENCH_TAG: bench_id})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
 
 
-def learned_methods(config: dict, results: dict, max_pareto: int | None = None) -> tuple[list, list]:
+def learned_methods(config: RunConfig, results: dict, max_pareto: int | None = None) -> tuple[list, list]:
     """The learned policies a finished run benches, as ``(spec, cache format)``: ``max_pareto`` of the study's
     Pareto points spread along the front (all if None), the scheduler under the reuse cap, the interval fits.
     Returns (the Pareto points benched, every method)."""
@@ -293,8 +280,8 @@ def learned_methods(config: dict, results: dict, max_pareto: int | None = None) 
     learned.append((f"learned:path={results['retrain']['scheduler']},max_reuse={_reuse_cap(config)}", "fp16"))
     learned += [(f"learned:path={path}", "fp16") for path in (results["train"].get("intervals") or {}).values()]
     if results["train"].get("gates"):
-        budgets = ((config.get("train") or {}).get("gates") or {}).get("bench_budgets", [0.5, 0.33, 0.25, 0.2])
-        learned += [(f"learned:path={results['train']['gates']},budget={float(b):g}", "fp16") for b in budgets]
+        budgets = (config.train.gates or GatesConfig()).bench_budgets
+        learned += [(f"learned:path={results['train']['gates']},budget={b:g}", "fp16") for b in budgets]
     return pareto, learned
 
 

@@ -6,8 +6,13 @@ import os
 import shutil
 import tempfile
 
+import diffusers.utils.logging
 import pytest
 import torch
+
+# diffusers' log handler keeps the stderr of the moment its logging is first set up: set it up now, on the real
+# stderr, not inside a test whose captured stream is closed afterwards (later log lines would fail to print)
+diffusers.utils.logging.get_logger("diffusers")
 
 
 @pytest.fixture(autouse=True)

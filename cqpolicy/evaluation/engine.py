@@ -92,8 +92,14 @@ class BenchConfig:
 
 # ------------------------------------------------------------------------------------------------ config
 def load_config(path) -> BenchConfig:
+    """The bench config in ``path``: a YAML file or a packaged config's name (``fmnist-dit-paper``)."""
+    from cqpolicy.config import ConfigError, resolve_config
     from cqpolicy.outputs import read_yaml
 
+    try:
+        path = resolve_config(path)
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
     return parse_config(read_yaml(path, BenchError, "bench config"), str(path))
 
 
