@@ -240,8 +240,7 @@ def cmd_sample(args) -> int:
     out = OutputDir(args.out, overwrite=args.overwrite)  # checks --out before the long part
     with out:
         model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
-        if args.guidance_scale is None:
-            settings.guidance_scale = model.default_guidance_scale
+        settings.guidance_scale = defaults.guidance_for(model, args.guidance_scale)
         result = evaluate(model, settings, args.num_samples, args.seed, policy=args.policy,
                           cache_format=args.cache_dtype, fid=args.fid,
                           inception_weights=args.inception_weights, fid_reference=fid_reference)
@@ -340,8 +339,7 @@ def cmd_trace(args) -> int:
                               else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
     settings.validate()
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
-    if args.guidance_scale is None:
-        settings.guidance_scale = model.default_guidance_scale
+    settings.guidance_scale = defaults.guidance_for(model, args.guidance_scale)
     summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
                       probes=probes)
     table = TraceReader([args.out]).table()

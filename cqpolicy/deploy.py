@@ -17,6 +17,8 @@ import inspect
 
 import torch
 
+from cqpolicy import defaults
+
 DENOISERS = ("transformer", "unet")
 
 
@@ -44,9 +46,11 @@ def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None 
     from cqpolicy.models.loading import LoadedModel
 
     extra = denoiser.__dict__.setdefault("_cqpolicy_extra", {})
-    name = getattr(pipeline, "name_or_path", None) or getattr(denoiser, "name_or_path", None) or type(denoiser).__name__
+    name = (getattr(pipeline, "name_or_path", None) or getattr(denoiser, "name_or_path", None)
+            or type(denoiser).__name__)
     return LoadedModel(str(name), denoiser, dict(scheduler.config), getattr(pipeline, "vae", None),
-                       default_guidance_scale=4.0 if guidance_scale is None else float(guidance_scale), extra=extra)
+                       default_guidance_scale=defaults.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale),
+                       extra=extra)
 
 
 def enable(target, policy, cache_format="fp16", compile: bool = False, *, steps: int | None = None,

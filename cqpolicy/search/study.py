@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from cqpolicy.defaults import guidance_for
 from cqpolicy.search.space import FP_WEIGHTS, SearchSpace, suggest, suggest_weights
 
 RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
@@ -66,9 +67,8 @@ class Evaluator:
         # choice -> (the model it runs, its weights_info); quantized folders loaded once per worker
         self.weights = {w: (self.model, fp_weights_info(self.model)) if w == FP_WEIGHTS else
                         (load_model(w), weights_info(w)) for w in space.weights}
-        g = self.model.default_guidance_scale if space.guidance_scale is None else float(space.guidance_scale)
-        self.settings = SampleSettings(steps=space.steps, guidance_scale=g, scheduler=space.scheduler,
-                                       batch_size=space.batch_size)
+        self.settings = SampleSettings(steps=space.steps, guidance_scale=guidance_for(self.model, space.guidance_scale),
+                                       scheduler=space.scheduler, batch_size=space.batch_size)
         self.labels = default_labels(space.num_samples, self.model.num_classes)
         self.seeds = [space.seed + i for i in range(space.num_samples)]
         self.fid = None
