@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-only", action="store_true", help="--config: bench nothing, write the table from the rows")
     p.add_argument("--retime", nargs="+", default=None, metavar="SPEC",
                    help="--config: time these methods' wall speedup again (their rows stay), then write the table")
+    p.add_argument("--recount-macs", action="store_true",
+                   help="--config: add a policy's own arithmetic (forecasts, decision nets) to rows measured before "
+                        "MACs counted it, then write the table")
     p.add_argument("--fid", action="store_true", help="FID and KID against the real test set (fmnist models; a "
                                                       "config's fid is on unless it says fid: false)")
     p.add_argument("--repeats", type=int, default=None,
@@ -280,8 +283,8 @@ def cmd_bench(args, parser=None) -> int:
     else:
         if args.out is None:
             parser.error("the following arguments are required: --out")
-        if args.table_only or args.retime or args.only:
-            raise CliError("--table-only, --retime and --only work on a --config bench's --out")
+        if args.table_only or args.retime or args.only or args.recount_macs:
+            raise CliError("--table-only, --retime, --recount-macs and --only work on a --config bench's --out")
         role, first = args.role or "test", seed_roles.replicate_of(args.seed)
         if args.replicates is not None and args.seed:
             raise CliError("give --replicates or --seed, not both")
@@ -303,7 +306,8 @@ def cmd_bench(args, parser=None) -> int:
                       device=_resolve_device(args.device) if args.device else None)
     if args.config is not None:
         out = Path(args.out or f"out/bench/{Path(args.config).stem}")
-        run_bench(config, out, only=args.only, retime=args.retime, table_only=args.table_only)
+        run_bench(config, out, only=args.only, retime=args.retime, table_only=args.table_only,
+                  recount=args.recount_macs)
         print((out / "leaderboard.md").read_text())
         print(f"wrote {out}/leaderboard.md, leaderboard.csv, pareto.png")
         return 0

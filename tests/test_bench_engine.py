@@ -410,3 +410,28 @@ def test_the_shipped_weights_configs_list_every_folder(request, name, cached, pr
         assert ("none", "none") in {m[:2] for m in methods if m[2] == folder}
         if folder.endswith(("int8", "int4", "acqe4")):
             assert (cached, "fp16") in {m[:2] for m in methods if m[2] == folder}
+
+
+def test_recount_adds_a_policys_own_arithmetic_to_older_rows(tiny_dit_dir, tmp_path, monkeypatch):
+    """Rows written before MACs counted a policy's arithmetic (no ``policy_macs_per_image``) get it added by
+    ``--recount-macs``; the new rows of the same method already hold it, so both give the same MACs."""
+    monkeypatch.setattr(engine, "time_pair", lambda *args: (1.0, 0.5))
+    config = write_config(tmp_path / "c.yaml", tiny_dit_dir, seeds=[0, 1],
+                          methods=["taylorseer:interval=2,order=2", "fora:interval=2"])
+    out = tmp_path / "b"
+    assert main(["bench", "--config", str(config), "--out", str(out)]) == 0
+    fresh = {p: json.loads(p.read_text()) for p in (out / "rows").glob("*/*.json")}
+    seer = [r for r in fresh.values() if r["family"] == "taylorseer"]
+    assert all(r["policy_macs_per_image"] > 0 for r in seer)
+    assert all(r["policy_macs_per_image"] == 0 for r in fresh.values() if r["family"] == "fora")
+    for path, row in fresh.items():  # as an older engine wrote them: without the policy's arithmetic
+        old = {k: v for k, v in row.items() if k != "policy_macs_per_image"}
+        old["macs_per_image"] -= row.get("policy_macs_per_image") or 0
+        path.write_text(json.dumps(old))
+    assert main(["bench", "--config", str(config), "--out", str(out), "--recount-macs"]) == 0
+    for path, row in fresh.items():
+        again = json.loads(path.read_text())
+        if row["family"] != "plain":
+            assert again["macs_per_image"] == pytest.approx(row["macs_per_image"])
+            assert again["macs_speedup"] == pytest.approx(row["macs_speedup"])
+            assert again["policy_macs_source"] == "exact, recounted on 2 samples"

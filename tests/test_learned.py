@@ -28,6 +28,8 @@ def test_learned_policies_deploy_and_their_threshold_matters(tiny_dit_dir, artif
     mlp, sched = artifacts
     meta = json.loads((mlp / "policy.json").read_text())
     assert meta["kind"] == "mlp" and meta["model"]["steps"] == 6 and 0 <= meta["metrics"]["val_auroc"] <= 1
+    seen = meta["training"]["train_seeds"] + meta["training"]["val_seeds"]  # recorded: the bench checks them
+    assert sorted(seen) == list(range(20_000_000, 20_000_006))
     model = load_model(str(tiny_dit_dir))
     plain = sample(model, [1, 2], [0, 1], SETTINGS, progress=False)
     ratios = {}

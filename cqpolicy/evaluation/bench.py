@@ -22,6 +22,7 @@ def cost_row(name: str, policy, cache_format: str, run, num_samples: int, plain_
     return {"policy": name, "policy_config": name if policy is None else spec_string(policy),
             "family": family, "cache_dtype": cache_format,
             "macs_per_image": run.macs / num_samples, "macs_source": run.macs_source,
+            "policy_macs_per_image": run.policy_macs / num_samples,
             "calibration_images": calibration, "calibration_macs": calibration * plain_macs_per_image,
             "quality_pass_s": run.wall_s, "reuse_ratio": run.reuse_ratio, "cache_bytes": run.cache_bytes}
 

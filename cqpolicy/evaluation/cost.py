@@ -243,6 +243,7 @@ class MeasuredRun:
     reuse_ratio: float | None = None
     cache_bytes: int | None = None
     macs_source: str = "runtime counts"
+    policy_macs: int = 0  # of ``macs``: what the policy's own arithmetic executed (forecasts, decision nets)
 
 
 def measured_sample(model, policy, cache_format, labels, seeds, settings, progress: bool = False) -> MeasuredRun:
@@ -262,7 +263,7 @@ def measured_sample(model, policy, cache_format, labels, seeds, settings, progre
             with wall_timer(model.device) as wall:
                 images = run()
         return MeasuredRun(images, costs.of_run(handle, len(seeds)), wall["seconds"], handle.reuse_ratio,
-                           handle.cache_bytes)
+                           handle.cache_bytes, policy_macs=handle.policy_macs)
     with costs.leaf_counter(model.transformer, len(seeds)) as leaves:  # the peer's hooks skip work inside
         with enable(model.transformer, policy, cache_format):
             with wall_timer(model.device) as wall:

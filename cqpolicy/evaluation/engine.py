@@ -63,6 +63,7 @@ ROW_SETTINGS = ("steps", "scheduler", "guidance_scale", "batch_size", "num_sampl
 WALL_SPREAD = 1.2  # the last pairs of a timing differ more than this: the load changed during it, time another pair
 WALL_DRIFT = 0.10  # a plain time this far from the run's median plain time: the machine is not as it was, again
 WALL_MAX_PAIRS = 8  # then keep the timing, flagged
+RECOUNT_SAMPLES = 2  # samples a recount of a policy's own arithmetic runs (per image it is batch-independent)
 
 
 class BenchError(ValueError):
@@ -358,7 +359,7 @@ def check_artifact(spec: str, role: str) -> bool | None:
 
 # --------------------------------------------------------------------------------------------- the bench
 def run_bench(config: BenchConfig, out, *, model=None, only=None, retime=None, table_only: bool = False,
-              progress: bool = True, tags: dict | None = None, log: bool = True) -> list[dict]:
+              progress: bool = True, tags: dict | None = None, log: bool = True, recount: bool = False) -> list[dict]:
     """Bench ``config`` into ``out`` (resuming what is there) and write the table; returns the rows of this config's
     (replicate, method) pairs, replicate by replicate, the plain model first. ``only``: the methods whose spec or
     weights folder contains one of these words. ``retime``: time these specs' wall speedup again (their rows stay).
@@ -368,7 +369,7 @@ def run_bench(config: BenchConfig, out, *, model=None, only=None, retime=None, t
     out = Path(out)
     if table_only:
         return write_table(out, config.num_samples, config.experiment)
-    return _Bench(config, out, model, progress, tags, log).run(only, retime)
+    return _Bench(config, out, model, progress, tags, log).run(only, retime, recount)
 
 
 class _Bench:
@@ -443,7 +444,7 @@ class _Bench:
         return {"steps": s.steps, "scheduler": s.scheduler, "guidance_scale": s.guidance_scale,
                 "batch_size": s.batch_size, "num_samples": self.config.num_samples, "role": self.config.role}
 
-    def run(self, only, retime) -> list[dict]:
+    def run(self, only, retime, recount: bool = False) -> list[dict]:
         from tqdm.auto import tqdm
 
         from cqpolicy.evaluation.cost import model_costs
@@ -453,6 +454,8 @@ class _Bench:
         methods, self.recorded = self.methods(only)
         if retime:
             return self.retime(methods, retime)
+        if recount:
+            return self.recount(methods)
         self.check_resume(methods)
         config, model = self.config, self.model
         (self.out / "work").mkdir(parents=True, exist_ok=True)
@@ -582,6 +585,38 @@ class _Bench:
         if self.log:
             log_bench_rows(self.config.experiment, [row], self.tags)
         self.bar.update(1)
+
+    def recount(self, methods: list[tuple]) -> list[dict]:
+        """Rows measured before MACs included a policy's own arithmetic get it added: the method runs on the first
+        ``RECOUNT_SAMPLES`` seeds of the first replicate and its per-image arithmetic (``policy_macs_per_image``)
+        is added to ``macs_per_image``. Per image it does not depend on the batch for static schedules, forecasts
+        and decision nets that run at every step (exact); DQAR measures attention entropy only at the steps a
+        row computes, so its count is an estimate from those samples (``policy_macs_source`` says which)."""
+        from tqdm.auto import tqdm
+
+        first = self.config.replicates[0]
+        seeds = self.seeds(first, min(RECOUNT_SAMPLES, self.config.num_samples))
+        for method in tqdm(methods, desc="recount MACs", unit="method", disable=not self.progress):
+            paths = [self.row_path(k, method) for k in self.config.replicates]
+            pending = [p for p in paths if p.is_file() and "policy_macs_per_image" not in json.loads(p.read_text())]
+            if not pending:
+                continue
+            run_model, policy = self.prepare(method[0], method[2])
+            if policy is None or not policy.reports_reuse:  # uncached, or a peer's own hooks: no arithmetic of ours
+                per_image, source = 0.0, "none of ours"
+            else:
+                per_image = self.sample(run_model, policy, method[1], seeds).policy_macs / len(seeds)
+                dynamic = policy.family == "dqar"
+                source = f"{'estimated' if dynamic else 'exact'}, recounted on {len(seeds)} samples"
+            for path in pending:
+                row = json.loads(path.read_text())
+                base = json.loads(self.row_path(int(row.get("replicate", path.parent.name)),
+                                                (BASELINE, "none", None)).read_text())
+                row["macs_per_image"] += per_image
+                row.update({"policy_macs_per_image": per_image, "policy_macs_source": source,
+                            "macs_speedup": base["macs_per_image"] / row["macs_per_image"]})
+                write_json(path, row)
+        return write_table(self.out, self.config.num_samples, self.config.experiment)
 
     def retime(self, methods: list[tuple], specs: list[str]) -> list[dict]:
         """New wall records for every method with a spec of ``specs`` (timed as in the run: the first batch of the

@@ -255,7 +255,8 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
             "default_threshold": default_threshold,
             "hidden": hidden if kind == "mlp" else 0, "model": dm.model_meta(), "metrics": metrics,
             "traces": [str(d) for d in dm.run_dirs],
-            "training": {"seed": seed, "max_epochs": max_epochs, "epochs": int(trainer.current_epoch),
+            "training": {"seed": seed, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds,  # what it saw
+                         "max_epochs": max_epochs, "epochs": int(trainer.current_epoch),
                          "global_step": int(trainer.global_step), "epochs_run": counter.epochs_run,
                          "resumed_from_epoch": resumed_from, "best_checkpoint": Path(best).name if best else None,
                          "checkpoint_dir": str(ckpt_dir), "mlflow_run_id": run_id}}
