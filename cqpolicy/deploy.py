@@ -48,9 +48,9 @@ def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None 
     extra = denoiser.__dict__.setdefault("_cqpolicy_extra", {})
     name = (getattr(pipeline, "name_or_path", None) or getattr(denoiser, "name_or_path", None)
             or type(denoiser).__name__)
+    guidance = defaults.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
     return LoadedModel(str(name), denoiser, dict(scheduler.config), getattr(pipeline, "vae", None),
-                       default_guidance_scale=defaults.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale),
-                       extra=extra)
+                       default_guidance_scale=guidance, extra=extra)
 
 
 def enable(target, policy, cache_format="fp16", compile: bool = False, *, steps: int | None = None,

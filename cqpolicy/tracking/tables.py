@@ -36,10 +36,11 @@ with a prefix (default ``learned``; ``bold=none`` bolds nothing).
 Numbers: speedups ``2.85×``; FID and ΔFID with 2 decimals, KID and ΔKID with 3, as mean ± std over replicates
 (Δ: ± the std of the paired per-replicate differences against the plain model); PSNR with 1 decimal, ``∞`` for the
 plain model. The verdict comes from the CSV columns ``beats`` / ``ties`` / ``loses_to`` / ``unopposed`` (protocol
-v2, ``docs/protocol.md``): "beats all N families" (the families named when N <= 2), or "beats k of N; ties A; loses
-to B" (parts left out when empty), or "unopposed" when no other family reaches the row's MACs. CSVs written before those columns existed carry ``not_beaten_by_margin`` and
-``unopposed`` (protocol v1): the column is then headed "verdict (v1)" and reads "does not beat A, B" or "beats all N
-families".
+v2, ``docs/protocol.md``): "beats all N opposed families" (the families named when N <= 2), or "beats k of N; ties
+A; loses to B", then "; M unopposed" for the families that do not reach the row's MACs (parts left out when empty),
+or "unopposed" when no other family reaches them. CSVs written before those columns existed carry
+``not_beaten_by_margin`` and ``unopposed`` (protocol v1): the column is then headed "verdict (v1)" and reads "does not
+beat A, B" or "beats all N families".
 
 **Any other CSV** (a small table entered by hand from measurements, e.g. ``docs/results/models/*.csv``) renders as
 a markdown table of its header and cells, unchanged.
@@ -353,13 +354,17 @@ def _verdict_v2(row) -> str:
     opposed = len(beats) + len(ties) + len(loses)
     if not opposed:
         return "unopposed"
+    free = _list(row.get("unopposed"))
     if len(beats) == opposed:
-        return "beats " + ", ".join(beats) if opposed <= 2 else f"beats all {opposed} families"
-    parts = [f"beats {len(beats)} of {opposed}"] if beats else []
+        parts = ["beats " + ", ".join(beats) if opposed <= 2 else f"beats all {opposed} opposed families"]
+    else:
+        parts = [f"beats {len(beats)} of {opposed}"] if beats else []
     if ties:
         parts.append("ties " + ", ".join(ties))
     if loses:
         parts.append("loses to " + ", ".join(loses))
+    if free:  # families that do not reach its MACs: not beaten, and the reader should see how many
+        parts.append(f"{len(free)} unopposed")
     return "; ".join(parts)
 
 
