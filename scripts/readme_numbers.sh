@@ -12,7 +12,6 @@ rm -rf out/run
 .venv/bin/cqpolicy run --out out/run
 cp out/run/report/leaderboard/leaderboard.{md,csv} out/run/report/leaderboard/pareto.png out/run/report/grids.png \
     out/run/report/learned-*.png docs/results/main-job/
-$PY scripts/readme_table.py docs/results/main-job/leaderboard.csv | tee docs/results/main-job/readme-table.md
 
 # 0. the default guidance scale, chosen on model-selection samples (seeds 40,000,000+), never on test samples
 $PY scripts/select_guidance.py --scales 1.5 2 2.5 3 --num-samples 500 --json docs/results/guidance.json \
@@ -30,7 +29,6 @@ cp out/readme-grid/grid.png docs/fmnist-dit-grid.png
 # 3. the paper-scale table: every family's frontier and the main job's learned policies, N = 1000 x 3 test
 #    replicates (resumable; about 3 hours here), into docs/results/paper/; its README table
 .venv/bin/cqpolicy bench --config configs/fmnist-dit-paper.yaml --out docs/results/paper
-$PY scripts/readme_table.py docs/results/paper/leaderboard.csv | tee docs/results/paper/readme-table.md
 
 # 4. the cost of recording traces
 $PY scripts/bench_trace.py --steps 50 --num-samples 32 --repeats 1 | tee docs/results/trace.md
@@ -52,6 +50,7 @@ rm -rf out/run-unet
 .venv/bin/cqpolicy run configs/fmnist-unet.yaml --out out/run-unet
 cp out/run-unet/report/leaderboard/leaderboard.{md,csv} out/run-unet/report/leaderboard/pareto.png \
     out/run-unet/report/grids.png out/run-unet/report/learned-*.png $U/main-job/
-$PY scripts/readme_table.py $U/main-job/leaderboard.csv | tee $U/main-job/readme-table.md
 .venv/bin/cqpolicy bench --config configs/fmnist-unet-paper.yaml --out docs/results/paper-unet
-$PY scripts/readme_table.py docs/results/paper-unet/leaderboard.csv | tee docs/results/paper-unet/readme-table.md
+
+# every table in README.md and docs/ from the files above
+.venv/bin/cqpolicy docs
