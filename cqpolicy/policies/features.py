@@ -109,15 +109,22 @@ def computed_rows(decision, has_cache: bool, rows: int) -> torch.Tensor:
     return torch.full((rows,), bool(decision))
 
 
+UNIT_KINDS = ("attn1", "ff", "block")  # the one-hot unit-type features (is_attn1, is_ff, is_block)
+
+
+def position_features(step, num_steps: int | None, block, num_blocks: int, is_unit) -> dict:
+    """``progress``, ``depth`` and the unit-type one-hots: where a cell is in the run. The one place they are computed,
+    for a unit query (scalars), a step's cells at once (tensors) and trace columns (arrays) alike; ``is_unit(kind)``
+    says, in the same container, whether each cell is a unit of that kind. ``progress`` is NaN when the step count
+    is unknown (a bare denoiser called by hand)."""
+    return {"progress": step / max(1, num_steps - 1) if num_steps else math.nan,
+            "depth": block / max(1, num_blocks - 1), **{f"is_{kind}": is_unit(kind) for kind in UNIT_KINDS}}
+
+
 def context_features(query, rows: int, cfg_branch: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The features given by where the unit is (step, block, unit type, branch) rather than by its input."""
-    steps = query.num_steps
     full = lambda v: torch.full((rows,), float(v))  # noqa: E731
-    return {
-        "log_snr": full(math.nan if query.log_snr is None else query.log_snr),
-        "progress": full(query.step / max(1, steps - 1) if steps else math.nan),
-        "depth": full(query.block / max(1, query.num_blocks - 1)),
-        "is_attn1": full(query.unit == "attn1"), "is_ff": full(query.unit == "ff"),
-        "is_block": full(query.unit == "block"),
-        "cfg_branch": cfg_branch.float().cpu() if cfg_branch is not None else torch.zeros(rows),
-    }
+    where = position_features(query.step, query.num_steps, query.block, query.num_blocks, lambda k: query.unit == k)
+    return {"log_snr": full(math.nan if query.log_snr is None else query.log_snr),
+            **{name: full(value) for name, value in where.items()},
+            "cfg_branch": cfg_branch.float().cpu() if cfg_branch is not None else torch.zeros(rows)}

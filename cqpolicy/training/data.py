@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from cqpolicy import seeds as seed_roles
 from cqpolicy.models.adapters import UNIT_NAMES, DiTAdapter
-from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES
+from cqpolicy.policies.features import MODEL_INPUT, STEP_FEATURES, position_features
 from cqpolicy.tracing.recorder import CHAIN_COLUMNS
 from cqpolicy.tracing.store import TraceError, TraceReader
 
@@ -229,15 +229,9 @@ class TraceDataModule(L.LightningDataModule):
 
         values = _model_input_features(table, self.units[0], self.steps, keep,
                                        since if self.chain else None) if model_sources else {}
-        for name in derived:
-            if name in MODEL_FEATURES:
-                continue
-            if name == "progress":
-                values[name] = step / max(1, self.steps - 1)
-            elif name == "depth":
-                values[name] = block / max(1, self.num_blocks - 1)
-            else:  # is_attn1 / is_ff / is_block
-                values[name] = (unit_names == name.removeprefix("is_")).astype(np.float64)
+        where = position_features(step, self.steps, block, self.num_blocks,
+                                  lambda kind: (unit_names == kind).astype(np.float64))
+        values.update({name: where[name] for name in derived if name in where})
         for name in stored:
             values[name] = since.astype(np.float64) if self.chain and name == "steps_since_compute" \
                 else col(name).astype(np.float64)

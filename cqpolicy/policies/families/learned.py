@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from cqpolicy.policies.base import Policy, UnitQuery
-from cqpolicy.policies.features import (InputTracker, _token_subsample, computed_rows, context_features, cos_rows,
-                                       flat_rows, is_step_level, rel_l1_rows)
+from cqpolicy.policies.features import (UNIT_KINDS, InputTracker, _token_subsample, computed_rows, context_features,
+                                       cos_rows, flat_rows, is_step_level, position_features, rel_l1_rows)
 from cqpolicy.policies.registry import register
 
 
@@ -219,9 +219,8 @@ class MLPPolicy(LearnedPolicy):
             self._prev = x
             self._chain = torch.zeros(blocks * units, rows)  # cumulative: predicted impact of each current chain
             self._pending = self._chain
-            self._depth = torch.arange(blocks).repeat_interleave(units).float() / max(1, blocks - 1)
-            self._unit_is = {u: torch.tensor([float(n == u) for n in self.units] * blocks) for u in ("attn1", "ff",
-                                                                                                   "block")}
+            self._cells = torch.arange(blocks).repeat_interleave(units).float()  # block of each (block, unit) cell
+            self._kind_is = {k: torch.tensor([float(n == k) for n in self.units * blocks]) for k in UNIT_KINDS}
         else:
             done = [self._computed.get(k, False) for k in range(blocks * units)]
             if all(isinstance(d, bool) for d in done):  # per-batch decisions: one flag per unit, rows broadcast
@@ -234,11 +233,9 @@ class MLPPolicy(LearnedPolicy):
         rel = rel_l1_rows(x, self._prev)
         self._cum = self._cum + rel
         branch = query.cfg_branch.float().cpu() if query.cfg_branch is not None else torch.zeros(rows)
-        steps = query.num_steps
+        where = position_features(query.step, query.num_steps, self._cells, blocks, self._kind_is.__getitem__)
         values = {"log_snr": math.nan if query.log_snr is None else query.log_snr,
-                  "progress": query.step / max(1, steps - 1) if steps else math.nan,
-                  "depth": self._depth[:, None], "is_attn1": self._unit_is["attn1"][:, None],
-                  "is_ff": self._unit_is["ff"][:, None], "is_block": self._unit_is["block"][:, None],
+                  **{name: v[:, None] if torch.is_tensor(v) else v for name, v in where.items()},
                   "cfg_branch": branch, "model_in_l1": x.abs().mean(1), "model_in_l2": x.pow(2).mean(1).sqrt(),
                   "model_in_rel_l1_prev": rel, "model_in_cos_prev": cos_rows(x, self._prev),
                   "model_in_rel_l1_acc": self._cum - self._cum_last, "steps_since_compute": self._since}
