@@ -104,6 +104,27 @@ def test_step_indexed_artifact_is_prepared_and_checked(dit, artifacts):
             pipeline_images(pipe, steps=5)
 
 
+def test_forecast_and_interval_artifacts_in_the_pipeline(dit, artifacts, tiny_dit_dir, tmp_path):
+    """The other artifact kinds a user deploys: a fitted forecast (its weighted sums run inside the pipeline's
+    own call) and an interval fit (a step-indexed table)."""
+    from conftest import mlflow_store_at
+
+    from cqpolicy.training.forecast import fit_forecast
+    from cqpolicy.training.train import train_policy
+
+    model, pipe = dit
+    with mlflow_store_at(tmp_path):
+        fit_forecast(str(tiny_dit_dir), "fora:interval=3", tmp_path / "fc", steps=STEPS, samples=2, val_samples=2,
+                     batch_size=2, progress=False)
+        train_policy([tmp_path / "traces"], kind="intervals", out_dir=tmp_path / "iv", compute_budget=0.5)
+    for spec in (f"forecast:path={tmp_path / 'fc'}", f"learned:path={tmp_path / 'iv'}"):
+        with cqpolicy.enable(model.transformer, spec) as handle:
+            ours, rows, macs = sampler_images(model), dict(handle.unit_rows), handle.policy_macs
+        with cqpolicy.enable(pipe, spec, steps=STEPS) as handle:
+            assert torch.equal(ours, pipeline_images(pipe)), spec
+            assert dict(handle.unit_rows) == rows and handle.policy_macs == macs and handle.reuse_ratio > 0
+
+
 def test_calibrating_family_is_prepared_by_enable(dit):
     model, pipe = dit
     spec = "smoothcache:threshold=0.3,calibration_samples=2"
