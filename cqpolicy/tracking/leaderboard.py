@@ -496,8 +496,9 @@ def _family_styles(families: list[str]) -> dict[str, tuple[str, str]]:
 
 def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) -> None:
     """One setting, one metric (``fid`` / ``kid``): Δ against the baseline (mean ± paired std) where there
-    is one, the raw value (mean ± std over seeds) otherwise, against MACs speedup; each family's frontier as
-    a step line, the plain model at (1, 0) (or its raw value), the global frontier dashed."""
+    is one, the raw value (mean ± std over seeds) otherwise, against MACs speedup on a log axis; each family's
+    frontier as the verdict reads it (its Pareto-optimal points from the plain model on, straight in log MACs),
+    the plain model at (1, 0) (or its raw value), the global Pareto frontier dashed."""
     name = metric.upper()
     delta = group[f"delta_{metric}"].to_numpy(dtype=float)
     fam = group["family"].astype(str).to_numpy()
@@ -526,9 +527,11 @@ def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) ->
                         zorder=4 if learned else 3, label=f)
         handles.setdefault(f, h)
         fx, fy = _frontier(x[sel], y[sel])
+        if base.any() and np.isfinite(y[base]).any():  # every family's frontier starts at the plain model
+            fx, fy = np.concatenate([x[base][:1], fx]), np.concatenate([y[base][:1], fy])
         if len(fx) > 1:
-            ax.plot(fx, fy, drawstyle="steps-pre", color=colour, lw=2.6 if learned else 1.1,
-                    alpha=0.9 if learned else 0.6, zorder=3.5 if learned else 2)
+            ax.plot(fx, fy, color=colour, lw=2.6 if learned else 1.1, alpha=0.9 if learned else 0.6,
+                    zorder=3.5 if learned else 2)
     gx, gy = _frontier(x, y)
     if len(gx):
         h = ax.plot(gx, gy, drawstyle="steps-pre", color="black", lw=1.6, ls="--", zorder=1.5,
@@ -547,7 +550,11 @@ def _panel(ax, group: pd.DataFrame, metric: str, styles: dict, handles: dict) ->
     if not np.isfinite(y).any():
         ax.text(0.5, 0.5, f"no {name} logged" + (" (bench --fid)" if metric == "fid" else ""),
                 transform=ax.transAxes, ha="center", va="center", color="grey")
-    ax.set_xlabel("MACs speedup vs. uncached (×, higher is better)")
+    ax.set_xscale("log")
+    ticks = [t for t in (1, 1.5, 2, 3, 4, 5, 6, 8) if np.nanmin(x) * 0.9 <= t <= np.nanmax(x) * 1.1] or [1]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("MACs speedup vs. uncached (×, log scale, higher is better)")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
 
