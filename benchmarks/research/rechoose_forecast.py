@@ -26,8 +26,10 @@ from cqpolicy.evaluation.engine import BenchError, parse_config, run_bench
 POLICIES = Path("docs/results/paper-unet/policies")
 VARIANTS = [f"forecast:path={POLICIES / name}" for name in
             ("forecast-fora-layer-3", "forecast-fora-layer-3-dagger", "forecast-fora-layer-3-affine")]
-OPPONENTS = ["fora:interval=3,unit=layer", "taylorseer:interval=3,order=1,units=layer",
-             "taylorseer:interval=4,order=1,units=layer"]
+# in the order they run: TaylorSeer at interval 4 first (with the plain model it makes a TaylorSeer frontier that
+# reaches the forecast's MACs), then interval 3, then FORA-3 (the forecast's own schedule, reused plainly)
+OPPONENTS = ["taylorseer:interval=4,order=1,units=layer", "taylorseer:interval=3,order=1,units=layer",
+             "fora:interval=3,unit=layer"]
 COMMON = {"model": "fmnist-unet", "steps": 50, "guidance_scale": None, "batch_size": 64, "repeats": 0,
           "experiment": "cqpolicy-bench-rechoose"}
 
