@@ -251,7 +251,9 @@ def test_a_flagged_wall_timing_reaches_the_row_and_the_leaderboard(tiny_dit_dir,
     assert flags == {"plain": ("", 3.5, 1.0), "fora": ("", 3.5, 2.0), "teacache": ("load", 3.5, 2.0)}
     table = pd.read_csv(out / "leaderboard.csv", keep_default_na=False).set_index("family")
     assert table.loc["teacache", "wall_flag"] == "load" and table.loc["fora", "wall_flag"] == ""
-    assert "`teacache:" in (out / "leaderboard.md").read_text().split("Wall speedups flagged")[1]
+    lines = {line.split("`")[1]: line for line in (out / "leaderboard.md").read_text().splitlines()
+             if line.startswith("| `")}
+    assert "| 2.00× (load) |" in lines["teacache:threshold=0.3"] and "(load)" not in lines["fora:interval=2"]
 
 
 def test_learned_artifacts_are_frozen_once(tmp_path, request):

@@ -736,21 +736,7 @@ def write_table(out: Path, num_samples: int, experiment: str = EXPERIMENT) -> li
     df["method"] = df["policy_config"]
     df["experiment"] = experiment
     df["run_id"] = [f"{r['seed']}-{slug(r['policy'], r['cache_dtype'], r.get('weights_digest'))}" for r in rows]
-    table = leaderboard(df)
-    flags = {}
-    for r in rows:
-        if r.get("wall_flag"):
-            key = (r["policy_config"], r["cache_dtype"], r.get("weights") or "fp")
-            flags.setdefault(key, set()).add(r["wall_flag"])
-    table["wall_flag"] = [",".join(sorted(flags.get((m, c, w if isinstance(w, str) else "fp"), ())))
-                          for m, c, w in zip(table["method"], table["cache_dtype"], table["weights"])]
-    paths = write_leaderboard(table, out, overwrite=True)
-    flagged = table[table["wall_flag"] != ""]
-    if len(flagged):  # the markdown columns are the leaderboard's: the flags go below it
-        with open(paths["markdown"], "a", encoding="utf-8") as f:
-            f.write("\nWall speedups flagged (`wall_flag`; load: the plain model's time drifted or never settled, "
-                    "quality-pass: not interleaved): " + ", ".join(
-                        f"`{m}` ({flag})" for m, flag in zip(flagged["method"], flagged["wall_flag"])) + ".\n")
+    write_leaderboard(leaderboard(df), out, overwrite=True)
     return rows
 
 

@@ -38,8 +38,8 @@ MEANS = ("macs_speedup", "wall_speedup", "psnr_vs_baseline", "ssim_vs_baseline",
          "class_accuracy", "macs_per_image", "bit_identical", "calibration_macs", "model_bytes", "compression_ratio")
 COLUMNS = (GROUP + ["name", "family", "n_runs", "n_seeds", "n_fid_seeds", "seeds", "fid_mean", "fid_std", "delta_fid",
                     "delta_fid_std", "kid_mean", "kid_std", "delta_kid", "delta_kid_std"] + list(MEANS)
-           + ["pareto", "beats_all", "beats", "ties", "loses_to", "unopposed", "vs_frontiers", "experiments",
-              "run_ids"])
+           + ["wall_flag", "pareto", "beats_all", "beats", "ties", "loses_to", "unopposed", "vs_frontiers",
+              "experiments", "run_ids"])
 
 
 def derived_family(method) -> str | None:
@@ -128,6 +128,7 @@ def collect_rows(experiments: list[str] | None = None, tags: dict[str, str] | No
         "family": _families(method, column("params.family")),
         "cache_dtype": column("params.cache_dtype"),
         "weights": column("params.weights"),
+        "wall_flag": column("params.wall_flag"),
         "model": column("params.model"),
         "steps": pd.to_numeric(column("params.steps"), errors="coerce").astype("Int64"),
         "num_samples": pd.to_numeric(column("params.num_samples"), errors="coerce").astype("Int64"),
@@ -353,6 +354,8 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
             values = group[name].dropna()
             # np.mean keeps +inf (a bit-identical PSNR) as +inf
             record[name] = float(np.mean(values.to_numpy())) if len(values) else math.nan
+        flags = group["wall_flag"].dropna() if "wall_flag" in group else []
+        record["wall_flag"] = ",".join(sorted({f for f in flags if isinstance(f, str) and f}))  # any replicate's
         record["experiments"] = ",".join(sorted(set(group["experiment"].dropna()))) if "experiment" in group else ""
         record["run_ids"] = ",".join(group["run_id"]) if "run_id" in group else ""
         records.append(record)
@@ -417,6 +420,12 @@ def _star(r, families: set) -> str:
     return "unopposed" if others and set(_listed(r.unopposed)) >= others else ""
 
 
+def _wall(r) -> str:
+    """The wall speedup, with its flag when the timing was not the protocol's (load, or the quality passes)."""
+    flag = getattr(r, "wall_flag", "")
+    return _fmt(r.wall_speedup, ".2f", "×") + (f" ({flag})" if isinstance(flag, str) and flag else "")
+
+
 def _versus(r) -> str:
     """``beats X, Y; ties Z; loses to W; unopposed V`` (empty parts left out)."""
     parts = [(label, _listed(getattr(r, column))) for label, column in
@@ -436,7 +445,9 @@ FOOTNOTE = (
     "it when mean d > 2 SE, and *ties* it otherwise. A family whose fastest frontier point is slower than the "
     "row is *unopposed* there: listed, never counted as beaten. **Beats all** (★) = beats every opposed family "
     "(at least one; `plain` is no family to beat); \"unopposed\" = no other family reaches the row's MACs "
-    "speedup. The CSV's `vs_frontiers` holds family:mean d:SE:n per opposed family.")
+    "speedup. The CSV's `vs_frontiers` holds family:mean d:SE:n per opposed family. A wall speedup followed by "
+    "(load) was timed while the plain model's time drifted from the run's median and never settled, (quality-pass) "
+    "from the quality passes rather than interleaved pairs: read those loosely.")
 
 
 WEIGHTS_NOTE = (
@@ -464,7 +475,7 @@ def markdown(table: pd.DataFrame) -> str:
             out.append(f"| `{method}` | {'–' if pd.isna(r.family) else r.family} | "
                        f"{'–' if pd.isna(r.cache_dtype) else r.cache_dtype} | "
                        f"{'–' if pd.isna(r.weights) else r.weights} | "
-                       f"{_fmt(r.macs_speedup, '.2f', '×')} | {_fmt(r.wall_speedup, '.2f', '×')} | {fid} | "
+                       f"{_fmt(r.macs_speedup, '.2f', '×')} | {_wall(r)} | {fid} | "
                        f"{_pm(r.delta_fid, r.delta_fid_std, '+.2f')} | {_pm(r.kid_mean, r.kid_std, kid)} | "
                        f"{_pm(r.delta_kid, r.delta_kid_std, '+' + kid)} | {_fmt(r.psnr_vs_baseline, '.1f')} | "
                        f"{_fmt(r.calibration_macs, '.3g')} | {_fmt(cache, '.2f')} | {_fmt(size, '.2f')} | "
