@@ -42,15 +42,14 @@ def _call_default(pipeline, name: str):
 
 
 def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None = None):
-    """The ``LoadedModel`` a policy's ``prepare`` reads (weights fingerprint cached on the denoiser)."""
+    """The ``LoadedModel`` a policy's ``prepare`` reads."""
     from cqpolicy.models.loading import LoadedModel
 
-    extra = denoiser.__dict__.setdefault("_cqpolicy_extra", {})
     name = (getattr(pipeline, "name_or_path", None) or getattr(denoiser, "name_or_path", None)
             or type(denoiser).__name__)
     guidance = defaults.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
     return LoadedModel(str(name), denoiser, dict(scheduler.config), getattr(pipeline, "vae", None),
-                       default_guidance_scale=guidance, extra=extra)
+                       default_guidance_scale=guidance)
 
 
 def enable(target, policy, cache_format="fp16", compile: bool = False, *, steps: int | None = None,

@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["model_fingerprints", "model_fingerprint"]
 
-_CACHE_KEY = "_fingerprints"  # in LoadedModel.extra: (stamp, {"weights": ..., "legacy": ...})
+_CACHE_ATTR = "_cqpolicy_fingerprints"  # on the denoiser module: (stamp, {"weights": ..., "legacy": ...})
 
 
 def _stamp(module: torch.nn.Module, tensors: dict) -> tuple:
@@ -44,17 +44,16 @@ def _compute(module: torch.nn.Module, tensors: dict) -> dict[str, str]:
 
 
 def model_fingerprints(model) -> dict[str, str]:
-    """``{"weights": ..., "legacy": ...}`` of a ``LoadedModel`` (see the module doc); cached on it."""
-    module = model.transformer
+    """``{"weights": ..., "legacy": ...}`` of a ``LoadedModel``'s denoiser, or of a denoiser module (see the module
+    doc); cached on the module, so a policy's ``prepare`` and the runtime's check at enable hash it once."""
+    module = getattr(model, "transformer", model)
     tensors = module.state_dict(keep_vars=True)
     stamp = _stamp(module, tensors)
-    extra = getattr(model, "extra", None)
-    cached = extra.get(_CACHE_KEY) if isinstance(extra, dict) else None
+    cached = module.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == stamp:
         return dict(cached[1])
     hashes = _compute(module, tensors)
-    if isinstance(extra, dict):
-        extra[_CACHE_KEY] = (stamp, hashes)
+    module.__dict__[_CACHE_ATTR] = (stamp, hashes)
     return dict(hashes)
 
 

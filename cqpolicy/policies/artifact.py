@@ -318,13 +318,10 @@ def check_fits(meta: dict, model_class: str, num_blocks: int, steps: int, schedu
 def check_denoiser(meta: dict, module, source: str | None = None) -> None:
     """``check_fits`` for a denoiser module alone (no run settings yet): class, block count and weights. Every
     deployment passes here when the runtime is enabled, whether or not a sampler or pipeline prepares the policy."""
-    from types import SimpleNamespace
-
     from cqpolicy.models.adapters import cache_blocks
     from cqpolicy.models.fingerprint import model_fingerprints
 
     model = meta.get("model") or {}
-    extra = module.__dict__.setdefault("_cqpolicy_extra", {})  # the weight hashes, cached with their stamp
     check_fits(meta, type(module).__name__, len(cache_blocks(module)), int(model.get("steps") or 0),
                model.get("scheduler"), source=source,
-               model_hashes=model_fingerprints(SimpleNamespace(transformer=module, extra=extra)))
+               model_hashes=model_fingerprints(module))
