@@ -18,8 +18,12 @@ class CliError(Exception):
 
 def _add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="fmnist-dit",
-                   help="embedded name (fmnist-dit, fmnist-unet), a local diffusers model directory (DiT, UNet2DModel) "
-                        "or a cached hub id")
+                   help="embedded name (fmnist-dit, fmnist-unet), a local diffusers model or pipeline directory (DiT, "
+                        "UNet2DModel, PixArt, SD3, FLUX, Stable Diffusion) or a cached hub id")
+    p.add_argument("--prompts", default=None,
+                   help="text-conditioned models: a prompt file (one per line, encoded by the pipeline's own text "
+                        "encoders) or prompt embeddings (.safetensors); sample i takes prompt i mod their number")
+    p.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt (default: empty)")
     p.add_argument("--policy", default="none", help="reuse policy spec NAME[:key=value,...] (default: none)")
     p.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default: {defaults.STEPS})")
     p.add_argument("--num-samples", type=int, default=64, help="images to generate (default: 64)")
@@ -27,8 +31,9 @@ def _add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale, 1 = off (default: the model's, chosen on model-selection "
                         "samples for the embedded ones)")
-    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim",
-                   help="ddim or dpm (DPM-Solver++ multistep); default ddim")
+    p.add_argument("--scheduler", choices=["ddim", "dpm", "flow"], default=None,
+                   help="ddim, dpm (DPM-Solver++ multistep) or flow (flow-matching Euler, SD3 / FLUX); default: the "
+                        "family the model was trained for (flow, else ddim)")
     p.add_argument("--seed", type=int, default=0,
                    help="sample i uses seed + i (default: 0, test replicate 0; trace: the trace role's "
                         f"{seed_roles.start('trace')}; seed roles in cqpolicy/seeds.py)")
@@ -225,14 +230,14 @@ def cmd_sample(args) -> int:
     from cqpolicy.models import load_model
     from cqpolicy.outputs import OutputDir
     from cqpolicy.policies import make_policy
-    from cqpolicy.sampling import SampleSettings
-
     from cqpolicy.runtime import CacheFormat
+    from cqpolicy.sampling import SampleSettings
+    from cqpolicy.sampling.sampler import settings_for
 
     make_policy(args.policy)  # a bad spec or cache format fails before anything loads
     CacheFormat.parse(args.cache_dtype, num_heads=1)
     settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
-                              else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
+                              else args.guidance_scale, scheduler=args.scheduler or "ddim", batch_size=args.batch_size)
     settings.validate()  # fail on bad numbers before loading anything
     if args.num_samples < 1:
         raise CliError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -242,8 +247,9 @@ def cmd_sample(args) -> int:
     fid_reference = _load_npz_images(args.fid_reference)["images"] if args.fid_reference else None
     out = OutputDir(args.out, overwrite=args.overwrite)  # checks --out before the long part
     with out:
-        model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
-        settings.guidance_scale = defaults.guidance_for(model, args.guidance_scale)
+        model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device),
+                           prompts=args.prompts, negative_prompt=args.negative_prompt)
+        settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
         result = evaluate(model, settings, args.num_samples, args.seed, policy=args.policy,
                           cache_format=args.cache_dtype, fid=args.fid,
                           inception_weights=args.inception_weights, fid_reference=fid_reference)
@@ -303,7 +309,8 @@ def cmd_bench(args, parser=None) -> int:
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, num_samples=args.num_samples or None,
                       role=role, replicates=tuple(args.replicates) if args.replicates else None, repeats=args.repeats,
                       fid=args.fid or None, experiment=args.experiment, dtype=args.dtype,
-                      device=_resolve_device(args.device) if args.device else None)
+                      device=_resolve_device(args.device) if args.device else None, prompts=args.prompts,
+                      negative_prompt=args.negative_prompt or None)
     if args.config is not None:
         out = Path(args.out or f"out/bench/{Path(args.config).stem}")
         run_bench(config, out, only=args.only, retime=args.retime, table_only=args.table_only,
@@ -333,17 +340,18 @@ def cmd_trace(args) -> int:
     from cqpolicy.models import load_model
     from cqpolicy.policies import make_policy
     from cqpolicy.sampling import SampleSettings
+    from cqpolicy.sampling.sampler import settings_for
     from cqpolicy.tracing.collect import collect, heatmaps, local_vs_downstream, parse_probes
     from cqpolicy.tracing.store import TraceReader
     from cqpolicy.tracking import start_run
 
     probes = parse_probes(args.probes)
     make_policy(args.policy)
-    settings = SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None
-                              else args.guidance_scale, scheduler=args.scheduler, batch_size=args.batch_size)
-    settings.validate()
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device))
-    settings.guidance_scale = defaults.guidance_for(model, args.guidance_scale)
+    SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None else args.guidance_scale,
+                   scheduler=args.scheduler or "ddim", batch_size=args.batch_size).validate()
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device),
+                       prompts=args.prompts, negative_prompt=args.negative_prompt)
+    settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
     summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
                       probes=probes)
     table = TraceReader([args.out]).table()

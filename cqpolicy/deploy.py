@@ -41,21 +41,37 @@ def _call_default(pipeline, name: str):
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
-def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None = None):
-    """The ``LoadedModel`` a policy's ``prepare`` reads."""
+def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None = None, prompts=None,
+               negative_prompt: str = ""):
+    """The ``LoadedModel`` a policy's ``prepare`` reads: the pipeline's default resolution, and for a text model
+    ``prompts`` (a ``Prompts`` table, or texts the pipeline's own text encoders encode) to calibrate on."""
     from cqpolicy.models.loading import LoadedModel
+    from cqpolicy.models.prompts import Prompts, encode_prompts
 
     name = (getattr(pipeline, "name_or_path", None) or getattr(denoiser, "name_or_path", None)
             or type(denoiser).__name__)
     guidance = defaults.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
-    return LoadedModel(str(name), denoiser, dict(scheduler.config), getattr(pipeline, "vae", None),
-                       default_guidance_scale=guidance)
+    size = getattr(pipeline, "default_sample_size", None)
+    model = LoadedModel(str(name), denoiser, {**scheduler.config, "_class_name": type(scheduler).__name__},
+                        getattr(pipeline, "vae", None), default_guidance_scale=guidance,
+                        latent_size=(int(size), int(size)) if size else None)
+    if prompts is not None:
+        if not isinstance(prompts, Prompts):
+            if pipeline is None:
+                raise ValueError("cqpolicy.enable: prompt texts need the pipeline's text encoders; give a Prompts")
+            prompts = encode_prompts(pipeline, model.adapter, [prompts] if isinstance(prompts, str) else prompts,
+                                     negative_prompt)
+        model.use_prompts(prompts)
+    return model
 
 
 def enable(target, policy, cache_format="fp16", compile: bool = False, *, steps: int | None = None,
-           guidance_scale: float | None = None, scheduler=None):
+           guidance_scale: float | None = None, scheduler=None, prompts=None, negative_prompt: str = ""):
     """Hook ``policy`` (a Policy or a spec string) into ``target`` (a pipeline or its denoiser); returns the
-    runtime handle (``with``-able; ``handle.disable()`` removes everything). See the module doc."""
+    runtime handle (``with``-able; ``handle.disable()`` removes everything). ``prompts``: what a calibrating
+    policy samples a text-conditioned model with (texts, or a ``cqpolicy.models.prompts.Prompts``). See the
+    module doc."""
+    from cqpolicy.models.adapters import adapter_for
     from cqpolicy.policies import make_policy
     from cqpolicy.runtime import enable as enable_runtime
     from cqpolicy.runtime.context import scheduler_name
@@ -70,9 +86,11 @@ def enable(target, policy, cache_format="fp16", compile: bool = False, *, steps:
         if steps is None:
             raise ValueError("cqpolicy.enable: give steps= (the number of inference steps the pipeline will run)")
         guidance = guidance_scale if guidance_scale is not None else _call_default(pipeline, "guidance_scale")
+        if adapter_for(denoiser).guidance(denoiser) == "none":
+            guidance = 1.0  # the pipeline's scale is ignored by a model that takes no guidance (FLUX.1-schnell)
         settings = SampleSettings(steps=int(steps), scheduler=scheduler_name(scheduler),
                                   guidance_scale=1.0 if guidance is None else float(guidance))
-        policy.prepare(model_view(denoiser, scheduler, pipeline, guidance), settings)
+        policy.prepare(model_view(denoiser, scheduler, pipeline, guidance, prompts, negative_prompt), settings)
     handle = enable_runtime(denoiser, policy, cache_format, compile)
     if scheduler is not None:
         handle.follow_scheduler(scheduler)

@@ -154,3 +154,73 @@ def tiny_xl_pipeline_dir(tmp_path):
     root = tmp_path / "tiny-xl-pipeline"
     pipe.save_pretrained(root)
     return root
+
+
+def _tiny_vae(latent_channels: int = 4, **config):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=16, **config)
+
+
+def _perturbed(model, scale: float = 0.02):
+    """Zero-initialised gates and projections made to matter (adaLN-zero blocks start as identities)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def tiny_pixart_pipeline():
+    """A PixArtAlphaPipeline of the PixArt-α layout (ada_norm_single blocks, cross-attention, learned sigma), tiny
+    and random, called with T5-like prompt embeddings (16-d, 6 tokens, with a mask)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=_perturbed(transformer),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline():
+    """A StableDiffusion3Pipeline (MMDiT joint blocks, the last context_pre_only; flow matching, shift 3), tiny and
+    random, called with joint (16-d, 5 tokens) and pooled (8-d) prompt embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                        pooled_projection_dim=8, out_channels=4)
+    pipe = StableDiffusion3Pipeline(
+        transformer=_perturbed(transformer), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = True):
+    """A FluxPipeline (dual- then single-stream blocks, packed latents, dynamic shifting; embedded guidance like
+    FLUX.1-dev, or none like -schnell), tiny and random, called with T5-like (16-d, 5 tokens) and pooled (8-d)
+    prompt embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, axes_dims_rope=[2, 2, 4],
+                                         guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_tiny_vae(latent_channels=1, shift_factor=0.1159,
+                                                           scaling_factor=0.3611),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=_perturbed(transformer))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -106,11 +106,11 @@ class ModelCosts:
     decode_macs: int = 0
     leaf_macs: dict = field(default_factory=dict)  # {leaf module name in the transformer: MACs per row per call}
 
+    rows_per_image: int = 1  # model rows per image and step (2 with a batched CFG branch)
+
     def plain(self, num_images: int, settings) -> int:
         """MACs of the uncached model sampling ``num_images`` images."""
-        from cqpolicy.sampling.sampler import uses_cfg
-
-        rows = num_images * int(settings.steps) * (2 if uses_cfg(settings.guidance_scale) else 1)
+        rows = num_images * int(settings.steps) * self.rows_per_image
         return rows * self.row_macs + num_images * self.decode_macs
 
     def of_run(self, runtime, num_images: int) -> int:
@@ -155,7 +155,7 @@ def model_costs(model, settings) -> ModelCosts:
     from cqpolicy.sampling import sample
     from cqpolicy.sampling.sampler import uses_cfg
 
-    key = (id(model.transformer), uses_cfg(settings.guidance_scale), str(model.dtype))
+    key = (id(model.transformer), uses_cfg(settings.guidance_scale, model), str(model.dtype))
     if key in _COSTS and _COSTS[key][0]() is model.transformer:
         return _COSTS[key][1]
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -188,11 +188,11 @@ def model_costs(model, settings) -> ModelCosts:
             for handle in handles:
                 handle.remove()
         total = counter.get_total_flops()
-    rows = 2 if uses_cfg(settings.guidance_scale) else 1
+    rows = 2 if uses_cfg(settings.guidance_scale, model) else 1
     costs = ModelCosts(row_macs=model_flops[0] // 2 // rows,
                        unit_macs={k: v // 2 // rows for k, v in unit_flops.items()},
                        decode_macs=(total - model_flops[0]) // 2,
-                       leaf_macs=leaves.per_row())
+                       leaf_macs=leaves.per_row(), rows_per_image=rows)
     _COSTS[key] = (weakref.ref(model.transformer), costs)
     return costs
 

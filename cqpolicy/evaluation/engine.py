@@ -58,7 +58,8 @@ from cqpolicy.evaluation.bench import BASELINE
 EXPERIMENT = "cqpolicy-bench-paper"
 NO_POLICY = "none"  # a weights entry's policy that samples the quantized model uncached
 KEYS = ("model", "steps", "scheduler", "guidance_scale", "batch_size", "num_samples", "seeds", "replicates",
-        "methods", "learned_from", "learned_config", "repeats", "fid", "experiment", "device", "dtype")
+        "methods", "learned_from", "learned_config", "repeats", "fid", "experiment", "device", "dtype", "prompts",
+        "negative_prompt")
 ROW_SETTINGS = ("steps", "scheduler", "guidance_scale", "batch_size", "num_samples", "role")  # a resume must match
 WALL_SPREAD = 1.2  # the last pairs of a timing differ more than this: the load changed during it, time another pair
 WALL_DRIFT = 0.10  # a plain time this far from the run's median plain time: the machine is not as it was, again
@@ -75,7 +76,7 @@ class BenchConfig:
     methods: tuple = ()
     model: str = defaults.MODEL
     steps: int = defaults.STEPS
-    scheduler: str = defaults.SCHEDULER
+    scheduler: str | None = None  # None: the family the model was trained for (ddim, or flow)
     guidance_scale: float | None = None  # None: the model's default
     batch_size: int = defaults.BATCH_SIZE
     num_samples: int = 1000  # per replicate: the paper scale (README comparisons, DESIGN.md §4)
@@ -88,6 +89,8 @@ class BenchConfig:
     experiment: str = EXPERIMENT
     device: str | None = None
     dtype: str = "float32"
+    prompts: str | None = None  # text-conditioned models: a prompt file (one per line) or embeddings .safetensors
+    negative_prompt: str = ""
     source: str = "bench config"
 
 
@@ -144,7 +147,7 @@ def _typed(key: str, value):
     """A config value in its field's type (YAML gives what it parses: ``steps: fifty`` must not reach the sampler)."""
     if key == "guidance_scale":
         return None if value is None else float(value)
-    if key in ("learned_from", "device"):
+    if key in ("learned_from", "device", "scheduler", "prompts"):
         return None if value is None else str(value)
     if key in ("steps", "batch_size", "num_samples", "repeats"):
         return _int(value, key)
@@ -176,7 +179,8 @@ def check_config(config: BenchConfig) -> BenchConfig:
     try:
         for k in config.replicates:
             seed_roles.replicate_start(config.role, k)
-        SampleSettings(steps=config.steps, batch_size=config.batch_size, scheduler=config.scheduler,
+        SampleSettings(steps=config.steps, batch_size=config.batch_size,
+                       scheduler=config.scheduler or defaults.SCHEDULER,
                        guidance_scale=1.0 if config.guidance_scale is None else config.guidance_scale).validate()
     except ValueError as exc:
         raise BenchError(f"{where}: {exc}") from None
@@ -377,16 +381,16 @@ class _Bench:
         import torch
 
         from cqpolicy.models import load_model
-        from cqpolicy.sampling import SampleSettings
+        from cqpolicy.sampling.sampler import settings_for
 
         self.config, self.out, self.progress, self.tags, self.log = config, out, progress, tags, log
         if model is None:
             device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(config.model, dtype=getattr(torch, config.dtype), device=device)
+            model = load_model(config.model, dtype=getattr(torch, config.dtype), device=device,
+                               prompts=config.prompts, negative_prompt=config.negative_prompt)
         self.model = model
-        self.settings = SampleSettings(steps=config.steps, batch_size=config.batch_size, scheduler=config.scheduler,
-                                       guidance_scale=defaults.guidance_for(model, config.guidance_scale))
-        self.settings.validate()
+        self.settings = settings_for(model, steps=config.steps, batch_size=config.batch_size,
+                                     scheduler=config.scheduler, guidance_scale=config.guidance_scale)
         self.run_id = uuid.uuid4().hex  # the wall timings of this process: their plain times are the reference
 
     def seeds(self, k: int, n: int | None = None) -> list[int]:

@@ -3,8 +3,9 @@
 Accepted specs:
 * ``fmnist-dit`` / ``fmnist-unet``: the embedded Fashion-MNIST DiT and UNet shipped inside this package;
 * a directory holding a pipeline (``model_index.json``) or its folders: ``transformer/`` or ``unet/`` (+
-  ``scheduler/``, optional ``vae/``), or a bare model (``config.json``); the model class comes from its
-  config's ``_class_name`` and must be one ``cqpolicy.models.adapters`` supports;
+  ``scheduler/``, optional ``vae/``, and the text encoders of a text-conditioned pipeline), or a bare model
+  (``config.json``); the model class comes from its config's ``_class_name`` and must be one
+  ``cqpolicy.models.adapters`` supports;
 * a hub id such as ``facebook/DiT-XL-2-256``, read from the local Hugging Face cache only.
 
 A denoiser folder holding ``quantization.json`` (``cqpolicy quantize``) loads through
@@ -20,6 +21,7 @@ import torch
 from cqpolicy import defaults
 from cqpolicy.models import fmnist_dit, fmnist_unet
 from cqpolicy.models.adapters import ModelAdapter, NoCacheUnitsError, adapter_for
+from cqpolicy.models.prompts import Prompts
 
 EMBEDDED = {m.NAME: m for m in (fmnist_dit, fmnist_unet)}  # name -> its module (weights in SHIPPED_DIR)
 
@@ -38,6 +40,9 @@ class LoadedModel:
     vae: torch.nn.Module | None = None
     default_guidance_scale: float = defaults.GUIDANCE_SCALE
     extra: dict = field(default_factory=dict)
+    root: Path | None = None  # the pipeline folder (its text encoders encode prompts)
+    prompts: Prompts | None = None  # a text-conditioned model's prompt table (``use_prompts``)
+    latent_size: tuple[int, int] | None = None  # latent height and width, when not the model's default
 
     @property
     def config(self):
@@ -49,11 +54,58 @@ class LoadedModel:
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.adapter.latent_shape(self.transformer)
+        shape = self.adapter.latent_shape(self.transformer)
+        return shape if self.latent_size is None else (shape[0], *self.latent_size)
 
     @property
     def num_classes(self) -> int:
+        """Classes of a class-conditional model; prompts of a text-conditioned one (its "labels" are prompt ids)."""
+        if self.adapter.text_conditioned and self.prompts is not None:
+            return len(self.prompts)
         return self.adapter.num_classes(self.transformer)
+
+    def condition(self, labels: torch.Tensor):
+        """The model's condition for class labels, or for prompt ids (a dict of prompt-embedding rows)."""
+        if not self.adapter.text_conditioned:
+            return labels
+        if self.prompts is None:
+            self.adapter.num_classes(self.transformer)  # the one-line error that asks for prompts
+        return self.prompts.take(labels.cpu())
+
+    def null_condition(self, cond, rows: int):
+        """The unconditional branch's condition, ``rows`` rows."""
+        if self.adapter.text_conditioned:
+            return self.prompts.null_rows(rows)
+        return self.adapter.null_condition(self.transformer, cond)
+
+    def use_prompts(self, prompts: "Prompts | list[str] | str | Path", negative: str = "") -> "LoadedModel":
+        """Set the prompt table: a ``Prompts``, a list of texts or a prompt file (encoded by the pipeline's own text
+        encoders, with ``negative`` as the unconditional prompt), or a ``.safetensors`` embeddings file."""
+        from cqpolicy.models.prompts import PromptError, encode_prompts, read_prompt_file
+
+        if not self.adapter.text_conditioned:
+            raise PromptError(f"{self.name} ({self.adapter.model_class}) is not conditioned on prompts")
+        if isinstance(prompts, (str, Path)) and str(prompts).endswith(".safetensors"):
+            prompts = Prompts.load(prompts)
+        elif isinstance(prompts, (str, Path)):
+            prompts = read_prompt_file(prompts)
+        if not isinstance(prompts, Prompts):
+            prompts = encode_prompts(self.text_pipeline(), self.adapter, list(prompts), negative)
+        self.prompts = prompts.to(self.device, self.dtype)
+        return self
+
+    def text_pipeline(self):
+        """The model's diffusers pipeline with its text encoders, loaded from its folder around this denoiser."""
+        import diffusers
+
+        from cqpolicy.models.prompts import PromptError
+
+        if self.root is None or not (self.root / "model_index.json").is_file():
+            raise PromptError(f"{self.name} has no pipeline folder with text encoders: give prompt embeddings "
+                              f"(--prompt-embeds FILE.safetensors) instead of prompts")
+        folder = _denoiser_folder(self.root).name
+        return diffusers.DiffusionPipeline.from_pretrained(self.root, **{folder: self.transformer, "vae": self.vae},
+                                                           dtype=self.dtype).to(self.device)
 
     @property
     def null_class(self) -> int:
@@ -109,11 +161,13 @@ def _load_components(root: Path, name: str, dtype) -> LoadedModel:
     else:
         scheduler_config = dict(fmnist_dit.SCHEDULER_CONFIG)
     vae = AutoencoderKL.from_pretrained(root / "vae", dtype=dtype) if (root / "vae").is_dir() else None
-    return LoadedModel(name, _denoiser(folder, dtype), scheduler_config, vae)
+    return LoadedModel(name, _denoiser(folder, dtype), scheduler_config, vae, root=root)
 
 
-def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load ``spec`` (see module doc) in ``dtype`` onto ``device``, in eval mode."""
+def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               prompts=None, negative_prompt: str = "") -> LoadedModel:
+    """Load ``spec`` (see module doc) in ``dtype`` onto ``device``, in eval mode; a text-conditioned model with
+    ``prompts`` (``LoadedModel.use_prompts``)."""
     path = Path(spec)
     if spec in EMBEDDED:
         embedded = EMBEDDED[spec]
@@ -151,4 +205,6 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
     model.transformer.to(device).eval().requires_grad_(False)
     if model.vae is not None:
         model.vae.to(device).eval().requires_grad_(False)
+    if prompts is not None:
+        model.use_prompts(prompts, negative_prompt)
     return model

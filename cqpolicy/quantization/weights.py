@@ -200,15 +200,15 @@ def calibration_inputs(model, num_samples: int, steps: int, policy: str | None =
     from cqpolicy import seeds
     from cqpolicy.policies import make_policy
     from cqpolicy.runtime import enable
-    from cqpolicy.sampling.sampler import denoise_batch, initial_noise, settings_for, uses_cfg
+    from cqpolicy.sampling.sampler import cat_conditions, denoise_batch, initial_noise, settings_for, uses_cfg
 
     if num_samples < 1:
         raise ValueError(f"--calib-samples must be at least 1, got {num_samples}")
     settings = settings_for(model, steps=steps, batch_size=num_samples)
     labels = torch.arange(num_samples) % model.num_classes
-    cond = labels.to(model.device)
-    if uses_cfg(settings.guidance_scale):  # as the sampler: conditional rows first, null-class rows second
-        cond = torch.cat([cond, model.adapter.null_condition(model.transformer, cond)])
+    cond = model.condition(labels.to(model.device))
+    if uses_cfg(settings.guidance_scale, model):  # as the sampler: conditional rows first, null rows second
+        cond = cat_conditions(cond, model.null_condition(cond, num_samples))
     keep = set(np.linspace(0, steps - 1, min(CALIBRATION_STEPS, steps)).round().astype(int).tolist())
     captured = []
 

@@ -8,6 +8,7 @@ log-SNR with ``schedule_log_snrs``, so a policy sees the same numbers in either.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 
@@ -38,7 +39,8 @@ def schedule_log_snrs(scheduler) -> list[float]:
     return out
 
 
-SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm"}
+SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm",
+                   "FlowMatchEulerDiscreteScheduler": "flow"}
 
 
 def scheduler_name(scheduler) -> str:
@@ -78,6 +80,7 @@ def follow_scheduler(runtime, scheduler):
     """Make ``runtime`` read every call's steps from ``scheduler``; returns a function that undoes it."""
     original = scheduler.set_timesteps
 
+    @functools.wraps(original)  # pipelines inspect its signature (FLUX passes sigmas only where it is accepted)
     def set_timesteps(*args, **kwargs):
         result = original(*args, **kwargs)
         runtime.expect_call(StepPlan(scheduler))

@@ -36,13 +36,6 @@ class StepMismatchError(RuntimeError):
     """A policy made for one number of steps was run with another."""
 
 
-def _timestep_value(args, kwargs) -> float:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if t is None:
-        raise RuntimeError("cqpolicy runtime: the model was called without a timestep")
-    return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-
-
 class _StepHook(ModelHook):
     """On the top-level model: infers the step from the timestep when the sampler did not set it."""
 
@@ -53,7 +46,7 @@ class _StepHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         if self.runtime._overrides is not None:  # probe passes are not part of the sampling run
             return args, kwargs
-        self.runtime._on_model_call(_timestep_value(args, kwargs))
+        self.runtime._on_model_call(self.runtime.adapter.call_timestep(args, kwargs))
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         self.runtime.model_rows += int(x.shape[0])
         self.runtime.cfg_branch = self.runtime.adapter.unconditional_rows(module, args, kwargs)
@@ -81,19 +74,20 @@ class _UnitHook(ModelHook):
             if self._compiled is None:
                 self._compiled = torch.compile(original)
             original = self._compiled
-        forward = original if unit.pack is None else lambda *a, **k: original(*a, **k)[0]
-        x = args[0] if args else kwargs["hidden_states"]
+        forward = original if unit.flatten is None else lambda *a, **k: unit.flatten(original(*a, **k))
+        x = unit.input_of(args, kwargs)
         batch = x.shape[0]
         if rt._overrides is not None:  # a probe pass: no policy, no cache writes, no counts
             out = self._probe_forward(forward, x, batch, args, kwargs)
-            return out if unit.pack is None else unit.pack(out, kwargs)
+            return out if unit.pack is None else unit.pack(out, args, kwargs)
         has_cache = self.key in rt.store
         query = UnitQuery(step=rt.step, num_steps=rt.num_steps, timestep=rt.timestep, block=unit.block,
                           unit=unit.name, num_blocks=rt.num_blocks, inputs=x, has_cache=has_cache,
                           module=module, log_snr=rt.log_snr, cfg_branch=rt.cfg_branch)
         decision = rt.policy.decide(query)
         if torch.is_tensor(decision) and decision.is_floating_point():
-            return self._record(query, x, self._blend(query, forward, decision, x, args, kwargs), batch, kwargs)
+            return self._record(query, x, self._blend(query, forward, decision, x, args, kwargs), batch, args,
+                                kwargs)
         if torch.is_tensor(decision):
             mask = decision.to(device=x.device, dtype=torch.bool).reshape(-1)
             if mask.numel() != batch:
@@ -119,7 +113,7 @@ class _UnitHook(ModelHook):
                               **{k: _take_rows(v, mask, batch) for k, v in kwargs.items()})
                 out = out.clone()
                 out[mask] = sub
-        return self._record(query, x, out, compute_rows, kwargs)
+        return self._record(query, x, out, compute_rows, args, kwargs)
 
     def _blend(self, query, forward, gate, x, args, kwargs):
         """A soft decision ``gate`` in [0, 1] (0-d or one per row): every row computes, and the unit's output is
@@ -137,7 +131,7 @@ class _UnitHook(ModelHook):
         value = gate * value + (1 - gate) * cached
         return x + value if self.unit.residual else value
 
-    def _record(self, query, x, out, compute_rows, kwargs):
+    def _record(self, query, x, out, compute_rows, args, kwargs):
         rt, unit = self.runtime, self.unit
         batch = x.shape[0]
         rt.counts[unit.name, "computed"] += compute_rows
@@ -149,7 +143,7 @@ class _UnitHook(ModelHook):
             if rt.policy.caches:
                 rt.store.put(self.key, stored)
             rt.held_peak = max(rt.held_peak, rt.store.nbytes + rt.policy.state_nbytes)
-        return out if unit.pack is None else unit.pack(out, kwargs)
+        return out if unit.pack is None else unit.pack(out, args, kwargs)
 
     def _probe_forward(self, forward, x, batch, args, kwargs):
         override = self.runtime._overrides.get(self.key)

@@ -4,6 +4,12 @@ Every model run in cqpolicy (plain sampling, tracing, benchmarking) goes through
 always starts from the noise of ``torch.Generator().manual_seed(seeds[i])``, so a sample is the same
 whatever batch it falls in. ``step_callback(step_index, num_steps, timestep)`` runs before every model
 call: the runtime uses it to learn the step it is in.
+
+Schedulers: DDIM and DPM-Solver++ for noise-prediction models, flow-matching Euler (with the pipeline's shift or
+dynamic shifting, ``adapter.set_timesteps``) for flow models (SD3, FLUX); the model's scheduler config says
+which family it was trained for. Conditions: class labels, or prompt ids into ``model.prompts`` (text-conditioned
+models, whose unconditional branch is the encoded negative prompt). Guidance: a batched CFG branch, conditional
+rows first; a guidance-distilled model (FLUX.1-dev) takes the scale as an input instead.
 """
 from __future__ import annotations
 
@@ -18,18 +24,42 @@ from cqpolicy.models.loading import LoadedModel
 from cqpolicy.runtime.context import schedule_log_snrs
 from cqpolicy.runtime.runtime import active_runtime
 
-SCHEDULERS = ("ddim", "dpm")
+SCHEDULERS = ("ddim", "dpm", "flow")
+
+
+def is_flow_matching(config: dict) -> bool:
+    """Whether a scheduler config is a flow-matching one (the model predicts a velocity, not noise); a config read
+    from a live scheduler has no class name, but a flow-matching one has a shift and no beta schedule."""
+    if "_class_name" in config:
+        return str(config["_class_name"]).startswith("FlowMatch")
+    return "shift" in config and "beta_start" not in config
 
 
 def make_scheduler(name: str, config: dict):
     """A fresh scheduler of family ``name`` built from the model's scheduler config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    if (name == "flow") != is_flow_matching(config):
+        trained = "flow matching (--scheduler flow)" if is_flow_matching(config) else "noise prediction (ddim or dpm)"
+        raise ValueError(f"scheduler {name!r} does not fit this model: it was trained for {trained}")
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def scheduler_for(model: LoadedModel, name: str | None) -> str:
+    """``name``, or the scheduler family ``model`` was trained for when None (flow, else the default)."""
+    if name is not None:
+        return name
+    return "flow" if is_flow_matching(model.scheduler_config) else defaults.SCHEDULER
+
+
+def set_timesteps(model: LoadedModel, scheduler, steps: int, device=None) -> None:
+    model.adapter.set_timesteps(model.transformer, scheduler, int(steps), model.latent_shape, device)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -41,7 +71,7 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype=torch.float32,
 def step_log_snrs(model: LoadedModel, settings: "SampleSettings") -> list[float]:
     """The log-SNR of every step of a run with ``settings``, in sampling order (what ``set_step`` reports)."""
     scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
-    scheduler.set_timesteps(int(settings.steps))
+    set_timesteps(model, scheduler, settings.steps)
     return schedule_log_snrs(scheduler)
 
 
@@ -63,17 +93,35 @@ class SampleSettings:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def settings_for(model: LoadedModel, steps: int = defaults.STEPS, scheduler: str = defaults.SCHEDULER,
+def settings_for(model: LoadedModel, steps: int = defaults.STEPS, scheduler: str | None = None,
                  batch_size: int = defaults.BATCH_SIZE, guidance_scale: float | None = None) -> SampleSettings:
-    """Validated settings for ``model`` (``guidance_scale`` None: the model's default)."""
-    settings = SampleSettings(steps=steps, scheduler=scheduler, batch_size=batch_size,
+    """Validated settings for ``model`` (``scheduler`` / ``guidance_scale`` None: the model's default)."""
+    settings = SampleSettings(steps=steps, scheduler=scheduler_for(model, scheduler), batch_size=batch_size,
                               guidance_scale=defaults.guidance_for(model, guidance_scale))
     settings.validate()
+    check_guidance(model, settings.guidance_scale)
     return settings
 
 
-def uses_cfg(guidance_scale: float) -> bool:
+def check_guidance(model: LoadedModel, guidance_scale: float) -> None:
+    if model.adapter.guidance(model.transformer) == "none" and guidance_scale != 1.0:
+        raise ValueError(f"{model.name} takes no guidance ({model.adapter.model_class} without a guidance input or "
+                         f"null condition, e.g. the guidance-distilled FLUX.1-schnell): use --guidance-scale 1")
+
+
+def uses_cfg(guidance_scale: float, model: LoadedModel | None = None) -> bool:
+    """Whether a run at ``guidance_scale`` batches an unconditional branch (never for a model that takes the scale
+    as an input)."""
+    if model is not None and model.adapter.guidance(model.transformer) != "cfg":
+        return False
     return guidance_scale != 1.0
+
+
+def cat_conditions(a, b):
+    """Two condition batches stacked (class-label tensors, or prompt-embedding dicts key by key)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
 
 
 def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor, settings: SampleSettings,
@@ -92,13 +140,17 @@ def denoise_batch(model: LoadedModel, labels: torch.Tensor, noise: torch.Tensor,
 def _denoise(model, labels, noise, settings, step_callback, progress, output_callback) -> torch.Tensor:
     transformer = model.transformer
     scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
-    scheduler.set_timesteps(settings.steps, device=noise.device)
+    set_timesteps(model, scheduler, settings.steps, noise.device)
     channels = model.latent_shape[0]
-    cfg = uses_cfg(settings.guidance_scale)
-    class_input = labels.to(noise.device)
-    if cfg:  # conditional half first, null-class half second (as DiTPipeline)
-        class_input = torch.cat([class_input, model.adapter.null_condition(transformer, class_input)])
-    x = noise * scheduler.init_noise_sigma
+    check_guidance(model, settings.guidance_scale)
+    cfg = uses_cfg(settings.guidance_scale, model)
+    condition = model.condition(labels.to(noise.device))
+    if cfg:  # conditional half first, null half second (as DiTPipeline)
+        condition = cat_conditions(condition, model.null_condition(condition, len(labels)))
+    if model.adapter.guidance(transformer) == "embedded":
+        condition = {**condition, "guidance": torch.full((len(labels),), float(settings.guidance_scale),
+                                                         device=noise.device)}
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     runtime = active_runtime(transformer)
     if runtime is not None:
         runtime.begin_call(settings.steps)  # cache state belongs to this batch of this call only
@@ -109,9 +161,10 @@ def _denoise(model, labels, noise, settings, step_callback, progress, output_cal
         if step_callback is not None:
             step_callback(i, settings.steps, t)
         x_in = torch.cat([x, x]) if cfg else x
-        x_in = scheduler.scale_model_input(x_in, t)
+        if hasattr(scheduler, "scale_model_input"):
+            x_in = scheduler.scale_model_input(x_in, t)
         timesteps = t.reshape(1).to(x.device).expand(x_in.shape[0])
-        out = model.adapter.denoise(transformer, x_in, timesteps, class_input)
+        out = model.adapter.denoise(transformer, x_in, timesteps, condition)
         if output_callback is not None:
             output_callback(i, t, x_in, out)
         eps = out[:, :channels]  # learned-sigma models predict [eps, variance]: keep eps
@@ -131,7 +184,9 @@ def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [-1, 1] (identity for pixel-space models)."""
     if model.vae is None:
         return latents.float()
-    return model.vae.decode(latents / model.vae.config.scaling_factor).sample.float()
+    config = model.vae.config
+    latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+    return model.vae.decode(latents).sample.float()
 
 
 def sample(model: LoadedModel, labels, seeds, settings: SampleSettings, step_callback: Callable | None = None,
@@ -149,7 +204,8 @@ def sample(model: LoadedModel, labels, seeds, settings: SampleSettings, step_cal
     if len(labels) == 0:
         raise ValueError("nothing to sample: --num-samples must be at least 1")
     if int(labels.min()) < 0 or int(labels.max()) >= model.num_classes:
-        raise ValueError(f"class labels must lie in [0, {model.num_classes - 1}]")
+        what = "prompt ids" if model.adapter.text_conditioned else "class labels"
+        raise ValueError(f"{what} must lie in [0, {model.num_classes - 1}]")
     n_batches = (len(seeds) + settings.batch_size - 1) // settings.batch_size
     bar = tqdm(total=n_batches * settings.steps, desc=f"sample {model.name}", unit="step",
                disable=not progress, dynamic_ncols=True, leave=False)

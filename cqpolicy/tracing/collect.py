@@ -77,7 +77,7 @@ def _downstream(model, policy: str, labels, seeds, settings, images, rng, num_bl
     units = model.adapter.default_units
     targets = [(int(rng.integers(1, settings.steps)), int(rng.integers(num_blocks)),
                 units[int(rng.integers(len(units)))]) for _ in seeds]
-    forced = _ForcedReuse(make_policy(policy), targets, uses_cfg(settings.guidance_scale))
+    forced = _ForcedReuse(make_policy(policy), targets, uses_cfg(settings.guidance_scale, model))
     forced.prepare(model, settings)
     with enable(model.transformer, forced, cache_format="fp32"):
         changed = sample(model, labels, seeds, settings, progress=False)
@@ -130,7 +130,7 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
     writer = TraceWriter(out_dir, info, TRACE_SCHEMA, label_columns=LABEL_COLUMNS, unmeasured_columns=("entropy",))
     writer.remove_stale_temporaries()
     done = writer.done_seeds()
-    cfg = uses_cfg(settings.guidance_scale)
+    cfg = uses_cfg(settings.guidance_scale, model)
     channels = model.latent_shape[0]
     timing = {"record_s": 0.0, "downstream_s": 0.0, "batches": 0, "rows": 0, "skipped_batches": 0}
     batches = [(start, min(start + settings.batch_size, num_samples))

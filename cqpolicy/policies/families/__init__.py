@@ -14,4 +14,5 @@ from cqpolicy.policies.families import (  # noqa: F401
     table,
     taylorseer,
     teacache,
+    tgate,
 )
