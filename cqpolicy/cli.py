@@ -24,6 +24,8 @@ def _add_sampling_args(p: argparse.ArgumentParser):
                    help="text-conditioned models: a prompt file (one per line, encoded by the pipeline's own text "
                         "encoders) or prompt embeddings (.safetensors); sample i takes prompt i mod their number")
     p.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt (default: empty)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels (default: the model's; FLUX: 1024)")
     p.add_argument("--policy", default="none", help="reuse policy spec NAME[:key=value,...] (default: none)")
     p.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default: {defaults.STEPS})")
     p.add_argument("--num-samples", type=int, default=64, help="images to generate (default: 64)")
@@ -248,7 +250,8 @@ def cmd_sample(args) -> int:
     out = OutputDir(args.out, overwrite=args.overwrite)  # checks --out before the long part
     with out:
         model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device),
-                           prompts=args.prompts, negative_prompt=args.negative_prompt)
+                           prompts=args.prompts, negative_prompt=args.negative_prompt,
+                           resolution=args.resolution)
         settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
         result = evaluate(model, settings, args.num_samples, args.seed, policy=args.policy,
                           cache_format=args.cache_dtype, fid=args.fid,
@@ -310,7 +313,7 @@ def cmd_bench(args, parser=None) -> int:
                       role=role, replicates=tuple(args.replicates) if args.replicates else None, repeats=args.repeats,
                       fid=args.fid or None, experiment=args.experiment, dtype=args.dtype,
                       device=_resolve_device(args.device) if args.device else None, prompts=args.prompts,
-                      negative_prompt=args.negative_prompt or None)
+                      negative_prompt=args.negative_prompt or None, resolution=args.resolution)
     if args.config is not None:
         out = Path(args.out or f"out/bench/{Path(args.config).stem}")
         run_bench(config, out, only=args.only, retime=args.retime, table_only=args.table_only,
@@ -350,7 +353,8 @@ def cmd_trace(args) -> int:
     SampleSettings(steps=args.steps, guidance_scale=0.0 if args.guidance_scale is None else args.guidance_scale,
                    scheduler=args.scheduler or "ddim", batch_size=args.batch_size).validate()
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device),
-                       prompts=args.prompts, negative_prompt=args.negative_prompt)
+                       prompts=args.prompts, negative_prompt=args.negative_prompt,
+                           resolution=args.resolution)
     settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
     summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
                       probes=probes)
@@ -409,6 +413,8 @@ def _add_train_parsers(sub) -> None:
 
     def on_model(p):
         p.add_argument("--model", required=True, help="the model to run (embedded name or local folder)")
+        p.add_argument("--prompts", default=None, help="text-conditioned models: a prompt file or embeddings")
+        p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
         p.add_argument("--steps", type=int, default=defaults.STEPS,
                        help=f"sampling steps (default {defaults.STEPS})")
 
@@ -486,7 +492,8 @@ def _train_gates(args) -> tuple[dict, str]:
     meta = train_gates(args.model, args.out, steps=args.steps, budget_range=tuple(args.budget_range),
                        train_samples=args.train_samples, batch_size=args.batch_size, max_epochs=args.max_epochs,
                        seed=args.seed, max_minutes=args.max_minutes, init_mlp=args.init_mlp,
-                       init_traces=args.init_traces, rollout_traces=args.rollout_traces, overwrite=args.overwrite)
+                       init_traces=args.init_traces, rollout_traces=args.rollout_traces, overwrite=args.overwrite,
+                       prompts=args.prompts, resolution=args.resolution)
     return meta, f"learned:path={args.out},budget=B"
 
 
@@ -495,7 +502,7 @@ def _train_forecast(args) -> tuple[dict, str]:
 
     meta = fit_forecast(args.model, args.schedule, args.out, steps=args.steps, order=args.order,
                         on_policy_rounds=args.on_policy_rounds, affine=args.affine, per_channel=args.per_channel,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, prompts=args.prompts, resolution=args.resolution)
     return meta, f"forecast:path={args.out}"
 
 

@@ -224,3 +224,37 @@ def tiny_flux_pipeline(guidance_embeds: bool = True):
                         transformer=_perturbed(transformer))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip(folder, width: int = 12, max_length: int = 8):
+    """A CLIP text encoder and tokenizer, tiny and random, saved under ``folder``: the tokenizer's vocabulary is
+    the 256 byte symbols (a word it does not know is spelled out, never an error)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>",
+                                                                                   "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                                           num_hidden_layers=2, num_attention_heads=2,
+                                           max_position_embeddings=max_length, bos_token_id=len(vocab) - 2,
+                                           eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)).eval()
+    return tokenizer, encoder
+
+
+@pytest.fixture
+def tiny_sd_dir(tmp_path):
+    """A tiny random StableDiffusionPipeline with its CLIP text encoder and tokenizer, saved as a pipeline folder."""
+    pipe = tiny_sd_pipeline()
+    pipe.tokenizer, pipe.text_encoder = tiny_clip(tmp_path / "clip")
+    pipe.register_modules(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    root = tmp_path / "tiny-sd"
+    pipe.save_pretrained(root)
+    return root

@@ -60,7 +60,7 @@ def test_deepcache_gives_the_images_of_the_deepcache_wheel(interval, branch):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_an_sd_unet_without_its_pipeline_is_refused_in_one_line(tmp_path, capsys):
+def test_sampling_an_sd_unet_without_prompts_is_refused_in_one_line(tmp_path, capsys):
     from cqpolicy.cli import main
 
     pipe = tiny_sd_pipeline()
@@ -68,5 +68,5 @@ def test_sampling_an_sd_unet_without_its_pipeline_is_refused_in_one_line(tmp_pat
     code = main(["sample", "--model", str(tmp_path / "sd"), "--steps", "2", "--num-samples", "1",
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "inside its diffusers pipeline" in err[0], err
+    assert code == 2 and len(err) == 1 and "conditioned on prompts" in err[0] and "--prompts" in err[0], err
     assert not (tmp_path / "out").exists()

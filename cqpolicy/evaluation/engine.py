@@ -59,7 +59,7 @@ EXPERIMENT = "cqpolicy-bench-paper"
 NO_POLICY = "none"  # a weights entry's policy that samples the quantized model uncached
 KEYS = ("model", "steps", "scheduler", "guidance_scale", "batch_size", "num_samples", "seeds", "replicates",
         "methods", "learned_from", "learned_config", "repeats", "fid", "experiment", "device", "dtype", "prompts",
-        "negative_prompt")
+        "negative_prompt", "resolution")
 ROW_SETTINGS = ("steps", "scheduler", "guidance_scale", "batch_size", "num_samples", "role")  # a resume must match
 WALL_SPREAD = 1.2  # the last pairs of a timing differ more than this: the load changed during it, time another pair
 WALL_DRIFT = 0.10  # a plain time this far from the run's median plain time: the machine is not as it was, again
@@ -91,6 +91,7 @@ class BenchConfig:
     dtype: str = "float32"
     prompts: str | None = None  # text-conditioned models: a prompt file (one per line) or embeddings .safetensors
     negative_prompt: str = ""
+    resolution: int | None = None  # image side in pixels (None: the model's)
     source: str = "bench config"
 
 
@@ -151,6 +152,8 @@ def _typed(key: str, value):
         return None if value is None else str(value)
     if key in ("steps", "batch_size", "num_samples", "repeats"):
         return _int(value, key)
+    if key == "resolution":
+        return None if value is None else _int(value, key)
     if key == "fid":
         if not isinstance(value, bool):
             raise ValueError(f"fid is true or false, got {value!r}")
@@ -387,7 +390,8 @@ class _Bench:
         if model is None:
             device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
             model = load_model(config.model, dtype=getattr(torch, config.dtype), device=device,
-                               prompts=config.prompts, negative_prompt=config.negative_prompt)
+                               prompts=config.prompts, negative_prompt=config.negative_prompt,
+                               resolution=config.resolution)
         self.model = model
         self.settings = settings_for(model, steps=config.steps, batch_size=config.batch_size,
                                      scheduler=config.scheduler, guidance_scale=config.guidance_scale)

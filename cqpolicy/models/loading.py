@@ -64,6 +64,14 @@ class LoadedModel:
             return len(self.prompts)
         return self.adapter.num_classes(self.transformer)
 
+    def set_resolution(self, pixels: int) -> None:
+        """Sample images of ``pixels`` a side: latents of ``pixels`` over the VAE's downsampling factor."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        if pixels < 1 or pixels % scale:
+            raise ModelLoadError(f"--resolution must be a positive multiple of {scale} (the VAE's factor), got "
+                                 f"{pixels}")
+        self.latent_size = (pixels // scale, pixels // scale)
+
     def condition(self, labels: torch.Tensor):
         """The model's condition for class labels, or for prompt ids (a dict of prompt-embedding rows)."""
         if not self.adapter.text_conditioned:
@@ -103,6 +111,12 @@ class LoadedModel:
         if self.root is None or not (self.root / "model_index.json").is_file():
             raise PromptError(f"{self.name} has no pipeline folder with text encoders: give prompt embeddings "
                               f"(--prompt-embeds FILE.safetensors) instead of prompts")
+        from cqpolicy.outputs import read_json
+
+        index = read_json(self.root / "model_index.json", ModelLoadError, f"{self.root}/model_index.json is not JSON")
+        if any(not isinstance(index.get(k), list) or None in index[k] for k in ("text_encoder", "tokenizer")):
+            raise PromptError(f"{self.root} holds no text encoder and tokenizer: give prompt embeddings "
+                              f"(--prompts FILE.safetensors) instead of prompt texts")
         folder = _denoiser_folder(self.root).name
         return diffusers.DiffusionPipeline.from_pretrained(self.root, **{folder: self.transformer, "vae": self.vae},
                                                            dtype=self.dtype).to(self.device)
@@ -161,13 +175,33 @@ def _load_components(root: Path, name: str, dtype) -> LoadedModel:
     else:
         scheduler_config = dict(fmnist_dit.SCHEDULER_CONFIG)
     vae = AutoencoderKL.from_pretrained(root / "vae", dtype=dtype) if (root / "vae").is_dir() else None
-    return LoadedModel(name, _denoiser(folder, dtype), scheduler_config, vae, root=root)
+    model = LoadedModel(name, _denoiser(folder, dtype), scheduler_config, vae, root=root)
+    guidance = _pipeline_default(root, "guidance_scale")
+    if guidance is not None:
+        model.default_guidance_scale = float(guidance)
+    return model
+
+
+def _pipeline_default(root: Path, argument: str):
+    """The default of ``argument`` in the ``__call__`` of the pipeline class ``root/model_index.json`` names."""
+    import inspect
+
+    import diffusers
+
+    from cqpolicy.outputs import read_json
+
+    if not (root / "model_index.json").is_file():
+        return None
+    index = read_json(root / "model_index.json", ModelLoadError, f"{root}/model_index.json is not JSON")
+    cls = getattr(diffusers, str(index.get("_class_name")), None) if isinstance(index, dict) else None
+    parameter = inspect.signature(cls.__call__).parameters.get(argument) if cls is not None else None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               prompts=None, negative_prompt: str = "") -> LoadedModel:
+               prompts=None, negative_prompt: str = "", resolution: int | None = None) -> LoadedModel:
     """Load ``spec`` (see module doc) in ``dtype`` onto ``device``, in eval mode; a text-conditioned model with
-    ``prompts`` (``LoadedModel.use_prompts``)."""
+    ``prompts`` (``LoadedModel.use_prompts``); images of ``resolution`` pixels a side (None: the model's)."""
     path = Path(spec)
     if spec in EMBEDDED:
         embedded = EMBEDDED[spec]
@@ -200,11 +234,13 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
         known = ", ".join(sorted(EMBEDDED))
         raise ModelLoadError(f"unknown model {spec!r}: use an embedded name ({known}), a local diffusers "
                              f"directory or a cached hub id")
-    if not model.adapter.conditional(model.transformer):
-        model.default_guidance_scale = 1.0  # nothing to guide with
+    if model.adapter.guidance(model.transformer) == "none":
+        model.default_guidance_scale = 1.0  # nothing to guide with (an unconditional model, FLUX.1-schnell)
     model.transformer.to(device).eval().requires_grad_(False)
     if model.vae is not None:
         model.vae.to(device).eval().requires_grad_(False)
+    if resolution is not None:
+        model.set_resolution(resolution)
     if prompts is not None:
         model.use_prompts(prompts, negative_prompt)
     return model

@@ -234,10 +234,11 @@ def _channel_residual(fit: _NormalEquations, cell, w: torch.Tensor) -> float:
 
 
 def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, steps: int = 50,
-                 scheduler: str = "ddim", guidance_scale: float | None = None, samples: int = 64,
+                 scheduler: str | None = None, guidance_scale: float | None = None, samples: int = 64,
                  val_samples: int = 32, order: int = 3, ridge: float = 1e-3, on_policy_rounds: int = 0,
                  affine: bool = False, per_channel: bool = False, batch_size: int = 32, overwrite: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, prompts=None, resolution: int | None = None,
+                 negative_prompt: str = "") -> dict:
     """Fit a forecast for the static schedule ``schedule`` (a policy spec) on ``model_name``; write its artifact.
 
     ``on_policy_rounds``: after the teacher-forced fit, run the forecast on the fit seeds that many times and refit
@@ -263,7 +264,7 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
     if affine and per_channel:
         raise ValueError("affine and per_channel do not combine: a per-channel fit has a free bias")
     out = check_target(out_dir, overwrite)
-    model = load_model(model_name)
+    model = load_model(model_name, resolution=resolution, prompts=prompts, negative_prompt=negative_prompt)
     channel_dim = adapter_for(model.transformer).channel_dim if per_channel else None
     settings = settings_for(model, steps, scheduler, batch_size, guidance_scale)
     started_cpu, started_wall = time.process_time(), time.perf_counter()
@@ -333,7 +334,7 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
             "per_channel": per_channel, "channel_dim": channel_dim, "features": [],
             "model": {"class": type(model.transformer).__name__, "model_id": model.name,
                       "model_hash": model_fingerprint(model), "num_blocks": blocks, "units": list(units),
-                      "steps": steps, "scheduler": scheduler, "guidance_scale": float(settings.guidance_scale)},
+                      "steps": steps, "scheduler": settings.scheduler, "guidance_scale": float(settings.guidance_scale)},
             "metrics": metrics,
             "training": {"calibration_seeds": [first, samples], "val_seeds": [first + samples, val_samples],
                          "on_policy_rounds": on_policy_rounds, "round_errors_vs_reuse": rounds,

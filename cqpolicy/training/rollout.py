@@ -255,11 +255,13 @@ def trace_rollouts(model, settings, artifact_dir, samples: int, budgets, out_dir
 
 
 def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50, guidance_scale: float | None = None,
-                scheduler: str = "ddim", budget_range: tuple[float, float] = defaults.GATES_BUDGET_RANGE, train_samples: int = 128,
-                val_samples: int = 32, batch_size: int = 8, max_epochs: int = 8, hidden: int = 64, lr: float = 3e-3,
+                scheduler: str | None = None, budget_range: tuple[float, float] = defaults.GATES_BUDGET_RANGE,
+                train_samples: int = 128, val_samples: int = 32, batch_size: int = 8, max_epochs: int = 8,
+                hidden: int = 64, lr: float = 3e-3,
                 tau: float = 1.0, feature_weight: float = 1.0, seed: int = 0, max_minutes: float | None = None,
                 init_mlp: str | None = None, init_traces: str | None = None, rollout_traces: int = 0,
-                overwrite: bool = False, progress: bool = True) -> dict:
+                overwrite: bool = False, progress: bool = True, prompts=None,
+                resolution: int | None = None) -> dict:
     """Train a budget-conditioned gate net through the sampler on ``model_name`` and write a ``gates`` artifact.
 
     Rollout seeds: ``train_samples`` from the ``rollout`` role's start, then ``val_samples`` held out for
@@ -299,7 +301,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     keep_freed_memory()
     L.seed_everything(seed, workers=True, verbose=False)
 
-    model = load_model(model_name)
+    model = load_model(model_name, resolution=resolution, prompts=prompts)
     settings = settings_for(model, steps, scheduler, batch_size, guidance_scale)
     first = seed_roles.start("rollout")
     seeds = list(range(first, first + train_samples + val_samples))
@@ -313,7 +315,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     mean = [float(snrs.mean()), 0.5, 0.5 * (low + high)]
     std = [float(snrs.std()), 0.3, max(1e-3, (high - low) / math.sqrt(12))]
     val_budgets = [low, round(0.5 * (low + high), 4), high]
-    config = {"model": model_name, "model_hash": model_fingerprint(model), "steps": steps, "scheduler": scheduler,
+    config = {"model": model_name, "model_hash": model_fingerprint(model), "steps": steps, "scheduler": settings.scheduler,
               "guidance_scale": settings.guidance_scale, "budget_range": [low, high], "train_samples": train_samples,
               "val_samples": val_samples, "batch_size": batch_size, "hidden": hidden, "lr": lr, "tau": tau,
               "feature_weight": feature_weight, "seed": seed, "init_mlp": init_mlp, "init_traces": init_traces}
@@ -403,7 +405,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
             "estimator": "straight-through", "tau": tau, "target": "final-sample distance", "warm_start": init,
             "model": {"class": type(model.transformer).__name__, "model_id": model.name,
                       "model_hash": model_fingerprint(model), "num_blocks": int(rollouts.unit_macs.shape[0]),
-                      "units": unit_names, "steps": steps, "scheduler": scheduler,
+                      "units": unit_names, "steps": steps, "scheduler": settings.scheduler,
                       "guidance_scale": float(settings.guidance_scale)},
             "metrics": metrics,
             "training": {"seed": seed, "max_epochs": max_epochs, "epochs": int(trainer.current_epoch),

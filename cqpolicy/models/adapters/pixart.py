@@ -49,9 +49,9 @@ class PixArtAdapter(TextAdapter):
                      added_cond_kwargs=self.added_conditions(model, x)).sample
 
     def encode_prompts(self, pipeline, prompts, negative):
-        embeds, mask, null, null_mask = pipeline.encode_prompt(prompts, do_classifier_free_guidance=True,
-                                                               negative_prompt=negative, device=pipeline.device,
-                                                               clean_caption=False)
+        embeds, mask, null, null_mask = pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=True, negative_prompt=[negative] * len(prompts),
+            device=pipeline.device, clean_caption=False)
         return ({"encoder_hidden_states": embeds, "encoder_attention_mask": mask},
                 {"encoder_hidden_states": null[:1], "encoder_attention_mask": null_mask[:1]})
 

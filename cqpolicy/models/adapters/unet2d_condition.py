@@ -51,7 +51,8 @@ class UNet2DConditionAdapter(TextAdapter, UNet2DAdapter):
 
     def encode_prompts(self, pipeline, prompts, negative):
         positive, null = pipeline.encode_prompt(prompts, device=pipeline.device, num_images_per_prompt=1,
-                                                do_classifier_free_guidance=True, negative_prompt=negative)
+                                                do_classifier_free_guidance=True,
+                                                negative_prompt=[negative] * len(prompts))
         return {"encoder_hidden_states": positive}, {"encoder_hidden_states": null[:1]}
 
     def unit_patterns(self, names):

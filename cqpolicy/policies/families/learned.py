@@ -205,9 +205,9 @@ class MLPPolicy(LearnedPolicy):
     def _begin_step(self, query: UnitQuery) -> None:
         """At a step's first unit: fold in what each unit computed last step, read the model input, and run
         the MLP once for every (block, unit) x row."""
-        if query.block != 0 or query.unit != self.units[0]:
-            raise RuntimeError(f"policy 'learned': a step-level policy must see block 0's {self.units[0]} first in "
-                               f"a step, got block {query.block}'s {query.unit}")
+        if query.block != 0:  # its first unit's input is the step's model input (joint blocks: both streams)
+            raise RuntimeError(f"policy 'learned': a step-level policy must see block 0 first in a step, got block "
+                               f"{query.block}'s {query.unit}")
         self._need_schedule(query)
         units, blocks = len(self.units), query.num_blocks
         x = flat_rows(_token_subsample(query.inputs)).cpu()
