@@ -1,23 +1,57 @@
 #!/usr/bin/env python
-"""GPU wall clock of cqpolicy's runtime on a random DiT-XL/2-256: plain model vs hooks vs cache reuse.
+"""GPU wall clock of cqpolicy's runtime on random published denoisers: plain model vs hooks vs cache reuse.
 
-    .venv/bin/python scripts/bench_gpu.py --out docs/results/gpu
+    .venv/bin/python scripts/bench_gpu.py --out docs/results/gpu                  # dit-xl-2-256
+    .venv/bin/python scripts/bench_gpu.py --layout pixart-xl-2-512 --out docs/results/gpu
+    .venv/bin/python scripts/bench_gpu.py --layout sd3.5-medium --out docs/results/gpu
+    .venv/bin/python scripts/bench_gpu.py --layout flux.1-dev --out docs/results/gpu
+    .venv/bin/python scripts/bench_gpu.py --layout sd-1.5 --out docs/results/gpu
+    .venv/bin/python scripts/bench_gpu.py --layout sd-1.5 --tiny --device cpu --out /tmp/gpu  # smoke test (seconds)
 
-Builds a randomly initialised ``DiTTransformer2DModel`` in the DiT-XL-2-256 layout (28 blocks, 16 heads x 72,
-4 -> 8 channels with learned sigma, 32x32 latents, patch 2 = 256 tokens, 1000 classes; bf16 on CUDA; no download:
-weights do not change the cost) and times full ``cqpolicy.sampling.sample`` calls (DDIM, classifier-free
-guidance, so the model batch is twice the sample batch) for: the plain model (no hooks), ``none`` (hooks that
-never reuse: the runtime's own overhead), ``fora:interval=2``, ``fora:interval=3`` and the per-unit-type
-hand schedule ``fora:attn1_interval=8,ff_interval=4`` (attn1 computed every 8 steps, ff every 4, in phase).
+Each layout builds its denoiser from the published config (the numbers are in ``LAYOUTS``), randomly initialised in
+bf16 on CUDA (no download: weights do not change the cost), gives a text-conditioned one random prompt embeddings
+of the shapes its pipeline's text encoders produce, and times full ``cqpolicy.sampling.sample`` calls with its
+pipeline's scheduler, steps and guidance, on latents (no VAE: decoding is not what the runtime changes):
+
+* ``dit-xl-2-256`` (default): DiT-XL-2-256, 28 blocks, 16 heads x 72, 32x32 latents = 256 tokens, 1000 classes;
+  50 DDIM steps, CFG 4 (the model batch is twice the sample batch).
+* ``pixart-xl-2-512``: PixArt-XL-2-512x512, the DiT blocks plus cross-attention to 120 T5 tokens (4096-d), 64x64
+  latents = 1024 tokens; 20 DPM-Solver++ steps (DiT's linear betas), CFG 4.5.
+* ``sd3.5-medium``: SD 3.5 medium, 24 MMDiT blocks (the first 13 with a second image attention), 24 heads x 64,
+  1024 px = 4096 image tokens joint with 333 prompt tokens (77 CLIP + 256 T5, the pipeline's default
+  ``max_sequence_length``) and a 2048-d pooled embedding; 40 flow-matching Euler steps, shift 3, CFG 4.5.
+* ``flux.1-dev``: FLUX.1-dev, 19 dual- then 38 single-stream blocks, 24 heads x 128, 1024 px = 4096 packed tokens
+  joint with 512 T5 tokens, a 768-d pooled embedding; 28 flow-matching Euler steps with dynamic shifting, guidance
+  3.5 as a model input (no CFG batch). Dev, not schnell: 28 steps give step caching something to reuse (schnell's
+  4 leave FORA one or two steps), and dev is what caching papers report; a schnell step costs the same.
+* ``sd-1.5``: SD 1.5's UNet (320-640-1280-1280 channels, cross-attention to 77 CLIP tokens, 768-d), 64x64 latents;
+  50 DDIM steps (scaled-linear betas), CFG 7.5.
+
+Methods: the plain model (no hooks), ``none`` (hooks that never reuse: the runtime's own overhead),
+``fora:interval=2`` and ``fora:interval=3`` on every layout; on DiT also the per-unit-type hand schedule
+``fora:attn1_interval=8,ff_interval=4`` (attn1 computed every 8 steps, ff every 4, in phase); ``tgate:gate=0.4``
+where there is cross-attention (PixArt, SD 1.5); ``deepcache:interval=3`` on the UNet (SD 1.5).
 Per batch size, every repeat runs each method once, in turn (one warm-up round first); the time of a call is
 measured with CUDA events (``time.perf_counter`` on CPU), the table gives the median and the speedup against the
 plain model of the same run, and peak memory above the weights (``cqpolicy.evaluation.cost.PeakMemory``).
-Writes ``bench_gpu.md`` and ``bench_gpu.json`` (raw times) to ``--out``.
+Writes ``bench_gpu.md`` and ``bench_gpu.json`` (raw times) to ``--out``; a layout other than the default writes
+``bench_gpu_<layout>.md`` / ``.json``.
 
-Expected run time on one H200 with the defaults: 5 methods x 2 batch sizes x (1 warm-up + 3 repeats) = 40
-sampling calls of 50 steps (2,000 model calls). At batch 64 (128 rows, ~15 TFLOP per plain step) a plain call
-takes about 2 s, at batch 8 about 0.5 s (launch-bound), and the caching methods are faster: about 1 minute of
-sampling plus ~30 s of start-up, under 2 minutes in all. ``--tiny --device cpu`` is the smoke test (seconds).
+Expected run time on one H200 with the defaults: an estimate, not a measurement, from the FLOPs of one image in one
+model call (FlopCounterMode on the meta device) at an assumed 400 TFLOP/s sustained in bf16 (40% of the dense
+peak; the UNet's convolutions may run below it), the caching methods costing their computed fraction of the steps,
+and 1 warm-up + 3 repeats of every method at every batch size:
+
+    layout            TFLOP/image/call  methods x batch sizes x steps   sampling   with start-up
+    dit-xl-2-256            0.24           5 x (8, 64) x 50             ~1 min     under 2 min
+    pixart-xl-2-512         1.24           5 x (8, 32) x 20             ~1.3 min   ~2 min
+    sd3.5-medium           11.3            4 x (1, 4) x 40              ~2.2 min   ~3 min
+    flux.1-dev             74.4            4 x (1,) x 28                ~1 min     ~2 min (12 B parameters to fill)
+    sd-1.5                  0.80           6 x (8, 32) x 50             ~2.3 min   ~3 min
+
+About 12 minutes for all five; ``--repeats 1`` halves the sampling. ``--tiny --device cpu --layout X`` shrinks
+layout X to its blocks 2 deep (2 + 2 for FLUX, one layer per UNet level) and 32 wide on 8x8 latents: the smoke
+test of each layout (tests/test_bench_gpu.py).
 """
 from __future__ import annotations
 
@@ -59,12 +93,13 @@ class Layout(NamedTuple):
     scheduler_config: dict
     steps: int
     guidance_scale: float
-    batch_sizes: tuple[int, ...]  # sized so that each layout samples for about 2 minutes on one H200
+    batch_sizes: tuple[int, ...]  # sized for 1 to 2.5 minutes of sampling per layout on one H200
     methods: dict  # method name -> policy spec (None: the plain model, no hooks)
     tokens: int = 0  # prompt tokens of a text-conditioned layout, as its pipeline pads them
 
 
 def methods(*extra: str) -> dict:
+    """The methods every layout times, then the layout's own ``extra`` specs."""
     return {PLAIN: None, "none": "none", "fora:interval=2": "fora:interval=2", "fora:interval=3": "fora:interval=3",
             **{spec: spec for spec in extra}}
 
@@ -109,9 +144,10 @@ LAYOUTS = {
         steps=28, guidance_scale=3.5, batch_sizes=(1,), methods=methods(), tokens=512),
     "sd-1.5": Layout(
         "SD 1.5", "UNet2DConditionModel",
-        dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+             block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
              attention_head_dim=8, norm_num_groups=32),  # diffusers' attention_head_dim is SD's 8 heads
         dict(sample_size=TINY_LATENT, layers_per_block=1, block_out_channels=(16, 32, 32, 32), cross_attention_dim=32,
              attention_head_dim=2, norm_num_groups=8),
@@ -203,7 +239,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="docs/results/gpu")
     args = p.parse_args(argv)
     layout = LAYOUTS[args.layout]
-    steps, batch_sizes = args.steps or layout.steps, args.batch_sizes or list(layout.batch_sizes)
+    steps = layout.steps if args.steps is None else args.steps
+    batch_sizes = list(layout.batch_sizes) if args.batch_sizes is None else args.batch_sizes
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
@@ -216,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
 
     model = build_model(layout, args.tiny, DTYPES[dtype_name], str(device))
-    weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # and the prompt table's few MiB
+    weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # with the prompt table (<= 32 MiB)
     specs = layout.methods
     rows, total = [], len(batch_sizes) * (1 + args.repeats) * len(specs)
     with tqdm(total=total, desc="bench_gpu", unit="call", dynamic_ncols=True) as bar:
