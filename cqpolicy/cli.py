@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real images (.npz with uint8 'images' [N,C,H,W]) for --fid on real checkpoints")
     p.add_argument("--compare", default=None,
                    help="folder of an earlier run with the same seeds: adds PSNR / SSIM against its samples")
+    p.add_argument("--clip-model", default=None,
+                   help="text-conditioned models: a local CLIP model folder (transformers); adds the CLIP score of "
+                        "each image against its prompt")
     p.add_argument("--experiment", default="cqpolicy-sample", help="MLflow experiment name")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--out", required=True, help="output folder")
@@ -255,7 +258,8 @@ def cmd_sample(args) -> int:
         settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
         result = evaluate(model, settings, args.num_samples, args.seed, policy=args.policy,
                           cache_format=args.cache_dtype, fid=args.fid,
-                          inception_weights=args.inception_weights, fid_reference=fid_reference)
+                          inception_weights=args.inception_weights, fid_reference=fid_reference,
+                          clip_model=args.clip_model)
         metrics = dict(result.metrics)
         if compare is not None:
             if compare["seeds"].tolist() != result.seeds:

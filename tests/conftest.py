@@ -258,3 +258,20 @@ def tiny_sd_dir(tmp_path):
     root = tmp_path / "tiny-sd"
     pipe.save_pretrained(root)
     return root
+
+
+@pytest.fixture
+def tiny_clip_model_dir(tmp_path):
+    """A CLIP model (text and vision towers) and its processor, tiny and random, saved as a local folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer, text = tiny_clip(tmp_path / "clip-tokenizer")
+    config = CLIPConfig(text_config=text.config.to_dict(), projection_dim=8,
+                        vision_config=dict(image_size=16, patch_size=8, hidden_size=12, intermediate_size=24,
+                                           num_hidden_layers=1, num_attention_heads=2))
+    torch.manual_seed(0)
+    folder = tmp_path / "clip-model"
+    CLIPModel(config).eval().save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -96,3 +96,13 @@ def test_the_whole_loop_on_a_flow_matching_text_model(tmp_path):
     rows = {r["policy"]: r for r in json.loads((out / "results.json").read_text())}
     for spec in ("fora:interval=2", f"learned:path={tmp_path / 'mlp'},threshold=1", f"forecast:path={tmp_path / 'fc'}"):
         assert rows[spec]["macs_per_image"] < rows["none"]["macs_per_image"], spec
+
+
+def test_the_clip_score_of_each_image_against_its_prompt(tiny_sd_dir, tiny_clip_model_dir, tmp_path):
+    import json
+
+    (tmp_path / "p.txt").write_text("a sneaker\nan ankle boot\n")
+    assert main(["sample", "--model", str(tiny_sd_dir), "--prompts", str(tmp_path / "p.txt"), "--steps", "2",
+                 "--num-samples", "2", "--clip-model", str(tiny_clip_model_dir), "--out", str(tmp_path / "out")]) == 0
+    score = json.loads((tmp_path / "out" / "metrics.json").read_text())["clip_score"]
+    assert 0.0 <= score <= 100.0

@@ -143,3 +143,24 @@ def test_tgate_refuses_a_model_without_cross_attention():
     pipe = tiny_flux_pipeline()
     with pytest.raises(ValueError, match="needs cross-attention units; FluxTransformer2DModel has none"):
         cqpolicy.enable(pipe, "tgate", steps=4)
+
+
+def test_the_macs_of_joint_and_cross_attention_are_counted_exactly():
+    """Per row: SD3's joint attention (image and text projections, attention over both token sets, both output
+    projections; the last block has no text output projection) and PixArt's cross-attention (queries from the
+    image, keys and values from the caption), against the arithmetic of their shapes."""
+    from cqpolicy.evaluation.cost import model_costs
+
+    pipe = tiny_sd3_pipeline()
+    model = model_of("sd3", pipe, prompt_table("sd3"))
+    costs = model_costs(model, SampleSettings(steps=1, guidance_scale=1.0, scheduler="flow", batch_size=1))
+    n, text, d = (8 // 2) ** 2, 5, 16  # image tokens (8 x 8 latents, patch 2), prompt tokens, width (2 heads x 8)
+    joint = 4 * n * d * d + 4 * text * d * d + 2 * (n + text) ** 2 * d
+    assert costs.unit_macs[0, "attn"] == joint
+    assert costs.unit_macs[1, "attn"] == joint - text * d * d  # context_pre_only: no to_add_out
+
+    pipe = tiny_pixart_pipeline()
+    model = model_of("pixart", pipe, prompt_table("pixart"))
+    costs = model_costs(model, SampleSettings(steps=1, guidance_scale=1.0, scheduler="dpm", batch_size=1))
+    text = 6
+    assert costs.unit_macs[0, "attn2"] == 2 * n * d * d + 2 * text * d * d + 2 * n * text * d

@@ -33,9 +33,11 @@ class Evaluation:
 def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, seed: int,
              policy: str = "none", cache_format: str = "fp16",
              fid: bool = False, count_cost: bool = True, progress: bool = True,
-             inception_weights: str | None = None, fid_reference: torch.Tensor | None = None) -> Evaluation:
+             inception_weights: str | None = None, fid_reference: torch.Tensor | None = None,
+             clip_model: str | None = None) -> Evaluation:
     """Sample ``num_samples`` images (sample i: class i mod classes, seed ``seed + i``) under ``policy``
-    (a spec string, run in the cache runtime) and measure them."""
+    (a spec string, run in the cache runtime) and measure them; text-conditioned models: sample i takes prompt i
+    mod prompts, and ``clip_model`` (a local CLIP folder) adds the CLIP score against those prompts."""
     from cqpolicy.policies import make_policy, spec_string
 
     settings.validate()
@@ -78,6 +80,12 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
             metrics["fid_features"] = "fmnist-classifier (128-d), reference: Fashion-MNIST test set (10k)"
     else:
         metrics["class_accuracy"] = None
+    if clip_model is not None:
+        from cqpolicy.evaluation.quality import clip_score
+
+        if model.prompts is None:
+            raise ValueError("--clip-model scores images against their prompts: give --prompts")
+        metrics["clip_score"] = clip_score(images_u8, [model.prompts.texts[i] for i in labels.tolist()], clip_model)
     if fid and not fmnist:
         from cqpolicy.evaluation.quality import inception_metrics
 

@@ -193,3 +193,24 @@ def inception_metrics(fake_uint8: torch.Tensor, real_uint8: torch.Tensor,
         raise ValueError(f"Inception weights {weights} do not fit torch-fidelity's InceptionV3 "
                          f"({str(exc).splitlines()[0]}); use torch-fidelity's pt_inception-2015-12-05 .pth") from None
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+
+
+@torch.no_grad()
+def clip_score(images_uint8: torch.Tensor, texts: list[str], model_dir: str | os.PathLike) -> float:
+    """Mean CLIP score (as torchmetrics defines it: 100 x the cosine of image and text embeddings, floored at 0) of
+    each image against its prompt, with a local CLIP model folder (transformers ``CLIPModel`` and
+    ``CLIPProcessor``; nothing is downloaded). torchmetrics' own ``CLIPScore`` reads transformers 4's feature
+    outputs, so the embeddings come from the model's forward here. One-line ValueError for a folder without one."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--clip-model {folder}: no CLIP model folder (config.json, weights, processor files)")
+    if len(texts) != len(images_uint8):
+        raise ValueError(f"{len(images_uint8)} images but {len(texts)} prompts")
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    inputs = processor(text=list(texts), images=list(images_uint8), return_tensors="pt", padding=True,
+                       truncation=True)
+    out = model(**inputs)  # image_embeds and text_embeds come normalised
+    cosine = (out.image_embeds * out.text_embeds).sum(dim=-1)
+    return float((100 * cosine.clamp_min(0)).mean())
