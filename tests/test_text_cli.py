@@ -106,3 +106,14 @@ def test_the_clip_score_of_each_image_against_its_prompt(tiny_sd_dir, tiny_clip_
                  "--num-samples", "2", "--clip-model", str(tiny_clip_model_dir), "--out", str(tmp_path / "out")]) == 0
     score = json.loads((tmp_path / "out" / "metrics.json").read_text())["clip_score"]
     assert 0.0 <= score <= 100.0
+
+
+def test_a_forecast_fitted_to_another_scheduler_is_refused(tmp_path, capsys):
+    folder, embeds = saved("pixart", tmp_path)  # PixArt's pipeline samples with DPM-Solver++: the default here
+    model = ["--model", str(folder), "--prompts", str(embeds), "--steps", "3"]
+    assert main(["train", "forecast", *model, "--schedule", "fora:interval=2", "--out", str(tmp_path / "fc")]) == 0
+    capsys.readouterr()
+    code = main(["sample", *model, "--scheduler", "ddim", "--num-samples", "1", "--policy",
+                 f"forecast:path={tmp_path / 'fc'}", "--out", str(tmp_path / "out")])
+    assert "scheduler" in one_line_error(capsys, code)
+    assert not (tmp_path / "out").exists()

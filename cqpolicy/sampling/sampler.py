@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from cqpolicy import defaults
 from cqpolicy.models.loading import LoadedModel
-from cqpolicy.runtime.context import schedule_log_snrs
+from cqpolicy.runtime.context import SCHEDULER_NAMES, schedule_log_snrs
 from cqpolicy.runtime.runtime import active_runtime
 
 SCHEDULERS = ("ddim", "dpm", "flow")
@@ -52,10 +52,13 @@ def make_scheduler(name: str, config: dict):
 
 
 def scheduler_for(model: LoadedModel, name: str | None) -> str:
-    """``name``, or the scheduler family ``model`` was trained for when None (flow, else the default)."""
+    """``name``, or when None the model's own: its pipeline's scheduler where the sampler drives that family
+    (PixArt ships DPM-Solver++), flow matching for a flow model, else the default."""
     if name is not None:
         return name
-    return "flow" if is_flow_matching(model.scheduler_config) else defaults.SCHEDULER
+    if is_flow_matching(model.scheduler_config):
+        return "flow"
+    return SCHEDULER_NAMES.get(str(model.scheduler_config.get("_class_name")), defaults.SCHEDULER)
 
 
 def set_timesteps(model: LoadedModel, scheduler, steps: int, device=None) -> None:

@@ -1,6 +1,6 @@
 """Peer tools run side by side on the same model, as policies of their own hooks.
 
-Where each runs (through our sampler and inside an unmodified pipeline):
+Where each runs through our sampler (on FLUX, inside an unmodified FluxPipeline too):
 
 * ``diffusers-fbc``: diffusers' First Block Cache hooks (``apply_first_block_cache``): DiT, PixArt, FLUX. Not SD3:
   its tail hook subtracts a text stream that SD3's last (``context_pre_only``) block does not return.
@@ -13,7 +13,7 @@ Where each runs (through our sampler and inside an unmodified pipeline):
 * ``diffusers-pab``: diffusers' Pyramid Attention Broadcast hooks (``apply_pyramid_attention_broadcast``) on every
   self-attention (and, with ``cross_interval``, PixArt's cross-attention): DiT, PixArt, SD3, FLUX.
 * ``diffusers-fastercache``: diffusers' FasterCache hooks (``apply_faster_cache``), attention approximation only, as
-  diffusers runs it on a guidance-distilled model: FLUX (no CFG batch). Not on a model with a CFG batch: its
+  diffusers runs it on a guidance-distilled model: FLUX (no CFG batch). Not on the CFG-guided DiT, PixArt, SD3: its
   CFG-Cache takes the second half of the batch for the conditional rows, our sampler puts them first.
 * ``smoothcache-wheel``: the ``dit-smoothcache`` wheel's ``DiffuserCacheHelper`` running a published schedule
   (optional extra: ``pip install --no-deps dit-smoothcache``): DiT.
@@ -57,7 +57,11 @@ class _DiffusersHookPeer(Policy):
 
     def attach(self, model):
         self._model = model
-        self._apply(model)
+        try:
+            self._apply(model)
+        except BaseException:  # diffusers may refuse a block after hooking others: leave the model as it was
+            self.detach(model)
+            raise
 
     def detach(self, model):
         from diffusers.hooks import HookRegistry
@@ -541,7 +545,7 @@ class CacheDit(Policy):
             cache_dit.disable_cache(self.adapter)
             # disable_cache keeps what the patch functors did (their forward; DiT's _norm1_emb; _is_patched), and
             # cache-dit's mock.patch of the blocks re-registers them last at every call: undo both
-            for name in set(vars(model)) - set(self.attributes):
+            for name in (set(vars(model)) - set(self.attributes)) | (set(model._modules) - set(self.module_order)):
                 delattr(model, name)
             if "forward" in self.attributes:
                 model.forward = self.attributes["forward"]
