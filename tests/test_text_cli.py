@@ -117,3 +117,21 @@ def test_a_forecast_fitted_to_another_scheduler_is_refused(tmp_path, capsys):
                  f"forecast:path={tmp_path / 'fc'}", "--out", str(tmp_path / "out")])
     assert "scheduler" in one_line_error(capsys, code)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_text_pipeline_loads_from_the_local_hugging_face_cache_by_hub_id(tiny_sd_dir, tmp_path, monkeypatch):
+    """Nothing is downloaded: a hub id resolves to its snapshot in the local cache, text encoders included."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from cqpolicy.models import load_model
+
+    repo = tmp_path / "hub" / "models--org--tiny-sd"
+    shutil.copytree(tiny_sd_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("org/tiny-sd", prompts=["a sneaker", "a bag"])
+    assert type(model.transformer).__name__ == "UNet2DConditionModel" and model.num_classes == 2
+    assert model.default_guidance_scale == 7.5  # StableDiffusionPipeline's own default
