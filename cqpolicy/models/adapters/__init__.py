@@ -6,6 +6,7 @@ from cqpolicy.models.adapters.base import (
     ModelAdapter,
     NoCacheUnitsError,
     TextAdapter,
+    TransformerBlocksAdapter,
     _ADAPTERS,
     adapter_for,
     cache_blocks,
@@ -21,6 +22,6 @@ from cqpolicy.models.adapters.sd3 import SD3Adapter
 from cqpolicy.models.adapters.unet2d import UNet2DAdapter
 from cqpolicy.models.adapters.unet2d_condition import UNet2DConditionAdapter
 
-__all__ = ["UNIT_NAMES", "CacheUnit", "ModelAdapter", "NoCacheUnitsError", "TextAdapter", "_ADAPTERS", "adapter_for",
+__all__ = ["UNIT_NAMES", "CacheUnit", "ModelAdapter", "NoCacheUnitsError", "TextAdapter", "TransformerBlocksAdapter", "_ADAPTERS", "adapter_for",
            "cache_blocks", "find_cache_units", "parse_units", "register_adapter", "supported_classes",
            "DiTAdapter", "FluxAdapter", "PixArtAdapter", "SD3Adapter", "UNet2DAdapter", "UNet2DConditionAdapter"]

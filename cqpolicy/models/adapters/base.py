@@ -220,6 +220,32 @@ def parse_units(text: str, family: str, field: str = "units") -> tuple[str, ...]
     return parts
 
 
+class TransformerBlocksAdapter(ModelAdapter):
+    """Shared by the families whose blocks are ``model.transformer_blocks`` over square latents (DiT, PixArt, SD3):
+    a unit is the block submodule of its name, ``block`` the whole block's residual."""
+
+    def blocks(self, model):
+        blocks = getattr(model, "transformer_blocks", None)
+        return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
+
+    def unit(self, block, index, name):
+        if name == "block":
+            return CacheUnit(index, name, block, residual=True)
+        module = getattr(block, name, None)
+        return None if module is None else CacheUnit(index, name, module, residual=False)
+
+    def latent_shape(self, model):
+        c = model.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def num_heads(self, model):
+        return getattr(model.config, "num_attention_heads", None)
+
+    def unit_patterns(self, names):
+        return [rf"transformer_blocks\.\d+\.{name}" if name != "block" else r"transformer_blocks\.\d+"
+                for name in names]
+
+
 class TextAdapter(ModelAdapter):
     """Shared by the text-conditioned families: a condition is a dict of the keyword tensors ``cond_keys`` the
     denoiser takes (one row per sample), the null condition is the encoded negative prompt (the sampler takes it

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cqpolicy.models.adapters.base import CacheUnit, ModelAdapter, NoCacheUnitsError, register_adapter
+from cqpolicy.models.adapters.base import TransformerBlocksAdapter, register_adapter
 
 
 @register_adapter
-class DiTAdapter(ModelAdapter):
+class DiTAdapter(TransformerBlocksAdapter):
     """diffusers ``DiTTransformer2DModel`` (facebook/DiT-XL-2-256, the embedded ``fmnist-dit``): adaLN-zero
     ``BasicTransformerBlock``s, a label embedding whose last row is the null class."""
 
@@ -17,18 +17,6 @@ class DiTAdapter(ModelAdapter):
     default_units = ("attn1", "ff")
     block_units = ("block",)
     restarts_at_blocks = True
-
-    def blocks(self, model):
-        blocks = getattr(model, "transformer_blocks", None)
-        return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
-
-    def unit(self, block, index, name):
-        if name == "block":
-            return CacheUnit(index, name, block, residual=True)
-        module = getattr(block, name, None)
-        if module is None:
-            raise NoCacheUnitsError(f"block {index} ({type(block).__name__}) has no {name!r} submodule")
-        return CacheUnit(index, name, module, residual=False)
 
     def denoise(self, model, x, timesteps, cond):
         return model(x, timestep=timesteps, class_labels=cond).sample
@@ -60,14 +48,3 @@ class DiTAdapter(ModelAdapter):
 
     def num_classes(self, model):
         return int(model.config.num_embeds_ada_norm)
-
-    def latent_shape(self, model):
-        c = model.config
-        return (c.in_channels, c.sample_size, c.sample_size)
-
-    def num_heads(self, model):
-        return getattr(model.config, "num_attention_heads", None)
-
-    def unit_patterns(self, names):
-        return [rf"transformer_blocks\.\d+\.{name}" if name != "block" else r"transformer_blocks\.\d+"
-                for name in names]

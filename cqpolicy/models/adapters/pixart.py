@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from cqpolicy.models.adapters.base import CacheUnit, NoCacheUnitsError, TextAdapter, register_adapter
+from cqpolicy.models.adapters.base import TextAdapter, TransformerBlocksAdapter, register_adapter
 
 VAE_SCALE = 8  # pixels per latent cell of PixArt's VAE (its resolution conditions are in pixels)
 
 
 @register_adapter
-class PixArtAdapter(TextAdapter):
+class PixArtAdapter(TextAdapter, TransformerBlocksAdapter):
     """``BasicTransformerBlock``s (the DiT block class) with ``norm_type="ada_norm_single"``: self-attention
     ``attn1``, cross-attention to the caption ``attn2``, feed-forward ``ff``, or the whole ``block``'s residual.
     The caption is T5's, with its attention mask; learned sigma (the sampler keeps the first half of the
@@ -21,18 +21,6 @@ class PixArtAdapter(TextAdapter):
     block_units = ("block",)
     cross_attention_units = ("attn2",)
     cond_keys = ("encoder_hidden_states", "encoder_attention_mask")
-
-    def blocks(self, model):
-        blocks = getattr(model, "transformer_blocks", None)
-        return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
-
-    def unit(self, block, index, name):
-        if name == "block":
-            return CacheUnit(index, name, block, residual=True)
-        module = getattr(block, name, None)
-        if module is None:
-            raise NoCacheUnitsError(f"block {index} ({type(block).__name__}) has no {name!r} submodule")
-        return CacheUnit(index, name, module, residual=False)
 
     def added_conditions(self, model, x):
         """PixArt's micro-conditions: resolution and aspect ratio (used by the 1024-px checkpoints only)."""
@@ -54,14 +42,3 @@ class PixArtAdapter(TextAdapter):
             device=pipeline.device, clean_caption=False)
         return ({"encoder_hidden_states": embeds, "encoder_attention_mask": mask},
                 {"encoder_hidden_states": null[:1], "encoder_attention_mask": null_mask[:1]})
-
-    def latent_shape(self, model):
-        c = model.config
-        return (c.in_channels, c.sample_size, c.sample_size)
-
-    def num_heads(self, model):
-        return getattr(model.config, "num_attention_heads", None)
-
-    def unit_patterns(self, names):
-        return [rf"transformer_blocks\.\d+\.{name}" if name != "block" else r"transformer_blocks\.\d+"
-                for name in names]

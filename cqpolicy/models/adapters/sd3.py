@@ -1,9 +1,8 @@
 """diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5): MMDiT joint blocks, flow matching."""
 from __future__ import annotations
 
-import torch
-
-from cqpolicy.models.adapters.base import CacheUnit, TextAdapter, joint_block, joint_streams, register_adapter
+from cqpolicy.models.adapters.base import (CacheUnit, TextAdapter, TransformerBlocksAdapter, joint_block,
+                                           joint_streams, register_adapter)
 
 
 def calculate_shift(seq_len: int, config) -> float:
@@ -15,7 +14,7 @@ def calculate_shift(seq_len: int, config) -> float:
 
 
 @register_adapter
-class SD3Adapter(TextAdapter):
+class SD3Adapter(TextAdapter, TransformerBlocksAdapter):
     """``JointTransformerBlock``s: one joint attention ``attn`` over image and text tokens (the unit is both of its
     outputs), the image feed-forward ``ff`` and the text one ``ff_context`` (absent from the last,
     ``context_pre_only`` block), SD3.5's second image self-attention ``attn2`` on its dual-attention layers, or the
@@ -27,10 +26,6 @@ class SD3Adapter(TextAdapter):
     block_units = ("block",)
     cond_keys = ("encoder_hidden_states", "pooled_projections")
 
-    def blocks(self, model):
-        blocks = getattr(model, "transformer_blocks", None)
-        return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
-
     def unit(self, block, index, name):
         if name == "block":
             source, flatten, pack = joint_block(last_only=bool(block.context_pre_only))
@@ -38,8 +33,7 @@ class SD3Adapter(TextAdapter):
         if name == "attn":
             source, flatten, pack = joint_streams("hidden_states", "encoder_hidden_states")
             return CacheUnit(index, name, block.attn, residual=False, source=source, flatten=flatten, pack=pack)
-        module = getattr(block, name, None)
-        return None if module is None else CacheUnit(index, name, module, residual=False)
+        return super().unit(block, index, name)
 
     def denoise(self, model, x, timesteps, cond):
         return model(hidden_states=x, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
@@ -59,14 +53,3 @@ class SD3Adapter(TextAdapter):
             do_classifier_free_guidance=True, negative_prompt=[negative] * len(prompts))
         return ({"encoder_hidden_states": embeds, "pooled_projections": pooled},
                 {"encoder_hidden_states": null[:1], "pooled_projections": null_pooled[:1]})
-
-    def latent_shape(self, model):
-        c = model.config
-        return (c.in_channels, c.sample_size, c.sample_size)
-
-    def num_heads(self, model):
-        return getattr(model.config, "num_attention_heads", None)
-
-    def unit_patterns(self, names):
-        return [rf"transformer_blocks\.\d+\.{name}" if name != "block" else r"transformer_blocks\.\d+"
-                for name in names]
