@@ -11,7 +11,7 @@ from cqpolicy.policies import make_policy
 from cqpolicy.policies.base import Policy
 from cqpolicy.policies.gates import GateNet, gate_inputs, min_budget, plan
 from cqpolicy.runtime import enable
-from cqpolicy.sampling import SampleSettings, sample
+from cqpolicy.sampling import SampleSettings
 from cqpolicy.sampling.sampler import denoise_batch, initial_noise
 
 
