@@ -135,3 +135,15 @@ def test_a_text_pipeline_loads_from_the_local_hugging_face_cache_by_hub_id(tiny_
     model = load_model("org/tiny-sd", prompts=["a sneaker", "a bag"])
     assert type(model.transformer).__name__ == "UNet2DConditionModel" and model.num_classes == 2
     assert model.default_guidance_scale == 7.5  # StableDiffusionPipeline's own default
+
+
+def test_a_search_on_a_flow_matching_text_model(tmp_path, capsys):
+    import yaml
+
+    folder, embeds = saved("flux", tmp_path)
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({"model": str(folder), "prompts": str(embeds), "resolution": 16, "steps": 4,
+                                     "num_samples": 2, "batch_size": 2, "objectives": ["macs_speedup"],
+                                     "families": {"fora": {"interval": {"int": [2, 3]}}}}))
+    assert main(["search", "--config", str(space), "--n-trials", "2", "--storage", str(tmp_path / "j.log")]) == 0
+    assert "Pareto-optimal trials" in capsys.readouterr().out

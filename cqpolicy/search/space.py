@@ -43,7 +43,8 @@ OBJECTIVES = {"macs_speedup": "maximize", "wall_speedup": "maximize", "fid": "mi
 FP_WEIGHTS = "fp"  # the weights choice of the unquantized model
 SAMPLERS = ("tpe", "nsga2")
 _TOP_KEYS = {"model", "steps", "num_samples", "batch_size", "seed", "sampler", "objectives",
-             "proxy", "min_psnr", "quick", "cache", "families", "guidance_scale", "scheduler", "weights"}
+             "proxy", "min_psnr", "quick", "cache", "families", "guidance_scale", "scheduler", "weights", "prompts",
+             "resolution"}
 
 
 class SpaceError(ValueError):
@@ -77,7 +78,9 @@ class SearchSpace:
     proxy: bool = False
     min_psnr: float | None = None
     guidance_scale: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's own (flow for SD3 / FLUX)
+    prompts: str | None = None  # text-conditioned models: a prompt file or embeddings (.safetensors)
+    resolution: int | None = None
     quick: dict = field(default_factory=dict)
     source: str = ""
 
@@ -164,7 +167,8 @@ def parse_space(data: dict, source: str = "") -> SearchSpace:
                         seed=int(data.get("seed", seed_roles.start("search"))),
                         sampler=sampler, objectives=objectives,
                         proxy=bool(data.get("proxy", False)), min_psnr=data.get("min_psnr"),
-                        guidance_scale=data.get("guidance_scale"), scheduler=str(data.get("scheduler", "ddim")),
+                        guidance_scale=data.get("guidance_scale"), scheduler=data.get("scheduler"),
+                        prompts=data.get("prompts"), resolution=data.get("resolution"),
                         quick=dict(data.get("quick") or {}), source=source)
     for name in ("steps", "num_samples", "batch_size"):
         if getattr(space, name) < 1:
@@ -194,7 +198,7 @@ def _check_weights(space: SearchSpace) -> None:
     from cqpolicy.quantization import weights_info
 
     try:
-        fingerprint = model_fingerprint(load_model(space.model))
+        fingerprint = model_fingerprint(load_model(space.model, resolution=space.resolution))
         for folder in folders:
             weights_info(folder, fingerprint)
             load_model(folder)  # a damaged folder fails here, not in a trial

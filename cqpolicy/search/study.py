@@ -19,7 +19,6 @@ from pathlib import Path
 import optuna
 import torch
 
-from cqpolicy.defaults import guidance_for
 from cqpolicy.search.space import FP_WEIGHTS, SearchSpace, suggest, suggest_weights
 
 RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
@@ -60,15 +59,15 @@ class Evaluator:
         from cqpolicy.evaluation.quality import images_to_uint8
         from cqpolicy.models import load_model
         from cqpolicy.quantization import fp_weights_info, weights_info
-        from cqpolicy.sampling import SampleSettings
+        from cqpolicy.sampling.sampler import settings_for
 
         self.space = space
-        self.model = load_model(space.model)
+        self.model = load_model(space.model, prompts=space.prompts, resolution=space.resolution)
         # choice -> (the model it runs, its weights_info); quantized folders loaded once per worker
         self.weights = {w: (self.model, fp_weights_info(self.model)) if w == FP_WEIGHTS else
-                        (load_model(w), weights_info(w)) for w in space.weights}
-        self.settings = SampleSettings(steps=space.steps, guidance_scale=guidance_for(self.model, space.guidance_scale),
-                                       scheduler=space.scheduler, batch_size=space.batch_size)
+                        (load_model(w, prompts=space.prompts, resolution=space.resolution), weights_info(w))
+                        for w in space.weights}
+        self.settings = settings_for(self.model, space.steps, space.scheduler, space.batch_size, space.guidance_scale)
         self.labels = default_labels(space.num_samples, self.model.num_classes)
         self.seeds = [space.seed + i for i in range(space.num_samples)]
         self.fid = None
