@@ -42,6 +42,15 @@ class GatesConfig:
 
 
 @dataclass(frozen=True)
+class ForecastFitConfig:
+    schedules: tuple[str, ...] = ("fora:interval=3",)  # the static schedules forecasts are fitted to (one each)
+    order: int = 3  # computed outputs each forecast weighs
+    samples: int = 64  # uncached calibration samples of the fit (``cqpolicy train forecast``)
+    val_samples: int = 32  # held out: the fit's validation error
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_epochs: int = 15  # the MLP
     scheduler_epochs: int = 40
@@ -51,6 +60,7 @@ class TrainConfig:
     label: str = "auto"
     seed: int = 0
     gates: GatesConfig | None = None  # trained through the sampler when given
+    forecast: ForecastFitConfig | None = None  # linear forecasts fitted on uncached runs when given
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class RunConfig:
 
 
 SECTIONS = {"trace": TraceConfig, "train": TrainConfig, "search": SearchConfig, "bench": BenchConfig,
-            "gates": GatesConfig}
+            "gates": GatesConfig, "forecast": ForecastFitConfig}
 
 
 def _convert(value, annotation: str, where: str):
@@ -192,5 +202,5 @@ def as_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-__all__ = ["BenchConfig", "ConfigError", "GatesConfig", "RunConfig", "SearchConfig", "TraceConfig", "TrainConfig",
+__all__ = ["BenchConfig", "ConfigError", "ForecastFitConfig", "GatesConfig", "RunConfig", "SearchConfig", "TraceConfig", "TrainConfig",
            "load_run_config", "packaged_configs", "parse_run_config", "resolve_config"]

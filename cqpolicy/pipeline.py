@@ -3,7 +3,8 @@
 Stages (each writes ``OUT/<stage>/done.json`` when complete; a re-run skips completed stages):
 
 1. ``traces``    record traces under ``none`` (local impact labels)
-2. ``train``     train the MLP reuse policy and the layer scheduler on them; fit phase-locked intervals
+2. ``train``     train the MLP reuse policy and the layer scheduler on them; fit phase-locked intervals, and
+                 (``train.forecast``) linear forecasts of static schedules on uncached calibration runs
 3. ``retrain``   close the loop: record traces under the learned policy, retrain on both runs
 4. ``search``    an Optuna study over the learned policy's threshold and the cache format
 5. ``bench``     the study's Pareto points, the learned scheduler and every baseline family, side by side,
@@ -193,7 +194,17 @@ def stage_train(config, model, settings, stage_dir, results, progress):
                     budget_range=g.budget_range, train_samples=g.train_samples, val_samples=g.val_samples,
                     batch_size=g.batch_size, max_epochs=g.max_epochs, max_minutes=g.max_minutes, seed=t.seed,
                     overwrite=True, progress=progress)
-    return {**trained, "intervals": intervals, "gates": gates}
+    forecasts = {}
+    f = t.forecast
+    for spec in (f.schedules if f else ()):  # fitted on uncached calibration runs, no traces
+        from cqpolicy.training.forecast import fit_forecast
+
+        out = stage_dir / f"forecast-{spec.replace(':', '-').replace('=', '').replace(',', '-')}"
+        fit_forecast(config.model, spec, out, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                     samples=f.samples, val_samples=f.val_samples, order=f.order, batch_size=f.batch_size,
+                     overwrite=True, progress=progress)
+        forecasts[spec] = str(out)
+    return {**trained, "intervals": intervals, "gates": gates, "forecasts": forecasts}
 
 
 def stage_retrain(config, model, settings, stage_dir, results, progress):
@@ -282,6 +293,7 @@ def learned_methods(config: RunConfig, results: dict, max_pareto: int | None = N
     if results["train"].get("gates"):
         budgets = (config.train.gates or GatesConfig()).bench_budgets
         learned += [(f"learned:path={results['train']['gates']},budget={b:g}", "fp16") for b in budgets]
+    learned += [(f"forecast:path={path}", "fp16") for path in (results["train"].get("forecasts") or {}).values()]
     return pareto, learned
 
 

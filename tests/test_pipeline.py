@@ -56,6 +56,12 @@ def test_run_quick_end_to_end_and_resume(tiny_dit_dir, tmp_path, capsys, request
     gates = json.loads((out / "train" / "gates" / "policy.json").read_text())
     assert gates["kind"] == "gates" and gates["training"]["rollout_seeds"][0] == 22_000_000
     assert any(r["policy"] == f"learned:path={out / 'train' / 'gates'},budget=0.5" for r in rows)
+    # the forecast of FORA-3 is fitted on uncached calibration runs (never a test sample) and benched
+    forecast = out / "train" / "forecast-fora-interval3"
+    fit = json.loads((forecast / "policy.json").read_text())
+    first, n = fit["training"]["calibration_seeds"]
+    assert fit["kind"] == "forecast" and not set(range(first, first + n)) & seen["test"]
+    assert any(r["policy"] == f"forecast:path={forecast}" for r in rows)
     capsys.readouterr()
     assert main(["run", str(config), "--quick", "--out", str(out)]) == 0  # resumes: every stage skipped
     printed = capsys.readouterr().out

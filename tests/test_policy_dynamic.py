@@ -111,7 +111,7 @@ def test_two_calls_in_a_row_equal_two_fresh_runtimes(model, spec):
     ("dqar:warmup=-1", "warmup"), ("dqar:schedule=cosine", "unknown schedule"), ("dqar:max_reuse=-1", "max_reuse"),
     ("dqar:units=ff", "units must be one of"), ("dqar:per_sample=maybe", "not a valid bool"),
     ("teacache:threshold=-0.1", "threshold"), ("teacache:threshold=nan", "threshold"),
-    ("teacache:max_reuse=-1", "max_reuse"), ("teacache:warmup=-2", "warmup"), ("teacache:unit=attn2", "unit must"),
+    ("teacache:max_reuse=-1", "max_reuse"), ("teacache:warmup=-2", "warmup"), ("teacache:unit=attn3", "unit must"),
     ("taylorseer:interval=0", "interval"), ("taylorseer:order=3", "order must be 1 or 2"),
     ("taylorseer:warmup=-1", "warmup"), ("taylorseer:units=attn1+attn1", "units must"),
 ])

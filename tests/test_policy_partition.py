@@ -151,7 +151,7 @@ def model(tiny_dit_dir):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_validation(family):
     for bad, msg in (("groups=0", "groups"), ("min_len=0", "min_len"), ("max_len=-1", "max_len"),
-                     ("min_len=3,max_len=2", "max_len"), ("units=attn2", "units"), ("units=ff+ff", "units"),
+                     ("min_len=3,max_len=2", "max_len"), ("units=attn3", "units"), ("units=ff+ff", "units"),
                      ("calibration_samples=0", "calibration_samples"), ("groups=x", "groups")):
         with pytest.raises(ValueError, match=f"^policy '{family}': .*{msg}"):
             make_policy(f"{family}:{bad}")

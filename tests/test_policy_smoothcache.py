@@ -183,7 +183,7 @@ def test_two_calls_in_a_row_equal_fresh_runtimes(tiny_dit_dir):
     ("smoothcache:threshold=abc", "not a valid float"),
     ("smoothcache:lookahead=0", "lookahead must be at least 1"),
     ("smoothcache:calibration_samples=0", "calibration_samples must be at least 1"),
-    ("smoothcache:units=attn2", "units must be distinct .* got 'attn2'"),
+    ("smoothcache:units=attn3", "units must be distinct .* got 'attn3'"),
     ("smoothcache:units=ff+ff", "must be distinct"),
 ])
 def test_bad_config_values(spec, message):

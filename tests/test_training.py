@@ -330,7 +330,7 @@ def test_mlp_learns_is_deterministic_and_resumes(tmp_path, runs):
     policy.reset(STEPS, BLOCKS)
     decision = walk_step(policy, 3, torch.randn(2, 16, 8))[1, "ff"]
     assert decision.dtype == torch.bool and decision.shape == (2,)
-    with pytest.raises(RuntimeError, match="block 0's attn1 first"):  # a step must start where the model does
+    with pytest.raises(RuntimeError, match="must see block 0 first"):  # a step must start where the model does
         policy.decide(query(step=4))
     # a threshold nothing reaches: every row reuses, until max_reuse=1 forces every other step to compute
     lenient = LearnedPolicy(LearnedConfig(path=str(tmp_path / "a"), per_sample=True, threshold=1e9))

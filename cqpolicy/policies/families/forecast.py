@@ -10,7 +10,8 @@ fitted in closed form (ridge towards plain reuse, ``w = [1, 0, ...]``) on the ou
 calibration seeds. Plain reuse (``w = [1, 0, ...]``) and TaylorSeer's order-1 forecast
 (``[1 + d, -d]`` with ``d = (s - c_0) / (c_0 - c_1)``) are points of this family; the fit picks the weights
 per cell from data. ``f(c_0)`` is the runtime's cached tensor (so the cache format's loss is what the model
-sees); older outputs are a float32 history the policy holds (``state_nbytes``).
+sees); older outputs are a history the policy holds (``state_nbytes``): float32, or ``history=fp16`` / ``bf16`` for
+half the memory.
 
 With ``per_channel`` every channel of a reused cell has its own weights and a bias (``order=1``: a per-channel
 scale and shift of the cached output, the form of CacheQuant's DEC), stored per (block, unit) as
@@ -29,9 +30,18 @@ from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.registry import register
 
 
+HISTORY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class ForecastConfig:
     path: str = ""  # forecast artifact folder (policy.json + weights.safetensors)
+    history: str = "fp32"  # how the older computed outputs are held: fp32, or fp16 / bf16 (half the state memory)
+
+    def __post_init__(self):
+        if self.history not in HISTORY_DTYPES:
+            raise ValueError(f"policy 'forecast': history must be one of {', '.join(HISTORY_DTYPES)}, got "
+                             f"{self.history!r}")
 
 
 @register("forecast", ForecastConfig)
@@ -51,6 +61,9 @@ class ForecastPolicy(Policy):
         self.table = tensors["table"].bool()  # [steps, blocks, units]
         self.weights = tensors["weights"].float()  # [steps, blocks, units, K]
         self.order = self.weights.shape[-1]
+        # the same as Python lists and a unit index: a decision and a forecast then cost no tensor indexing
+        self._compute, self._w = self.table.tolist(), self.weights.tolist()
+        self._unit = {u: i for i, u in enumerate(self.units)}
         # per-channel fits (DEC): (block, unit) -> [steps, C, order + 1], the bias last; absent cells reuse plainly
         self.channel_dim = self.meta.get("channel_dim")
         self.by_channel = {(int(key.split(".")[1]), key.split(".")[2]): w.float()
@@ -85,30 +98,36 @@ class ForecastPolicy(Policy):
         self._history: dict[tuple[int, str], deque] = {}
 
     def decide(self, query: UnitQuery) -> bool:
-        return bool(self.table[query.step, query.block, self.units.index(query.unit)])
+        return self._compute[query.step][query.block][self._unit[query.unit]]
 
     def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
         history = self._history.setdefault((query.block, query.unit), deque(maxlen=self.order))
-        history.append(output.detach().to(torch.float32, copy=True))
+        if self.order > 1:  # the newest output is the runtime's cache: only older ones are read from here
+            history.append(output.detach().to(HISTORY_DTYPES[self.config.history], copy=True))
+        else:
+            history.append(None)
 
     def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
         history = self._history.get((query.block, query.unit))
         if not history:
             return cached
-        inputs = [cached.float(), *(history[-1 - j] for j in range(1, min(self.order, len(history))))]  # newest first
+        inputs = [cached.float(), *(history[-1 - j].float() for j in range(1, min(self.order, len(history))))]
         if self.channel_dim is not None:
             by_channel = self.by_channel.get((query.block, query.unit))
             if by_channel is None:
                 return cached
             self.executed_macs += (min(self.order, len(inputs)) + 1) * cached.numel()  # weights and the bias
             return forecast_by_channel(by_channel[query.step], inputs, self.channel_dim, self.order).to(cached.dtype)
-        w = self.weights[query.step, query.block, self.units.index(query.unit)]
+        w = self._w[query.step][query.block][self._unit[query.unit]]
         self.executed_macs += len(inputs) * cached.numel()
-        return sum(w[j] * h for j, h in enumerate(inputs)).to(cached.dtype)
+        out = inputs[0] * w[0]
+        for j in range(1, len(inputs)):
+            out.add_(inputs[j], alpha=w[j])
+        return out.to(cached.dtype)
 
     @property
     def state_nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for h in self._history.values() for v in h)
+        return sum(v.numel() * v.element_size() for h in self._history.values() for v in h if v is not None)
 
 
 def fit_images(meta: dict) -> int:
