@@ -108,8 +108,10 @@ def settings_for(model: LoadedModel, steps: int = defaults.STEPS, scheduler: str
 
 def check_guidance(model: LoadedModel, guidance_scale: float) -> None:
     if model.adapter.guidance(model.transformer) == "none" and guidance_scale != 1.0:
-        raise ValueError(f"{model.name} takes no guidance ({model.adapter.model_class} without a guidance input or "
-                         f"null condition, e.g. the guidance-distilled FLUX.1-schnell): use --guidance-scale 1")
+        why = ("no guidance input: it is guidance-distilled, like FLUX.1-schnell"
+               if model.adapter.conditional(model.transformer) else "no null condition: it is unconditional")
+        raise ValueError(f"{model.name} takes no guidance ({model.adapter.model_class} with {why}): use "
+                         f"--guidance-scale 1")
 
 
 def uses_cfg(guidance_scale: float, model: LoadedModel | None = None) -> bool:
