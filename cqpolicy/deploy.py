@@ -13,8 +13,6 @@ schedule (a learned MLP, gates, the calibrating families) raises instead of gues
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from cqpolicy import defaults
@@ -35,10 +33,9 @@ def split_pipeline(target):
 
 
 def _call_default(pipeline, name: str):
-    if pipeline is None:
-        return None
-    parameter = inspect.signature(type(pipeline).__call__).parameters.get(name)
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    from cqpolicy.models.loading import pipeline_default
+
+    return None if pipeline is None else pipeline_default(type(pipeline), name)
 
 
 def model_view(denoiser, scheduler, pipeline=None, guidance_scale: float | None = None, prompts=None,

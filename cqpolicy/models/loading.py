@@ -182,10 +182,16 @@ def _load_components(root: Path, name: str, dtype) -> LoadedModel:
     return model
 
 
-def _pipeline_default(root: Path, argument: str):
-    """The default of ``argument`` in the ``__call__`` of the pipeline class ``root/model_index.json`` names."""
+def pipeline_default(pipeline_class, argument: str):
+    """The default of ``argument`` in a diffusers pipeline class's ``__call__`` (None: no such argument / default)."""
     import inspect
 
+    parameter = inspect.signature(pipeline_class.__call__).parameters.get(argument)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _pipeline_default(root: Path, argument: str):
+    """``pipeline_default`` of the pipeline class ``root/model_index.json`` names."""
     import diffusers
 
     from cqpolicy.outputs import read_json
@@ -194,8 +200,7 @@ def _pipeline_default(root: Path, argument: str):
         return None
     index = read_json(root / "model_index.json", ModelLoadError, f"{root}/model_index.json is not JSON")
     cls = getattr(diffusers, str(index.get("_class_name")), None) if isinstance(index, dict) else None
-    parameter = inspect.signature(cls.__call__).parameters.get(argument) if cls is not None else None
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    return None if cls is None else pipeline_default(cls, argument)
 
 
 def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, device: str = "cpu",

@@ -280,12 +280,13 @@ class TextAdapter(ModelAdapter):
 
 
 def joint_streams(first: str, second: str):
-    """``source``, ``flatten``, ``pack`` of a unit whose module takes keyword tensors ``first`` and ``second``
-    ([B, tokens, D] each) and returns the two streams in that order: one tensor, ``first``'s tokens then
-    ``second``'s. A missing (None) ``second`` output (SD3's context_pre_only block) is left out and put back."""
+    """``source``, ``flatten``, ``pack`` of a (non-residual) unit whose module takes keyword tensors ``first`` and
+    ``second`` ([B, tokens, D] each) and returns the two streams in that order: its output is one tensor, ``first``'s
+    tokens then ``second``'s, and a missing (None) ``second`` output is left out and put back. Its input is
+    ``first`` alone: what a policy reads of it, without a copy of both streams at every call."""
 
     def source(args, kwargs):
-        return torch.cat([kwargs[first], kwargs[second]], dim=1)
+        return kwargs[first]
 
     def flatten(out):
         return out[0] if out[1] is None else torch.cat([out[0], out[1]], dim=1)

@@ -44,10 +44,7 @@ class UNet2DConditionAdapter(TextAdapter, UNet2DAdapter):
     def denoise(self, model, x, timesteps, cond):
         return model(x, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
-    def call_inputs(self, args, kwargs):
-        x = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        return x, t, kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    call_inputs = UNet2DAdapter.call_inputs  # (sample, timestep, encoder_hidden_states), positional or not
 
     def encode_prompts(self, pipeline, prompts, negative):
         positive, null = pipeline.encode_prompt(prompts, device=pipeline.device, num_images_per_prompt=1,
