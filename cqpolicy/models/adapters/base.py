@@ -269,10 +269,8 @@ class TextAdapter(ModelAdapter):
 
     def call_inputs(self, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        return (x, self.call_timestep_tensor(args, kwargs), *(kwargs.get(k) for k in self.cond_keys))
-
-    def call_timestep_tensor(self, args, kwargs):
-        return kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        return (x, t, *(kwargs.get(k) for k in self.cond_keys))
 
     def forward_call(self, model, inputs):
         x, t, *cond = inputs
