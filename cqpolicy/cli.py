@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--quick", action="store_true", help="the config's small setting (few steps and samples)")
     p.add_argument("--experiment", default="cqpolicy-search", help="MLflow experiment name")
+    p.add_argument("--artifacts", default=None,
+                   help="a forecast space's fitted forecasts, one folder per trial (default out/search/STUDY)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("leaderboard", help="compare every bench row and search trial logged to MLflow",
@@ -547,7 +549,8 @@ def cmd_search(args) -> int:
         raise CliError("--n-trials and --workers must be at least 1")
     make_storage(args.storage)  # an unreachable storage fails before any trial
     summary = run_study(space, args.n_trials, storage=args.storage, study_name=args.study_name,
-                        workers=args.workers, experiment=args.experiment, seed=args.seed)
+                        workers=args.workers, experiment=args.experiment, seed=args.seed,
+                        artifacts=args.artifacts)
     print(f"study {summary['study']}: {summary['trials']} trials {summary['states']}"
           + (f", {summary['stale_marked_failed']} stale running trials marked failed"
              if summary['stale_marked_failed'] else ""))

@@ -226,3 +226,54 @@ def test_per_channel_fit_scales_and_shifts_each_channel_of_the_cached_output(fit
     assert first.shape[1] == unet_model.transformer.config.block_out_channels[0]
     assert _images(unet_model, f"forecast:path={tmp_path / 'unet'}").macs > \
         _images(unet_model, "fora:interval=2,unit=layer").macs
+
+
+def test_verify_then_forecast_computes_the_rows_whose_first_block_check_fails(fitted):
+    from cqpolicy.evaluation.cost import measured_sample
+
+    model_dir, path, _ = fitted
+    model = load_model(str(model_dir))
+    plain = _images(model, "none")
+    static = _images(model, f"forecast:path={path}")
+    # every check fails: every row computes every cell, the plain images; the checks' arithmetic is counted
+    strict = _images(model, f"forecast:path={path},verify=1e-9")
+    assert torch.equal(strict.images, plain.images) and strict.macs > plain.macs
+    # every check holds: the schedule's cells plus the first block at each reused step
+    lax = make_policy(f"forecast:path={path},verify=1e9")
+    settings = SampleSettings(steps=STEPS, guidance_scale=2.0, batch_size=2)
+    loose = measured_sample(model, lax, "fp16", [1, 2], [7, 8], settings)
+    assert static.macs < loose.macs < plain.macs and lax.verified_share == 1.0
+    assert loose.reuse_ratio < static.reuse_ratio
+    # in between: some rows compute, and a verifying run is repeatable
+    errors = []
+    for threshold in (0.01, 0.03, 0.1, 0.3):
+        middle = make_policy(f"forecast:path={path},verify={threshold}")
+        run = measured_sample(model, middle, "fp16", [1, 2], [7, 8], settings)
+        errors.append((middle.verified_share, run.macs))
+    shares = [share for share, _ in errors]
+    assert shares == sorted(shares) and [m for _, m in errors] == sorted((m for _, m in errors), reverse=True)
+    assert any(0 < share < 1 for share in shares)
+
+
+def test_rows_that_computed_off_the_schedule_reuse_that_output(fitted):
+    """A row that failed its check holds the output it computed until the schedule computes again; the others take
+    the forecast."""
+    from cqpolicy.policies.base import UnitQuery
+
+    _, path, _ = fitted
+    policy = make_policy(f"forecast:path={path},verify=0.5")
+    policy.reset(STEPS, 2)
+    def query(step, block, unit="attn1"):
+        return UnitQuery(step, STEPS, 0.0, block, unit, 2, None, True)
+    ones = torch.ones(2, 3)
+    for block in (0, 1):
+        assert policy.decide(query(0, block)) is True
+        policy.observe(query(0, block), ones)
+    assert policy.decide(query(1, 0)) is True  # step 1 is reused: the first block checks
+    predicted = policy.reuse(query(1, 0), ones)
+    policy.observe(query(1, 0), torch.stack([predicted[0], predicted[1] + 9]))  # row 1's forecast is far off
+    assert policy.decide(query(1, 1)).tolist() == [False, True]
+    policy.observe(query(1, 1), torch.tensor([[5.0, 5, 5], [7, 7, 7]]))  # the runtime merged rows: row 1 computed
+    out = policy.reuse(query(2, 1), ones)
+    assert torch.equal(out[1], torch.full((3,), 7.0)) and not torch.equal(out[0], torch.full((3,), 5.0))
+    assert policy.verified_share == 0.5

@@ -165,3 +165,38 @@ def test_a_joint_study_picks_weights_and_minimises_model_bytes(tiny_dit_dir, tmp
     logged = mlflow.search_runs(experiment_names=["cqpolicy-search"])
     logged = logged[logged["tags.mlflow.runName"].str.startswith("trial-")]
     assert set(logged["params.weights"]) <= {"fp", "int8"} and logged["metrics.model_bytes"].notna().all()
+
+
+def test_a_forecast_space_fits_each_trials_schedule_and_scores_the_forecast(tiny_dit_dir, tmp_path, capsys):
+    from cqpolicy.policies.artifact import load_artifact
+
+    space = tiny_space(tiny_dit_dir, tmp_path, sampler="nsga2", population=2, min_psnr=None, cache={"dtype": ["fp16"]},
+                       forecast={"order": 2, "samples": 2, "val_samples": 1, "batch_size": 2},
+                       families={"phased": {"early": {"int": [2, 3]}, "late": {"int": [2, 4]},
+                                            "split": {"float": [0.3, 0.7]}}})
+    summary = run_study(space, n_trials=3, storage=str(tmp_path / "j.log"), study_name="f", progress=False,
+                        artifacts=tmp_path / "fits")
+    assert summary["states"]["COMPLETE"] == 3
+    import optuna
+    for trial in optuna.load_study(study_name="f", storage=make_storage(str(tmp_path / "j.log"))).get_trials():
+        folder = tmp_path / "fits" / f"trial-{trial.number}"
+        assert trial.user_attrs["policy"] == f"forecast:path={folder}"
+        meta = load_artifact(folder)[0]
+        assert meta["schedule"] == trial.user_attrs["schedule"] and trial.user_attrs["schedule"].startswith("phased:")
+        assert meta["training"]["calibration_seeds"][0] == 10_000_000  # calibration seeds fit, search seeds score
+        assert trial.user_attrs["macs_speedup"] > 1
+    assert all(p["policy"].startswith("forecast:path=") and "schedule" in p for p in summary["pareto"])
+
+
+def test_a_forecast_space_refuses_families_that_are_not_static(tmp_path, capsys):
+    with pytest.raises(SpaceError, match="'teacache' decides per sample"):
+        parse_space({"forecast": {}, "families": {"fora": {}, "teacache": {}}}, "space.yaml")
+    with pytest.raises(SpaceError, match="population must be at least 2"):
+        parse_space({"sampler": "nsga2", "population": 1, "families": {"fora": {}}}, "space.yaml")
+    with pytest.raises(SpaceError, match="forecast: unknown key 'rounds'"):
+        parse_space({"forecast": {"rounds": 2}, "families": {"fora": {}}}, "space.yaml")
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text(yaml.safe_dump({"forecast": {"order": 2}, "families": {"taylorseer": {}}}))
+    assert main(["search", "--config", str(space_file), "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a fitted forecast needs a static schedule" in err[0]

@@ -77,6 +77,8 @@ class Policy:
 
     # False for peer adapters whose hooks are not ours: the runtime cannot count their reuses.
     reports_reuse = True
+    # True where every sample and batch of a run gets the same decisions (a schedule a forecast can be fitted to)
+    static = False
     # images the last ``prepare`` sampled uncached to calibrate (SmoothCache, DPS, ReCaT): a cost of its own
     calibration_images = 0
     # multiply-adds the policy itself executed since it was made (forecast arithmetic, decision networks,

@@ -7,6 +7,7 @@ num_samples: 128          # samples per trial (FID / PSNR over them)
 batch_size: 64
 seed: 30000000            # first sample seed: the search role's (cqpolicy/seeds.py); test seeds are refused
 sampler: tpe              # tpe (default) or nsga2
+population: 50            # nsga2: trials per generation (the first generation is random)
 objectives: [macs_speedup, fid]   # any of macs_speedup, wall_speedup (max), fid, model_bytes (min)
 proxy: false              # true: paired PSNR against the uncached images replaces FID (cheap, early trials)
 min_psnr: 15.0            # quality constraint (trial.set_constraint): PSNR vs uncached must reach this
@@ -26,6 +27,22 @@ families:
     threshold: {float: [1.0e-4, 0.3], log: true}
 ```
 
+With a ``forecast`` section every trial fits a linear forecast (``train forecast``) to the static schedule it drew,
+on calibration seeds, and scores the forecast on the search seeds: schedule and forecast searched together. Only
+static families (every sample the same decisions: fora, phased, schedule, deepcache, smoothcache, dps, recat, tgate)
+can carry one:
+
+```yaml
+sampler: nsga2
+forecast: {order: 3, samples: 32, val_samples: 8, batch_size: 32, affine: false}
+families:
+  phased:
+    early: {int: [2, 5]}
+    late: {int: [2, 7]}
+    split: {float: [0.2, 0.8]}
+    warmup: {int: [0, 4]}
+```
+
 A parameter is ``{int: [low, high]}``, ``{float: [low, high], log: bool}``, ``{choices: [...]}`` or
 ``{fixed: value}``. Everything is validated (families, parameter names, ranges, formats, weights folders: they
 exist, load and were quantized from the space's model) before any trial.
@@ -42,9 +59,10 @@ from cqpolicy import seeds as seed_roles
 OBJECTIVES = {"macs_speedup": "maximize", "wall_speedup": "maximize", "fid": "minimize", "model_bytes": "minimize"}
 FP_WEIGHTS = "fp"  # the weights choice of the unquantized model
 SAMPLERS = ("tpe", "nsga2")
-_TOP_KEYS = {"model", "steps", "num_samples", "batch_size", "seed", "sampler", "objectives",
+_TOP_KEYS = {"model", "steps", "num_samples", "batch_size", "seed", "sampler", "population", "objectives",
              "proxy", "min_psnr", "quick", "cache", "families", "guidance_scale", "scheduler", "weights", "prompts",
-             "resolution"}
+             "resolution", "forecast"}
+FORECAST_KEYS = {"order": 3, "samples": 32, "val_samples": 8, "batch_size": 32, "affine": False}
 
 
 class SpaceError(ValueError):
@@ -74,6 +92,7 @@ class SearchSpace:
     batch_size: int = 64
     seed: int = 0
     sampler: str = "tpe"
+    population: int = 50  # nsga2's generation size
     objectives: tuple[str, ...] = ("macs_speedup", "fid")
     proxy: bool = False
     min_psnr: float | None = None
@@ -81,6 +100,7 @@ class SearchSpace:
     scheduler: str | None = None  # None: the model's own (flow for SD3 / FLUX)
     prompts: str | None = None  # text-conditioned models: a prompt file or embeddings (.safetensors)
     resolution: int | None = None
+    forecast: dict | None = None  # fit settings (FORECAST_KEYS) when each trial's schedule carries a fitted forecast
     quick: dict = field(default_factory=dict)
     source: str = ""
 
@@ -91,6 +111,9 @@ class SearchSpace:
     def shrink(self) -> "SearchSpace":
         """The ``--quick`` variant: fewer steps and samples (for tests and first contact)."""
         quick = {"steps": 8, "num_samples": 8, "batch_size": 8, **self.quick}
+        if self.forecast is not None:
+            quick["forecast"] = {**self.forecast, "samples": 4, "val_samples": 2, "batch_size": 4,
+                                 **(self.quick.get("forecast") or {})}
         return dataclasses.replace(self, **quick)
 
 
@@ -165,20 +188,43 @@ def parse_space(data: dict, source: str = "") -> SearchSpace:
                         model=str(data.get("model", "fmnist-dit")), steps=int(data.get("steps", 50)),
                         num_samples=int(data.get("num_samples", 128)), batch_size=int(data.get("batch_size", 64)),
                         seed=int(data.get("seed", seed_roles.start("search"))),
-                        sampler=sampler, objectives=objectives,
+                        sampler=sampler, population=int(data.get("population", 50)), objectives=objectives,
                         proxy=bool(data.get("proxy", False)), min_psnr=data.get("min_psnr"),
                         guidance_scale=data.get("guidance_scale"), scheduler=data.get("scheduler"),
                         prompts=data.get("prompts"), resolution=data.get("resolution"),
+                        forecast=_forecast_settings(data.get("forecast"), families, source),
                         quick=dict(data.get("quick") or {}), source=source)
-    for name in ("steps", "num_samples", "batch_size"):
-        if getattr(space, name) < 1:
-            raise SpaceError(f"{source}: {name} must be at least 1")
+    for name in ("steps", "num_samples", "batch_size", "population"):
+        if getattr(space, name) < (2 if name == "population" else 1):
+            raise SpaceError(f"{source}: {name} must be at least {2 if name == 'population' else 1}")
     try:  # trials choose settings: they must never see the bench's samples
         seed_roles.check_disjoint({"search": [(space.seed, space.num_samples)]})
     except seed_roles.SeedOverlapError as exc:
         raise SpaceError(f"{source}: {exc}; search seeds start at {seed_roles.start('search')}") from None
     _check_weights(space)
     return space
+
+
+def _forecast_settings(spec, families: dict, source: str) -> dict | None:
+    """The ``forecast`` section with its defaults; every family must be static (a forecast is fitted per cell)."""
+    from cqpolicy.policies.registry import policy_class
+
+    if spec is None:
+        return None
+    if spec is True:
+        spec = {}
+    unknown = sorted(set(spec) - set(FORECAST_KEYS)) if isinstance(spec, dict) else ["(not a mapping)"]
+    if unknown:
+        raise SpaceError(f"{source}: forecast: unknown key {unknown[0]!r}; known: {', '.join(FORECAST_KEYS)}")
+    dynamic = [f for f in families if not policy_class(f).static]
+    if dynamic:
+        raise SpaceError(f"{source}: family {dynamic[0]!r} decides per sample or per run: a fitted forecast needs a "
+                         f"static schedule (fora, phased, schedule, deepcache, smoothcache, dps, recat, tgate)")
+    settings = {**FORECAST_KEYS, **spec}
+    for key in ("order", "samples", "val_samples", "batch_size"):
+        if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 1:
+            raise SpaceError(f"{source}: forecast: {key} must be a positive int, got {settings[key]!r}")
+    return settings
 
 
 def _weights_choices(spec, source: str) -> tuple[str, ...]:

@@ -10,6 +10,10 @@ uncached model, and ``model_bytes`` is the chosen weights' stored size.
 Storages: ``--storage`` unset -> ``sqlite:///mlruns/optuna.db``; an RDB URL (``sqlite:///``,
 ``postgresql://``, ``mysql://``) -> ``RDBStorage`` (several machines); any other value is a file path ->
 ``JournalStorage(JournalFileBackend(path))`` (several local worker processes).
+
+With the space's ``forecast`` section a trial first fits a forecast to the static schedule it drew (calibration
+seeds, ``training.forecast.fit_forecast``) into ``ARTIFACTS/trial-N`` and then measures ``forecast:path=...``:
+the trial's ``policy`` is that spec (what the bench deploys), its ``schedule`` the spec drawn.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def make_storage(storage: str | None):
 
 def make_sampler(space: SearchSpace, seed: int | None):
     if space.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(population_size=space.population, seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
@@ -81,6 +85,18 @@ class Evaluator:
         self.base_images, self.base_wall, self.base_macs = images_to_uint8(base.images), base.wall_s, base.macs
         self.base_fid = self.fid(self.base_images) if self.fid is not None else math.nan
 
+    def fit_forecast(self, schedule: str, weights: str, out: Path) -> str:
+        """Fit a forecast to ``schedule`` on the trial's weights; its spec."""
+        from cqpolicy.training.forecast import fit_forecast
+
+        f, space = self.space.forecast, self.space
+        fit_forecast(space.model if weights == FP_WEIGHTS else weights, schedule, out, steps=space.steps,
+                     scheduler=self.settings.scheduler, guidance_scale=self.settings.guidance_scale,
+                     samples=f["samples"], val_samples=f["val_samples"], order=f["order"], affine=f["affine"],
+                     batch_size=f["batch_size"], overwrite=True, progress=False, prompts=space.prompts,
+                     resolution=space.resolution, track=False)
+        return f"forecast:path={out}"
+
     def __call__(self, spec: str, cache_format: str, weights: str = FP_WEIGHTS) -> dict:
         from cqpolicy.evaluation.cost import measured_sample
         from cqpolicy.evaluation.quality import images_to_uint8, paired_fidelity
@@ -103,7 +119,8 @@ class Evaluator:
         return result
 
 
-def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | None, experiment: str):
+def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | None, experiment: str,
+               artifacts: Path | None):
     import mlflow
 
     from cqpolicy.tracking import start_run
@@ -111,6 +128,9 @@ def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | No
     def objective(trial: optuna.Trial):
         spec, cache_format = suggest(trial, space)
         weights = suggest_weights(trial, space)
+        if space.forecast is not None:
+            trial.set_user_attr("schedule", spec)
+            spec = evaluator.fit_forecast(spec, weights, artifacts / f"trial-{trial.number}")
         trial.set_user_attr("policy", spec)
         trial.set_user_attr("cache_dtype", cache_format)
         trial.set_user_attr("weights", weights)
@@ -122,6 +142,7 @@ def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | No
             trial.set_constraint("min_psnr", float(space.min_psnr) - psnr)  # feasible when <= 0
         with start_run(experiment, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id):
             mlflow.log_params({"policy": spec, "policy_config": spec, "cache_dtype": cache_format,
+                               "schedule": trial.user_attrs.get("schedule", ""),
                                "weights": evaluator.weights[weights][1]["weights"], "weights_dir": weights,
                                "model": space.model, "steps": space.steps, "num_samples": space.num_samples,
                                "seed": space.seed, "trial": trial.number, "study": trial.study.study_name,
@@ -141,19 +162,22 @@ def _mark_stale_running_trials_failed(study: optuna.Study) -> int:
 
 
 def run_worker(space: SearchSpace, storage: str | None, study_name: str, n_trials: int, experiment: str,
-               parent_run_id: str | None, seed: int | None, progress: bool = True) -> None:
+               parent_run_id: str | None, seed: int | None, progress: bool = True,
+               artifacts: Path | None = None) -> None:
     """One worker process: its own model and baseline, trials drawn from the shared storage."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
                               sampler=make_sampler(space, seed))
     evaluator = Evaluator(space)
-    study.optimize(_objective(space, evaluator, parent_run_id, experiment), n_trials=n_trials,
+    study.optimize(_objective(space, evaluator, parent_run_id, experiment, artifacts), n_trials=n_trials,
                    catch=(RuntimeError, ValueError), show_progress_bar=progress)
 
 
 def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, study_name: str | None = None,
-              workers: int = 1, experiment: str = "cqpolicy-search", seed: int = 0, progress: bool = True) -> dict:
-    """Create or resume ``study_name`` and run ``n_trials`` more trials over ``workers`` processes."""
+              workers: int = 1, experiment: str = "cqpolicy-search", seed: int = 0, progress: bool = True,
+              artifacts: str | Path | None = None) -> dict:
+    """Create or resume ``study_name`` and run ``n_trials`` more trials over ``workers`` processes; a forecast
+    space's fitted artifacts go to ``artifacts`` (default ``out/search/<study name>``)."""
     import multiprocessing as mp
 
     import mlflow
@@ -163,6 +187,7 @@ def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, stu
     if n_trials < 1 or workers < 1:
         raise ValueError("--n-trials and --workers must be at least 1")
     study_name = study_name or Path(space.source).stem or "cqpolicy-search"
+    artifacts = Path(artifacts or Path("out/search") / study_name) if space.forecast is not None else None
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage), directions=space.directions,
                                 sampler=make_sampler(space, seed), load_if_exists=True)
     if study.directions != [optuna.study.StudyDirection[d.upper()] for d in space.directions]:
@@ -178,11 +203,12 @@ def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, stu
         parent_id = parent.info.run_id
         per_worker = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
         if workers == 1:
-            run_worker(space, storage, study_name, n_trials, experiment, parent_id, seed, progress)
+            run_worker(space, storage, study_name, n_trials, experiment, parent_id, seed, progress, artifacts)
         else:
             ctx = mp.get_context("spawn")
             procs = [ctx.Process(target=run_worker, args=(space, storage, study_name, n, experiment, parent_id,
-                                                          seed + i, False)) for i, n in enumerate(per_worker) if n]
+                                                          seed + i, False, artifacts))
+                     for i, n in enumerate(per_worker) if n]
             for p in procs:
                 p.start()
             for p in procs:
@@ -194,6 +220,7 @@ def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, stu
         states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
         mlflow.log_metrics({f"trials_{k.lower()}": v for k, v in states.items()})
     best = [{"number": t.number, "policy": t.user_attrs.get("policy"), "cache_dtype": t.user_attrs.get("cache_dtype"),
+             **({"schedule": t.user_attrs["schedule"]} if "schedule" in t.user_attrs else {}),
              "weights": t.user_attrs.get("weights", FP_WEIGHTS), **dict(zip(space.objectives, t.values))}
             for t in study.best_trials]
     return {"study": study_name, "trials": len(trials), "states": states, "stale_marked_failed": failed_stale,

@@ -238,13 +238,14 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
                  val_samples: int = 32, order: int = 3, ridge: float = 1e-3, on_policy_rounds: int = 0,
                  affine: bool = False, per_channel: bool = False, batch_size: int = 32, overwrite: bool = False,
                  progress: bool = True, prompts=None, resolution: int | None = None,
-                 negative_prompt: str = "") -> dict:
+                 negative_prompt: str = "", track: bool = True) -> dict:
     """Fit a forecast for the static schedule ``schedule`` (a policy spec) on ``model_name``; write its artifact.
 
     ``on_policy_rounds``: after the teacher-forced fit, run the forecast on the fit seeds that many times and refit
     on all data so far (DAgger), so the weights see the histories their own errors produce. ``affine``: weights
     that sum to 1 (see ``_solve``). ``per_channel``: every channel of a reused cell gets its own weights and a
-    bias (with ``order=1``, CacheQuant's DEC: a per-channel scale and shift of the cached output)."""
+    bias (with ``order=1``, CacheQuant's DEC: a per-channel scale and shift of the cached output). ``track``: an
+    MLflow run of its own (a search trial logs the fit in its trial run instead)."""
     from cqpolicy.evaluation.evaluate import default_labels
     from cqpolicy.models import load_model
     from cqpolicy.models.adapters import adapter_for
@@ -341,12 +342,14 @@ def fit_forecast(model_name: str, schedule: str, out_dir: str | os.PathLike, *, 
                          # the cost a break-even count divides: every sampler pass (schedule, fit, val, on-policy)
                          "sampled_images": (2 + on_policy_rounds) * samples + 2 * val_samples,
                          "cpu_s": time.process_time() - started_cpu, "wall_s": time.perf_counter() - started_wall}}
+    tensors = {"table": table.to(torch.uint8), "weights": weights}
+    tensors.update({f"channel.{block}.{units[unit]}": w for (block, unit), w in (by_channel or {}).items()})
+    if not track:
+        return save_artifact(out, meta, tensors, overwrite=overwrite)
     with start_run("cqpolicy-train", run_name=f"fit-forecast-{out.name}") as run:
         import mlflow
 
         meta["training"]["mlflow_run_id"] = run.info.run_id
-        tensors = {"table": table.to(torch.uint8), "weights": weights}
-        tensors.update({f"channel.{block}.{units[unit]}": w for (block, unit), w in (by_channel or {}).items()})
         meta = save_artifact(out, meta, tensors, overwrite=overwrite)
         mlflow.log_params({"kind": "forecast", "schedule": schedule, "order": order, "ridge": ridge,
                            "on_policy_rounds": on_policy_rounds, "affine": affine, "per_channel": per_channel,

@@ -8,6 +8,7 @@ from cqpolicy.policies.families import (  # noqa: F401
     learned,
     none,
     peers,
+    phased,
     recat,
     schedule,
     smoothcache,

@@ -30,6 +30,7 @@ class DeepCacheConfig:
 
 @register("deepcache", DeepCacheConfig)
 class DeepCachePolicy(Policy):
+    static = True
     units = ("layer",)
 
     def __init__(self, config: DeepCacheConfig = DeepCacheConfig()):

@@ -34,6 +34,8 @@ class ForaConfig:
 
 @register("fora", ForaConfig)
 class ForaPolicy(Policy):
+    static = True
+
     def __init__(self, config: ForaConfig = ForaConfig()):
         self.config = config
         self.units = parse_units(config.unit, "fora", "unit")

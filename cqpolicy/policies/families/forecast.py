@@ -17,6 +17,15 @@ With ``per_channel`` every channel of a reused cell has its own weights and a bi
 scale and shift of the cached output, the form of CacheQuant's DEC), stored per (block, unit) as
 ``channel.<block>.<unit>``.
 
+With ``verify=tau`` the schedule adapts per sample (verify, then forecast; SpeCa's idea): where the schedule reuses
+the first block, that block computes anyway and each row's relative forecast error there, ``|y - f| / |y|`` (the
+largest over the block's units; ``check=attn1``: that unit alone, a cheaper check), is checked; rows above ``tau``
+compute every unit the schedule reuses at that step, the others take the forecast. A row that computed off the
+schedule reuses that fresher output (plain reuse) until the schedule next computes the unit, since the weights were
+fitted to the schedule's history. The check and the extra rows are counted in the MACs; a verifying run reads the
+newest output from its own history (the runtime's cache also takes the off-schedule rows), so the cache format does
+not touch it.
+
 The table is indexed by step: the artifact deploys only at the step count and scheduler it was fitted for.
 """
 from __future__ import annotations
@@ -37,8 +46,15 @@ HISTORY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 class ForecastConfig:
     path: str = ""  # forecast artifact folder (policy.json + weights.safetensors)
     history: str = "fp32"  # how the older computed outputs are held: fp32, or fp16 / bf16 (half the state memory)
+    verify: float = 0.0  # > 0: the first block checks the forecast per row; rows whose error exceeds it compute
+    check: str = ""  # '+'-joined units of the first block that check ('': all of them); the rest follow the check
 
     def __post_init__(self):
+        if not self.verify >= 0:
+            raise ValueError(f"policy 'forecast': verify must be a non-negative relative error, got {self.verify}")
+        from cqpolicy.models.adapters import parse_units
+
+        parse_units(self.check, "forecast", "check")
         if self.history not in HISTORY_DTYPES:
             raise ValueError(f"policy 'forecast': history must be one of {', '.join(HISTORY_DTYPES)}, got "
                              f"{self.history!r}")
@@ -64,15 +80,22 @@ class ForecastPolicy(Policy):
         # the same as Python lists and a unit index: a decision and a forecast then cost no tensor indexing
         self._compute, self._w = self.table.tolist(), self.weights.tolist()
         self._unit = {u: i for i, u in enumerate(self.units)}
+        from cqpolicy.models.adapters import parse_units
+
+        self.check_units = parse_units(config.check, "forecast", "check") or self.units
+        if config.verify and not set(self.check_units) <= set(self.units):
+            raise ValueError(f"policy 'forecast': check {config.check!r} names units the artifact does not forecast "
+                             f"({'+'.join(self.units)})")
         # per-channel fits (DEC): (block, unit) -> [steps, C, order + 1], the bias last; absent cells reuse plainly
         self.channel_dim = self.meta.get("channel_dim")
         self.by_channel = {(int(key.split(".")[1]), key.split(".")[2]): w.float()
                            for key, w in tensors.items() if key.startswith("channel.")}
+        self.check_log: list[torch.Tensor] = []  # verify: per checked step, the rows that failed
         self.reset(None, 0)
 
     @property
-    def family(self) -> str:
-        return "learned-forecast"
+    def family(self) -> str:  # a verifying forecast is a frontier of its own: does adaptivity beat the static one?
+        return "learned-forecast-verified" if self.config.verify else "learned-forecast"
 
     def attach(self, model) -> None:
         from cqpolicy.policies.artifact import check_denoiser
@@ -96,21 +119,76 @@ class ForecastPolicy(Policy):
             raise StepMismatchError(f"forecast artifact {self.config.path} was fitted to a {steps}-step schedule, "
                                     f"the run has {num_steps} steps")
         self._history: dict[tuple[int, str], deque] = {}
+        # verify: (block, unit) -> (rows that computed off the schedule, their outputs); the rows failing this step
+        self._fresh: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._failed: tuple[int, torch.Tensor] | None = None
 
-    def decide(self, query: UnitQuery) -> bool:
+    @property
+    def verified_share(self) -> float | None:
+        """The share of checked (step, row) pairs whose forecast held, since the policy was made."""
+        checked = sum(len(f) for f in self.check_log)
+        return None if not checked else 1 - sum(int(f.sum()) for f in self.check_log) / checked
+
+    def _scheduled(self, query: UnitQuery) -> bool:
         return self._compute[query.step][query.block][self._unit[query.unit]]
 
+    def decide(self, query: UnitQuery):
+        if self._scheduled(query) or not self.config.verify:
+            return self._scheduled(query)
+        if query.block == 0 and query.unit in self.check_units:
+            return True  # the check
+        if self._failed is not None and self._failed[0] == query.step:
+            return self._failed[1]
+        return False
+
     def observe(self, query: UnitQuery, output: torch.Tensor) -> None:
-        history = self._history.setdefault((query.block, query.unit), deque(maxlen=self.order))
-        if self.order > 1:  # the newest output is the runtime's cache: only older ones are read from here
+        key = (query.block, query.unit)
+        if self.config.verify and not self._scheduled(query):
+            self._observe_off_schedule(query, output)
+            return
+        self._fresh.pop(key, None)
+        history = self._history.setdefault(key, deque(maxlen=self.order))
+        # the newest output is the runtime's cache, but a verifying run's cache also takes off-schedule rows
+        if self.order > 1 or self.config.verify:
             history.append(output.detach().to(HISTORY_DTYPES[self.config.history], copy=True))
         else:
             history.append(None)
+
+    def _observe_off_schedule(self, query: UnitQuery, output: torch.Tensor) -> None:
+        key = (query.block, query.unit)
+        if query.block == 0 and query.unit in self.check_units:  # every row computed: does the forecast hold?
+            predicted = self._forecast(query, self._history[key][-1]).float().reshape(len(output), -1)
+            y = output.detach().float().reshape(len(output), -1)
+            self.executed_macs += 2 * y.numel()
+            failed = (y - predicted).norm(dim=1) > self.config.verify * y.norm(dim=1)
+            if self._failed is not None and self._failed[0] == query.step:  # another unit of the block: either fails
+                self.check_log[-1] |= failed
+            else:
+                self.check_log.append(failed)
+            self._failed = (query.step, self.check_log[-1])
+            return
+        rows = self._failed[1].to(output.device).reshape(-1, *[1] * (output.ndim - 1))
+        old = self._fresh.get(key)
+        if old is None:
+            self._fresh[key] = (rows, output.detach().clone())
+        else:
+            self._fresh[key] = (rows | old[0], torch.where(rows, output.detach(), old[1]))
 
     def reuse(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
         history = self._history.get((query.block, query.unit))
         if not history:
             return cached
+        if not self.config.verify:
+            return self._forecast(query, cached)
+        out = self._forecast(query, history[-1].to(cached.dtype))
+        fresh = self._fresh.get((query.block, query.unit))
+        if fresh is not None:  # rows that computed off the schedule reuse that newer output
+            out = torch.where(fresh[0], fresh[1].to(out.dtype), out)
+        return out
+
+    def _forecast(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
+        """The fitted forecast for ``query``'s cell; ``cached`` is the newest computed output."""
+        history = self._history[(query.block, query.unit)]
         inputs = [cached.float(), *(history[-1 - j].float() for j in range(1, min(self.order, len(history))))]
         if self.channel_dim is not None:
             by_channel = self.by_channel.get((query.block, query.unit))
@@ -127,7 +205,8 @@ class ForecastPolicy(Policy):
 
     @property
     def state_nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for h in self._history.values() for v in h if v is not None)
+        held = [v for h in self._history.values() for v in h if v is not None]
+        return sum(v.numel() * v.element_size() for v in held + [v for _, v in self._fresh.values()])
 
 
 def fit_images(meta: dict) -> int:

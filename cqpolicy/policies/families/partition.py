@@ -168,6 +168,8 @@ class PartitionPolicy(Policy):
     per (steps, scheduler, guidance_scale) for the model last prepared with.
     """
 
+    static = True
+
     def __init__(self, config: PartitionConfig):
         self.config = config
         self.units = parse_units(config.units, self.name)

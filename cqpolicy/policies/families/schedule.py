@@ -241,6 +241,8 @@ class ScheduleConfig:
 
 @register("schedule", ScheduleConfig)
 class SchedulePolicy(Policy):
+    static = True
+
     def __init__(self, config: ScheduleConfig = ScheduleConfig()):
         self.config = config
         # the path is checked here, not in the config: spec_string builds a default config to compare against

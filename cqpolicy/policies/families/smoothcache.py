@@ -84,6 +84,8 @@ def greedy_schedule(err: torch.Tensor, threshold: float, lookahead: int) -> tupl
 
 @register("smoothcache", SmoothCacheConfig)
 class SmoothCachePolicy(Policy):
+    static = True
+
     def __init__(self, config: SmoothCacheConfig = SmoothCacheConfig()):
         self.config = config
         self.units = parse_units(config.units, self.name)

@@ -26,6 +26,7 @@ class TGateConfig:
 
 @register("tgate", TGateConfig)
 class TGatePolicy(Policy):
+    static = True
     units_from = "cross_attention_units"
 
     def __init__(self, config: TGateConfig = TGateConfig()):

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Searched schedules and verify-then-forecast on the DiT, chosen under protocol v2 (issue 31).
+
+Candidates, fixed before any row:
+
+- the searched front: the Pareto trials at >= 3x MACs of the study ``dit-forecast``
+  (``configs/search/fmnist-dit-forecast.yaml``: NSGA-II over ``phased`` schedules, a forecast fitted per trial on
+  calibration seeds, scored on search seeds), frozen into ``docs/results/paper/policies/search-trial-N``;
+- verify, then forecast: the paper table's FORA-6 and FORA-7 forecasts with ``verify=0.2,check=attn1`` (the threshold
+  from a 32-sample sweep of MACs and held share on validation-role seeds 60.9M+, outside every replicate).
+
+Opponents on the same validation replicates: the plain model, FORA 4-6, TaylorSeer 4-6 (order 1) and the static
+forecasts fitted on FORA 4-7. The rules, also fixed here:
+
+- A (the noise floor): the fastest candidate whose mean validation ΔFID is at most 0.48, the plain model's
+  seed-to-seed FID std in the paper table;
+- B (what adaptivity adds): the verified candidate with the lowest ΔFID minus the static forecasts' frontier at its
+  MACs (linear between the frontier's points, the plain model at 1x);
+- C (what the searched schedule adds): the searched candidate with the lowest such margin.
+
+    python benchmarks/research/forecast_schedules.py --out docs/results/forecast-schedules     # resumable
+
+Writes OUT/validation/ (an engine folder) and OUT/choice.json; the chosen methods are then scored on the paper
+table's test replicates: add them to configs/fmnist-dit-paper.yaml and
+``cqpolicy bench --config configs/fmnist-dit-paper.yaml --out docs/results/paper --only <chosen>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cqpolicy.evaluation.engine import BenchError, parse_config, run_bench
+
+PAPER = Path("docs/results/paper/policies")
+VERIFIED = [f"forecast:path={PAPER / name},verify=0.2,check=attn1" for name in ("forecast-fora-6", "forecast-fora-7")]
+STATIC = [f"forecast:path={PAPER / f'forecast-fora-{k}'}" for k in (4, 5, 6, 7)]
+OPPONENTS = [f"fora:interval={k}" for k in (4, 5, 6)] + [f"taylorseer:interval={k},order=1" for k in (4, 5, 6)]
+NOISE_FLOOR = 0.48  # the plain model's FID std over the paper table's three test replicates (N = 1000)
+COMMON = {"model": "fmnist-dit", "steps": 50, "guidance_scale": None, "batch_size": 64, "repeats": 0,
+          "experiment": "cqpolicy-bench-forecast-schedules"}
+
+
+def searched_front(journal: Path, study: str, min_speedup: float, limit: int) -> list[str]:
+    """The study's Pareto trials at >= ``min_speedup``, fastest first (at most ``limit``), frozen under PAPER."""
+    import optuna
+
+    from cqpolicy.search.study import make_storage
+
+    trials = optuna.load_study(study_name=study, storage=make_storage(str(journal))).best_trials
+    front = sorted((t for t in trials if t.values[0] >= min_speedup), key=lambda t: -t.values[0])[:limit]
+    specs = []
+    for t in front:
+        source = Path(t.user_attrs["policy"].removeprefix("forecast:path="))
+        target = PAPER / f"search-trial-{t.number}"
+        if not target.exists():
+            shutil.copytree(source, target)
+        specs.append(f"forecast:path={target}")
+    return specs
+
+
+def margin_to(board: pd.DataFrame, method: str, frontier: list[str]) -> float:
+    """``method``'s ΔFID minus the frontier of ``frontier``'s rows (and the plain model at 1x) at its MACs."""
+    rows = board.set_index("method")
+    points = sorted([(1.0, 0.0)] + [(rows.at[m, "macs_speedup"], rows.at[m, "delta_fid"]) for m in frontier])
+    best, pareto = np.inf, []
+    for x, y in sorted(points, key=lambda p: -p[0]):  # keep the points no faster point beats
+        if y < best:
+            pareto.append((x, y))
+            best = y
+    xs, ys = zip(*sorted(pareto))
+    x = rows.at[method, "macs_speedup"]
+    if x > xs[-1]:
+        return float("nan")  # the frontier does not reach it: unopposed
+    return float(rows.at[method, "delta_fid"] - np.interp(x, xs, ys))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/results/forecast-schedules")
+    p.add_argument("--journal", default="out/search/dit-forecast/journal.log")
+    p.add_argument("--study", default="dit-forecast")
+    p.add_argument("--validation-samples", type=int, default=250, help="per validation replicate (default 250)")
+    p.add_argument("--validation", type=int, nargs="+", default=[0, 1], help="validation replicate ids")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    searched = searched_front(Path(args.journal), args.study, 3.0, 4)
+    methods = STATIC + OPPONENTS + searched + VERIFIED
+    validation = parse_config({**COMMON, "num_samples": args.validation_samples, "methods": methods,
+                               "replicates": {"role": "validation", "ids": args.validation}}, "validation")
+    run_bench(validation, out / "validation")
+    board = pd.read_csv(out / "validation" / "leaderboard.csv")
+    missing = sorted(set(methods) - set(board.dropna(subset=["delta_fid"])["method"]))
+    if missing:
+        raise BenchError(f"validation rows missing for {missing}")
+    rows = board.set_index("method")
+    inside = [m for m in searched + VERIFIED if rows.at[m, "delta_fid"] <= NOISE_FLOOR]
+    margins = {m: margin_to(board, m, STATIC) for m in searched + VERIFIED}
+    choice = {
+        "validation": args.validation, "validation_samples": args.validation_samples, "noise_floor": NOISE_FLOOR,
+        "candidates": {m: {"macs_speedup": float(rows.at[m, "macs_speedup"]),
+                           "delta_fid": float(rows.at[m, "delta_fid"]), "margin_to_static": margins[m]}
+                       for m in searched + VERIFIED},
+        "A_fastest_inside_noise": max(inside, key=lambda m: rows.at[m, "macs_speedup"]) if inside else None,
+        "B_verified": min(VERIFIED, key=lambda m: np.nan_to_num(margins[m], nan=np.inf)),
+        "C_searched": min(searched, key=lambda m: np.nan_to_num(margins[m], nan=np.inf)) if searched else None,
+    }
+    (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
+    print(json.dumps(choice, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (BenchError, ValueError, FileNotFoundError) as exc:
+        print(f"forecast_schedules: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
