@@ -277,3 +277,17 @@ def test_rows_that_computed_off_the_schedule_reuse_that_output(fitted):
     out = policy.reuse(query(2, 1), ones)
     assert torch.equal(out[1], torch.full((3,), 7.0)) and not torch.equal(out[0], torch.full((3,), 5.0))
     assert policy.verified_share == 0.5
+
+
+def test_the_history_is_held_in_any_cache_format_and_its_bytes_are_counted(fitted):
+    model_dir, path, _ = fitted
+    model = load_model(str(model_dir))
+    runs = {fmt: _images(model, f"forecast:path={path},history={fmt}") for fmt in ("fp32", "fp16", "int8-token")}
+    held = {fmt: run.cache_bytes - _images(model, "fora:interval=3").cache_bytes for fmt, run in runs.items()}
+    assert held["fp32"] == 2 * held["fp16"] and held["fp16"] > held["int8-token"] > held["fp32"] / 4
+    assert torch.equal(runs["fp32"].images, _images(model, f"forecast:path={path}").images)
+    for fmt in ("fp16", "int8-token"):  # a lossy history: close to the fp32 one, not equal
+        gap = (runs[fmt].images - runs["fp32"].images).abs().max()
+        assert 0 < gap < 0.05
+    with pytest.raises(ValueError, match="history must be a cache format"):
+        make_policy(f"forecast:path={path},history=int3")

@@ -10,8 +10,8 @@ fitted in closed form (ridge towards plain reuse, ``w = [1, 0, ...]``) on the ou
 calibration seeds. Plain reuse (``w = [1, 0, ...]``) and TaylorSeer's order-1 forecast
 (``[1 + d, -d]`` with ``d = (s - c_0) / (c_0 - c_1)``) are points of this family; the fit picks the weights
 per cell from data. ``f(c_0)`` is the runtime's cached tensor (so the cache format's loss is what the model
-sees); older outputs are a history the policy holds (``state_nbytes``): float32, or ``history=fp16`` / ``bf16`` for
-half the memory.
+sees); older outputs are a history the policy holds (``state_nbytes``) in any cache format: float32 by default,
+``history=fp16`` for half the memory, ``history=int8-token`` for a quarter (bounded: the cache's own codec).
 
 With ``per_channel`` every channel of a reused cell has its own weights and a bias (``order=1``: a per-channel
 scale and shift of the cached output, the form of CacheQuant's DEC), stored per (block, unit) as
@@ -35,29 +35,30 @@ from dataclasses import dataclass
 
 import torch
 
+from cqpolicy.models.adapters import parse_units
 from cqpolicy.policies.base import Policy, UnitQuery
 from cqpolicy.policies.registry import register
+from cqpolicy.runtime.cache_store import CacheFormat, quantize
 
 
-HISTORY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class ForecastConfig:
     path: str = ""  # forecast artifact folder (policy.json + weights.safetensors)
-    history: str = "fp32"  # how the older computed outputs are held: fp32, or fp16 / bf16 (half the state memory)
+    history: str = "fp32"  # the format older computed outputs are held in: any cache format (fp16, int8-token, ...)
     verify: float = 0.0  # > 0: the first block checks the forecast per row; rows whose error exceeds it compute
     check: str = ""  # '+'-joined units of the first block that check ('': all of them); the rest follow the check
 
     def __post_init__(self):
         if not self.verify >= 0:
             raise ValueError(f"policy 'forecast': verify must be a non-negative relative error, got {self.verify}")
-        from cqpolicy.models.adapters import parse_units
-
         parse_units(self.check, "forecast", "check")
-        if self.history not in HISTORY_DTYPES:
-            raise ValueError(f"policy 'forecast': history must be one of {', '.join(HISTORY_DTYPES)}, got "
-                             f"{self.history!r}")
+        try:
+            CacheFormat.parse(self.history)
+        except ValueError:
+            raise ValueError(f"policy 'forecast': history must be a cache format (fp32, fp16, bf16, int8, int4, "
+                             f"optionally -token or -channel), got {self.history!r}") from None
 
 
 @register("forecast", ForecastConfig)
@@ -80,8 +81,7 @@ class ForecastPolicy(Policy):
         # the same as Python lists and a unit index: a decision and a forecast then cost no tensor indexing
         self._compute, self._w = self.table.tolist(), self.weights.tolist()
         self._unit = {u: i for i, u in enumerate(self.units)}
-        from cqpolicy.models.adapters import parse_units
-
+        self.history_format = CacheFormat.parse(config.history)
         self.check_units = parse_units(config.check, "forecast", "check") or self.units
         if config.verify and not set(self.check_units) <= set(self.units):
             raise ValueError(f"policy 'forecast': check {config.check!r} names units the artifact does not forecast "
@@ -150,14 +150,14 @@ class ForecastPolicy(Policy):
         history = self._history.setdefault(key, deque(maxlen=self.order))
         # the newest output is the runtime's cache, but a verifying run's cache also takes off-schedule rows
         if self.order > 1 or self.config.verify:
-            history.append(output.detach().to(HISTORY_DTYPES[self.config.history], copy=True))
+            history.append(quantize(output.detach(), self.history_format))
         else:
             history.append(None)
 
     def _observe_off_schedule(self, query: UnitQuery, output: torch.Tensor) -> None:
         key = (query.block, query.unit)
         if query.block == 0 and query.unit in self.check_units:  # every row computed: does the forecast hold?
-            predicted = self._forecast(query, self._history[key][-1]).float().reshape(len(output), -1)
+            predicted = self._forecast(query, _read(self._history[key][-1])).float().reshape(len(output), -1)
             y = output.detach().float().reshape(len(output), -1)
             self.executed_macs += 2 * y.numel()
             failed = (y - predicted).norm(dim=1) > self.config.verify * y.norm(dim=1)
@@ -180,7 +180,7 @@ class ForecastPolicy(Policy):
             return cached
         if not self.config.verify:
             return self._forecast(query, cached)
-        out = self._forecast(query, history[-1].to(cached.dtype))
+        out = self._forecast(query, _read(history[-1]).to(cached.dtype))
         fresh = self._fresh.get((query.block, query.unit))
         if fresh is not None:  # rows that computed off the schedule reuse that newer output
             out = torch.where(fresh[0], fresh[1].to(out.dtype), out)
@@ -189,7 +189,8 @@ class ForecastPolicy(Policy):
     def _forecast(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
         """The fitted forecast for ``query``'s cell; ``cached`` is the newest computed output."""
         history = self._history[(query.block, query.unit)]
-        inputs = [cached.float(), *(history[-1 - j].float() for j in range(1, min(self.order, len(history))))]
+        inputs = [cached.float(), *(_read(history[-1 - j]).float()
+                                    for j in range(1, min(self.order, len(history))))]
         if self.channel_dim is not None:
             by_channel = self.by_channel.get((query.block, query.unit))
             if by_channel is None:
@@ -205,8 +206,13 @@ class ForecastPolicy(Policy):
 
     @property
     def state_nbytes(self) -> int:
-        held = [v for h in self._history.values() for v in h if v is not None]
-        return sum(v.numel() * v.element_size() for v in held + [v for _, v in self._fresh.values()])
+        held = sum(v.nbytes for h in self._history.values() for v in h if v is not None)
+        return held + sum(v.numel() * v.element_size() for _, v in self._fresh.values())
+
+
+def _read(stored):
+    """A held output as a tensor; float formats without a copy (the forecast only reads it)."""
+    return stored.payload.view(stored.shape) if stored.format.is_float else stored.dequantize()
 
 
 def fit_images(meta: dict) -> int:
