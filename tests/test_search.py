@@ -200,3 +200,16 @@ def test_a_forecast_space_refuses_families_that_are_not_static(tmp_path, capsys)
     assert main(["search", "--config", str(space_file), "--n-trials", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a fitted forecast needs a static schedule" in err[0]
+
+
+def test_a_resumed_study_draws_new_points(tiny_dit_dir, tmp_path):
+    """The sampler's seed moves past the trials a study holds: a resume does not redraw its first points."""
+    import optuna
+
+    space = tiny_space(tiny_dit_dir, tmp_path, min_psnr=None, cache={"dtype": ["fp16"]},
+                       families={"teacache": {"threshold": {"float": [0.05, 2.0]}}})
+    storage = str(tmp_path / "j.log")
+    for _ in range(2):
+        run_study(space, n_trials=2, storage=storage, study_name="r", progress=False)
+    trials = optuna.load_study(study_name="r", storage=make_storage(storage)).get_trials()
+    assert len({t.params["teacache.threshold"] for t in trials}) == 4

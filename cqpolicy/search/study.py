@@ -166,8 +166,9 @@ def run_worker(space: SearchSpace, storage: str | None, study_name: str, n_trial
                artifacts: Path | None = None) -> None:
     """One worker process: its own model and baseline, trials drawn from the shared storage."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
-                              sampler=make_sampler(space, seed))
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+    # a resumed study must not redraw the random points it started with: the seed moves past its trials
+    study.sampler = make_sampler(space, None if seed is None else seed + len(study.trials))
     evaluator = Evaluator(space)
     study.optimize(_objective(space, evaluator, parent_run_id, experiment, artifacts), n_trials=n_trials,
                    catch=(RuntimeError, ValueError), show_progress_bar=progress)
