@@ -26,6 +26,18 @@ def tiny_space(tiny_dit_dir, tmp_path, **overrides):
     return load_space(path)
 
 
+@pytest.mark.parametrize("name", ["fmnist-dit", "fmnist-dit-forecast", "fmnist-unet-forecast"])
+def test_the_shipped_spaces_parse(name, request):
+    """(fmnist-dit-joint needs the weights folders its header makes first.)"""
+    from pathlib import Path
+
+    folder = Path(request.config.rootpath) / "configs" / "search"
+    assert {p.stem for p in folder.glob("*.yaml")} == {"fmnist-dit", "fmnist-dit-joint", "fmnist-dit-forecast",
+                                                       "fmnist-unet-forecast"}
+    space = load_space(folder / f"{name}.yaml")
+    assert space.families and (space.forecast is not None) == name.endswith("forecast")
+
+
 @pytest.mark.parametrize("families, message", [
     ({"magic": {}}, "unknown policy 'magic'"),
     ({"fora": {"speed": {"int": [1, 2]}}}, "has no option 'speed'"),
