@@ -3,7 +3,7 @@
 
 Candidates, fixed before any row:
 
-- the searched front: the Pareto trials at >= 3x MACs of the study ``dit-forecast``
+- the searched front: the (at most 5 fastest) Pareto trials at >= 3x MACs of the study ``dit-forecast``
   (``configs/search/fmnist-dit-forecast.yaml``: NSGA-II over ``phased`` schedules, a forecast fitted per trial on
   calibration seeds, scored on search seeds), frozen into ``docs/results/paper/policies/search-trial-N``;
 - verify, then forecast: the paper table's FORA-6 and FORA-7 forecasts with ``verify=0.2,check=attn1`` (the threshold
@@ -47,13 +47,15 @@ COMMON = {"model": "fmnist-dit", "steps": 50, "guidance_scale": None, "batch_siz
 
 
 def searched_front(journal: Path, study: str, min_speedup: float, limit: int) -> list[str]:
-    """The study's Pareto trials at >= ``min_speedup``, fastest first (at most ``limit``), frozen under PAPER."""
+    """The study's Pareto trials at >= ``min_speedup``, fastest first (at most ``limit``; a schedule drawn twice
+    once), frozen under PAPER."""
     import optuna
 
     from cqpolicy.search.study import make_storage
 
     trials = optuna.load_study(study_name=study, storage=make_storage(str(journal))).best_trials
-    front = sorted((t for t in trials if t.values[0] >= min_speedup), key=lambda t: -t.values[0])[:limit]
+    front = sorted((t for t in trials if t.values[0] >= min_speedup), key=lambda t: (-t.values[0], t.number))
+    front = list({t.user_attrs["schedule"]: t for t in reversed(front)}.values())[::-1][:limit]
     specs = []
     for t in front:
         source = Path(t.user_attrs["policy"].removeprefix("forecast:path="))
@@ -62,6 +64,14 @@ def searched_front(journal: Path, study: str, min_speedup: float, limit: int) ->
             shutil.copytree(source, target)
         specs.append(f"forecast:path={target}")
     return specs
+
+
+def _full(spec: str) -> str:
+    """The spec as the leaderboard logs it (every option spelled out)."""
+    from cqpolicy.policies import make_policy
+    from cqpolicy.policies.registry import spec_string
+
+    return spec_string(make_policy(spec))
 
 
 def margin_to(board: pd.DataFrame, method: str, frontier: list[str]) -> float:
@@ -87,14 +97,20 @@ def main(argv=None) -> int:
     p.add_argument("--study", default="dit-forecast")
     p.add_argument("--validation-samples", type=int, default=250, help="per validation replicate (default 250)")
     p.add_argument("--validation", type=int, nargs="+", default=[0, 1], help="validation replicate ids")
+    p.add_argument("--fixed-only", action="store_true",
+                   help="bench the candidates that do not depend on the study (while it runs) and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
-    searched = searched_front(Path(args.journal), args.study, 3.0, 4)
+    searched = [] if args.fixed_only else searched_front(Path(args.journal), args.study, 3.0, 5)
     methods = STATIC + OPPONENTS + searched + VERIFIED
     validation = parse_config({**COMMON, "num_samples": args.validation_samples, "methods": methods,
                                "replicates": {"role": "validation", "ids": args.validation}}, "validation")
     run_bench(validation, out / "validation")
+    if args.fixed_only:
+        return 0
     board = pd.read_csv(out / "validation" / "leaderboard.csv")
+    board = board[board["method"].isin(canonical := {_full(m): m for m in methods})]
+    board = board.assign(method=board["method"].map(canonical))  # the specs as written here
     missing = sorted(set(methods) - set(board.dropna(subset=["delta_fid"])["method"]))
     if missing:
         raise BenchError(f"validation rows missing for {missing}")
