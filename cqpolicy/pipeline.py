@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import replace
@@ -199,7 +200,8 @@ def stage_train(config, model, settings, stage_dir, results, progress):
     for spec in (f.schedules if f else ()):  # fitted on uncached calibration runs, no traces
         from cqpolicy.training.forecast import fit_forecast
 
-        out = stage_dir / f"forecast-{spec.replace(':', '-').replace('=', '').replace(',', '-')}"
+        name = re.sub(r"[^\w.+-]", "_", spec.replace(":", "-").replace("=", "").replace(",", "-"))  # offsets=1/0
+        out = stage_dir / f"forecast-{name}"
         fit_forecast(config.model, spec, out, steps=settings.steps, guidance_scale=settings.guidance_scale,
                      samples=f.samples, val_samples=f.val_samples, order=f.order, batch_size=f.batch_size,
                      overwrite=True, progress=progress)
