@@ -97,8 +97,14 @@ def test_bad_inputs_are_one_line_errors(fitted, tmp_path, monkeypatch):
 
     model_dir, path, _ = fitted
     model = load_model(str(model_dir))
-    with pytest.raises(ArtifactError, match="step count"):  # a forecast for another schedule length
-        make_policy(f"forecast:path={path}").prepare(model, SampleSettings(steps=STEPS + 2, guidance_scale=2.0))
+    for verify in ("", ",verify=0.2"):  # a forecast (or a verifying one) for another schedule length
+        with pytest.raises(ArtifactError, match="step count"):
+            make_policy(f"forecast:path={path}{verify}").prepare(model, SampleSettings(steps=STEPS + 2,
+                                                                                      guidance_scale=2.0))
+    with pytest.raises(ValueError, match="check 'layer' names units the artifact does not forecast"):
+        make_policy(f"forecast:path={path},verify=0.2,check=layer")
+    with pytest.raises(ValueError, match="verify must be a non-negative"):
+        make_policy(f"forecast:path={path},verify=-1")
     with pytest.raises(ArtifactError, match="block count"):  # another model
         make_policy(f"forecast:path={path}").prepare(load_model("fmnist-dit"),
                                                      SampleSettings(steps=STEPS, guidance_scale=2.0))
