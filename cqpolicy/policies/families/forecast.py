@@ -41,8 +41,6 @@ from cqpolicy.policies.registry import register
 from cqpolicy.runtime.cache_store import CacheFormat, quantize
 
 
-
-
 @dataclass(frozen=True)
 class ForecastConfig:
     path: str = ""  # forecast artifact folder (policy.json + weights.safetensors)
