@@ -77,7 +77,7 @@ def _full(spec: str) -> str:
 def margin_to(board: pd.DataFrame, method: str, frontier: list[str]) -> float:
     """``method``'s ΔFID minus the frontier of ``frontier``'s rows (and the plain model at 1x) at its MACs."""
     rows = board.set_index("method")
-    points = sorted([(1.0, 0.0)] + [(rows.at[m, "macs_speedup"], rows.at[m, "delta_fid"]) for m in frontier])
+    points = [(1.0, 0.0)] + [(rows.at[m, "macs_speedup"], rows.at[m, "delta_fid"]) for m in frontier]
     best, pareto = np.inf, []
     for x, y in sorted(points, key=lambda p: -p[0]):  # keep the points no faster point beats
         if y < best:

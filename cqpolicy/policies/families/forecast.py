@@ -131,8 +131,9 @@ class ForecastPolicy(Policy):
         return self._compute[query.step][query.block][self._unit[query.unit]]
 
     def decide(self, query: UnitQuery):
-        if self._scheduled(query) or not self.config.verify:
-            return self._scheduled(query)
+        scheduled = self._scheduled(query)
+        if scheduled or not self.config.verify:
+            return scheduled
         if query.block == 0 and query.unit in self.check_units:
             return True  # the check
         if self._failed is not None and self._failed[0] == query.step:
