@@ -1,28 +1,30 @@
 #!/usr/bin/env python
-"""Searched schedules and verify-then-forecast on the DiT, chosen under protocol v2 (issue 31).
+"""Searched schedules and verify-then-forecast on a shipped model, chosen under protocol v2 (issue 31).
 
-Candidates, fixed before any row:
+Candidates, fixed before any row (per model, in ``PROFILES``):
 
-- the searched front: the (at most 5 fastest) Pareto trials at >= 3x MACs of the study ``dit-forecast``
-  (``configs/search/fmnist-dit-forecast.yaml``: NSGA-II over ``phased`` schedules, a forecast fitted per trial on
-  calibration seeds, scored on search seeds), frozen into ``docs/results/paper/policies/search-trial-N``;
-- verify, then forecast: the paper table's FORA-6 and FORA-7 forecasts with ``verify=0.2,check=attn1`` (the threshold
+- the searched front: the (at most 5 fastest) Pareto trials at >= ``min_speedup`` MACs of the model's study
+  (``configs/search/fmnist-{dit,unet}-forecast.yaml``: NSGA-II over ``phased`` schedules, a forecast fitted per trial
+  on calibration seeds, scored on search seeds), frozen into the paper table's ``policies/search-trial-N``;
+- verify, then forecast: the paper table's static forecasts on the fastest FORA schedules with ``verify=tau`` (tau
   from a 32-sample sweep of MACs and held share on validation-role seeds 60.9M+, outside every replicate).
 
-Opponents on the same validation replicates: the plain model, FORA 4-6, TaylorSeer 4-6 (order 1) and the static
-forecasts fitted on FORA 4-7. The rules, also fixed here:
+Opponents on the same validation replicates: the plain model, the static forecasts (their frontier is what the rules
+measure against) and, on the DiT, FORA 4-6 and TaylorSeer 4-6 for context. The rules, also fixed here:
 
-- A (the noise floor): the fastest candidate whose mean validation ΔFID is at most 0.48, the plain model's
-  seed-to-seed FID std in the paper table;
+- A (the noise floor): the fastest candidate whose mean validation ΔFID is at most the plain model's seed-to-seed
+  FID std in the paper table (DiT 0.48, UNet 0.28);
 - B (what adaptivity adds): the verified candidate with the lowest ΔFID minus the static forecasts' frontier at its
   MACs (linear between the frontier's points, the plain model at 1x);
 - C (what the searched schedule adds): the searched candidate with the lowest such margin.
 
     python benchmarks/research/forecast_schedules.py --out docs/results/forecast-schedules     # resumable
+    python benchmarks/research/forecast_schedules.py --model fmnist-unet --out docs/results/forecast-schedules-unet \
+        --journal docs/results/forecast-schedules-unet/work/journal.log
 
 Writes OUT/validation/ (an engine folder) and OUT/choice.json; the chosen methods are then scored on the paper
-table's test replicates: add them to configs/fmnist-dit-paper.yaml and
-``cqpolicy bench --config configs/fmnist-dit-paper.yaml --out docs/results/paper --only <chosen>``.
+table's test replicates: add them to the model's paper config and
+``cqpolicy bench --config configs/fmnist-{dit,unet}-paper.yaml --out docs/results/paper[-unet] --only <chosen>``.
 """
 from __future__ import annotations
 
@@ -37,18 +39,30 @@ import pandas as pd
 
 from cqpolicy.evaluation.engine import BenchError, parse_config, run_bench
 
-PAPER = Path("docs/results/paper/policies")
-VERIFIED = [f"forecast:path={PAPER / name},verify=0.2,check=attn1" for name in ("forecast-fora-6", "forecast-fora-7")]
-STATIC = [f"forecast:path={PAPER / f'forecast-fora-{k}'}" for k in (4, 5, 6, 7)]
-OPPONENTS = [f"fora:interval={k}" for k in (4, 5, 6)] + [f"taylorseer:interval={k},order=1" for k in (4, 5, 6)]
-NOISE_FLOOR = 0.48  # the plain model's FID std over the paper table's three test replicates (N = 1000)
-COMMON = {"model": "fmnist-dit", "steps": 50, "guidance_scale": None, "batch_size": 64, "repeats": 0,
+PROFILES = {
+    "fmnist-dit": {
+        "paper": Path("docs/results/paper/policies"), "study": "dit-forecast", "min_speedup": 3.0,
+        "static": [f"forecast-fora-{k}" for k in (4, 5, 6, 7)],
+        "verified": [f"{name},verify=0.2,check=attn1" for name in ("forecast-fora-6", "forecast-fora-7")],
+        "opponents": [f"fora:interval={k}" for k in (4, 5, 6)] + [f"taylorseer:interval={k},order=1" for k in (4, 5, 6)],
+        "noise_floor": 0.48,  # the plain model's FID std over the paper table's three test replicates (N = 1000)
+    },
+    "fmnist-unet": {
+        "paper": Path("docs/results/paper-unet/policies"), "study": "unet-forecast", "min_speedup": 2.0,
+        "static": ["forecast-fora-layer-3", "forecast-fora-layer-3-affine", "forecast-fora-layer-5",
+                   "forecast-fora-layer-5-affine"],
+        "verified": [f"forecast-fora-layer-5,verify={tau},check=layer" for tau in (0.1, 0.2)],
+        "opponents": [],  # the paper table holds every family; the rules need only the static forecasts
+        "noise_floor": 0.28,  # FID 4.15 / 4.66 / 4.20 over the UNet paper table's three test replicates
+    },
+}
+COMMON = {"steps": 50, "guidance_scale": None, "batch_size": 64, "repeats": 0,
           "experiment": "cqpolicy-bench-forecast-schedules"}
 
 
-def searched_front(journal: Path, study: str, min_speedup: float, limit: int) -> list[str]:
+def searched_front(journal: Path, study: str, min_speedup: float, limit: int, paper: Path) -> list[str]:
     """The study's Pareto trials at >= ``min_speedup``, fastest first (at most ``limit``; a schedule drawn twice
-    once), frozen under PAPER."""
+    once), frozen under ``paper``."""
     import optuna
 
     from cqpolicy.search.study import make_storage
@@ -59,7 +73,7 @@ def searched_front(journal: Path, study: str, min_speedup: float, limit: int) ->
     specs = []
     for t in front:
         source = Path(t.user_attrs["policy"].removeprefix("forecast:path="))
-        target = PAPER / f"search-trial-{t.number}"
+        target = paper / f"search-trial-{t.number}"
         if not target.exists():
             shutil.copytree(source, target)
         specs.append(f"forecast:path={target}")
@@ -92,18 +106,23 @@ def margin_to(board: pd.DataFrame, method: str, frontier: list[str]) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(PROFILES), default="fmnist-dit")
     p.add_argument("--out", default="docs/results/forecast-schedules")
     p.add_argument("--journal", default="out/search/dit-forecast/journal.log")
-    p.add_argument("--study", default="dit-forecast")
+    p.add_argument("--study", default=None, help="the study's name (default: the model's, e.g. dit-forecast)")
     p.add_argument("--validation-samples", type=int, default=250, help="per validation replicate (default 250)")
     p.add_argument("--validation", type=int, nargs="+", default=[0, 1], help="validation replicate ids")
     p.add_argument("--fixed-only", action="store_true",
                    help="bench the candidates that do not depend on the study (while it runs) and stop")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    searched = [] if args.fixed_only else searched_front(Path(args.journal), args.study, 3.0, 5)
-    methods = STATIC + OPPONENTS + searched + VERIFIED
-    validation = parse_config({**COMMON, "num_samples": args.validation_samples, "methods": methods,
+    profile = PROFILES[args.model]
+    out, paper = Path(args.out), profile["paper"]
+    static = [f"forecast:path={paper / name}" for name in profile["static"]]
+    verified = [f"forecast:path={paper / name}" for name in profile["verified"]]
+    searched = [] if args.fixed_only else searched_front(Path(args.journal), args.study or profile["study"],
+                                                         profile["min_speedup"], 5, paper)
+    methods = static + profile["opponents"] + searched + verified
+    validation = parse_config({**COMMON, "model": args.model, "num_samples": args.validation_samples, "methods": methods,
                                "replicates": {"role": "validation", "ids": args.validation}}, "validation")
     run_bench(validation, out / "validation")
     if args.fixed_only:
@@ -115,15 +134,16 @@ def main(argv=None) -> int:
     if missing:
         raise BenchError(f"validation rows missing for {missing}")
     rows = board.set_index("method")
-    inside = [m for m in searched + VERIFIED if rows.at[m, "delta_fid"] <= NOISE_FLOOR]
-    margins = {m: margin_to(board, m, STATIC) for m in searched + VERIFIED}
+    floor = profile["noise_floor"]
+    inside = [m for m in searched + verified if rows.at[m, "delta_fid"] <= floor]
+    margins = {m: margin_to(board, m, static) for m in searched + verified}
     choice = {
-        "validation": args.validation, "validation_samples": args.validation_samples, "noise_floor": NOISE_FLOOR,
+        "validation": args.validation, "validation_samples": args.validation_samples, "model": args.model, "noise_floor": floor,
         "candidates": {m: {"macs_speedup": float(rows.at[m, "macs_speedup"]),
                            "delta_fid": float(rows.at[m, "delta_fid"]), "margin_to_static": margins[m]}
-                       for m in searched + VERIFIED},
+                       for m in searched + verified},
         "A_fastest_inside_noise": max(inside, key=lambda m: rows.at[m, "macs_speedup"]) if inside else None,
-        "B_verified": min(VERIFIED, key=lambda m: np.nan_to_num(margins[m], nan=np.inf)),
+        "B_verified": min(verified, key=lambda m: np.nan_to_num(margins[m], nan=np.inf)),
         "C_searched": min(searched, key=lambda m: np.nan_to_num(margins[m], nan=np.inf)) if searched else None,
     }
     (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
