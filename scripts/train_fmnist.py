@@ -32,7 +32,8 @@ from cqpolicy.tracking import start_run
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="fmnist-dit", choices=sorted(EMBEDDED))
+    p.add_argument("--model", default="fmnist-dit", choices=("fmnist-dit", "fmnist-unet"),
+                   help="fmnist-sd3 trains with scripts/train_fmnist_sd3.py")
     p.add_argument("--ckpt-dir", default=None, help="default: checkpoints/<model>")
     p.add_argument("--export-dir", default=None, help="default: the package's folder of the model")
     p.add_argument("--init-dir", default=None,

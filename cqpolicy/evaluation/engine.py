@@ -456,7 +456,7 @@ class _Bench:
         from tqdm.auto import tqdm
 
         from cqpolicy.evaluation.cost import model_costs
-        from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like
+        from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like, sample_classes
         from cqpolicy.quantization import fp_weights_info
 
         methods, self.recorded = self.methods(only)
@@ -469,12 +469,13 @@ class _Bench:
         (self.out / "work").mkdir(parents=True, exist_ok=True)
         (self.out / "wall").mkdir(exist_ok=True)
         self.labels = default_labels(config.num_samples, model.num_classes)
-        self.classifier = self.fid = self.kid = None
+        self.classifier = self.fid = self.kid = self.classes = None
         if is_fashion_mnist_like(model):
             from cqpolicy.evaluation.classifier import load_classifier
             from cqpolicy.evaluation.quality import ClassifierFID, ClassifierKID
 
             self.classifier = load_classifier()
+            self.classes = sample_classes(model, self.labels)
             self.fid, self.kid = (ClassifierFID(), ClassifierKID()) if config.fid else (None, None)
         self.per_image = model_costs(model, self.settings).plain(1, self.settings)
         self.fp_weights = fp_weights_info(model)
@@ -564,7 +565,7 @@ class _Bench:
         images = images_to_uint8(run.images)
         return {**cost_row(spec, policy, fmt, run, len(self.labels), self.per_image),
                 "bit_identical": bool(reference is None or torch.equal(images, reference)),
-                **quality_row(images, reference, self.labels, self.classifier, self.fid, self.kid)}
+                **quality_row(images, reference, self.classes, self.classifier, self.fid, self.kid)}
 
     def finish(self, row: dict, base: dict, k: int, wall: dict | None, load: float | None) -> dict:
         """The row with its speedups, how its wall was measured, and the setup it was measured in."""

@@ -14,8 +14,23 @@ from cqpolicy.sampling import SampleSettings
 
 
 def is_fashion_mnist_like(model: LoadedModel) -> bool:
-    """The shipped classifier (accuracy, offline FID) applies to 10-class 1x28x28 pixel models."""
-    return model.vae is None and model.latent_shape == (1, 28, 28) and model.num_classes == 10
+    """The shipped classifier (accuracy, offline FID) applies to 1x28x28 images of the 10 Fashion-MNIST classes: a
+    10-class model, or a text-conditioned one each of whose prompts names one class (``fmnist-sd3``)."""
+    labels = torch.arange(model.num_classes) if model.adapter.text_conditioned else torch.arange(1)
+    return model.image_shape == (1, 28, 28) and sample_classes(model, labels) is not None
+
+
+def sample_classes(model: LoadedModel, labels: torch.Tensor) -> torch.Tensor | None:
+    """The Fashion-MNIST class of each sample: its class label, or the class its prompt names (prompt ids of a
+    text-conditioned model); None where that is not known."""
+    if not model.adapter.text_conditioned:
+        return labels if model.num_classes == 10 else None
+    from cqpolicy.models.fmnist_sd3 import prompt_class
+
+    if model.prompts is None:
+        return None
+    classes = [prompt_class(model.prompts.texts[i]) for i in labels.tolist()]
+    return None if None in classes else torch.tensor(classes)
 
 
 def default_labels(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -71,7 +86,7 @@ def evaluate(model: LoadedModel, settings: SampleSettings, num_samples: int, see
         from cqpolicy.evaluation.quality import ClassifierFID, class_accuracy
 
         classifier = load_classifier()
-        metrics["class_accuracy"] = class_accuracy(images_u8, labels, classifier)
+        metrics["class_accuracy"] = class_accuracy(images_u8, sample_classes(model, labels), classifier)
         if fid:
             from cqpolicy.evaluation.quality import ClassifierKID
 

@@ -1,7 +1,8 @@
 """Load a diffusers denoiser of a family some adapter claims, by embedded name, local directory or hub id.
 
 Accepted specs:
-* ``fmnist-dit`` / ``fmnist-unet``: the embedded Fashion-MNIST DiT and UNet shipped inside this package;
+* ``fmnist-dit`` / ``fmnist-unet`` / ``fmnist-sd3``: the embedded Fashion-MNIST DiT, UNet and text-conditioned SD3
+  (its training prompts unless ``prompts`` says otherwise) shipped inside this package;
 * a directory holding a pipeline (``model_index.json``) or its folders: ``transformer/`` or ``unet/`` (+
   ``scheduler/``, optional ``vae/``, and the text encoders of a text-conditioned pipeline), or a bare model
   (``config.json``); the model class comes from its config's ``_class_name`` and must be one
@@ -19,11 +20,11 @@ from pathlib import Path
 import torch
 
 from cqpolicy import defaults
-from cqpolicy.models import fmnist_dit, fmnist_unet
+from cqpolicy.models import fmnist_dit, fmnist_sd3, fmnist_unet
 from cqpolicy.models.adapters import ModelAdapter, NoCacheUnitsError, adapter_for
 from cqpolicy.models.prompts import Prompts
 
-EMBEDDED = {m.NAME: m for m in (fmnist_dit, fmnist_unet)}  # name -> its module (weights in SHIPPED_DIR)
+EMBEDDED = {m.NAME: m for m in (fmnist_dit, fmnist_unet, fmnist_sd3)}  # name -> its module (weights in SHIPPED_DIR)
 
 
 class ModelLoadError(ValueError):
@@ -56,6 +57,15 @@ class LoadedModel:
     def latent_shape(self) -> tuple[int, ...]:
         shape = self.adapter.latent_shape(self.transformer)
         return shape if self.latent_size is None else (shape[0], *self.latent_size)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The decoded images' shape (channels, height, width): the latents' where there is no VAE."""
+        shape = self.latent_shape
+        if self.vae is None:
+            return shape
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.out_channels, shape[1] * scale, shape[2] * scale)
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +108,8 @@ class LoadedModel:
         elif isinstance(prompts, (str, Path)):
             prompts = read_prompt_file(prompts)
         if not isinstance(prompts, Prompts):
-            prompts = encode_prompts(self.text_pipeline(), self.adapter, list(prompts), negative)
+            prompts = encode_prompts(self.text_pipeline(), self.adapter, list(prompts), negative,
+                                     **self.extra.get("prompt_options", {}))
         self.prompts = prompts.to(self.device, self.dtype)
         return self
 
@@ -118,8 +129,10 @@ class LoadedModel:
             raise PromptError(f"{self.root} holds no text encoder and tokenizer: give prompt embeddings "
                               f"(--prompts FILE.safetensors) instead of prompt texts")
         folder = _denoiser_folder(self.root).name
-        return diffusers.DiffusionPipeline.from_pretrained(self.root, **{folder: self.transformer, "vae": self.vae},
-                                                           dtype=self.dtype).to(self.device)
+        # parts saved as absent (SD3 without T5: text_encoder_3 = None) are passed as None, as diffusers asks
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+        return diffusers.DiffusionPipeline.from_pretrained(
+            self.root, **absent, **{folder: self.transformer, "vae": self.vae}, dtype=self.dtype).to(self.device)
 
     @property
     def null_class(self) -> int:
@@ -212,10 +225,14 @@ def load_model(spec: str = fmnist_dit.NAME, dtype: torch.dtype = torch.float32, 
         embedded = EMBEDDED[spec]
         root = embedded.SHIPPED_DIR
         if not (root / embedded.FOLDER / "config.json").is_file():
+            train = getattr(embedded, "TRAIN_COMMAND", f"scripts/train_fmnist.py --model {spec}")
             raise ModelLoadError(f"the weights of embedded model {spec!r} are missing from {root}; "
-                                 f"reinstall cqpolicy or train them with scripts/train_fmnist.py --model {spec}")
+                                 f"reinstall cqpolicy or train them with {train}")
         model = _load_components(root, spec, dtype)
         model.default_guidance_scale = embedded.DEFAULT_GUIDANCE_SCALE
+        model.extra["prompt_options"] = dict(getattr(embedded, "PROMPT_OPTIONS", {}))
+        if prompts is None and hasattr(embedded, "prompts"):
+            prompts = embedded.prompts()  # a text-conditioned embedded model: its training prompts, class i % 10
     elif path.is_dir():
         if _denoiser_folder(path) is not None:
             model = _load_components(path, str(path), dtype)

@@ -97,8 +97,9 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def encode_prompts(pipeline, adapter, texts: list[str], negative: str = "") -> Prompts:
-    """``texts`` and the ``negative`` prompt encoded once by ``pipeline``'s own ``encode_prompt``."""
-    rows, null = adapter.encode_prompts(pipeline, list(texts), negative)
+def encode_prompts(pipeline, adapter, texts: list[str], negative: str = "", **options) -> Prompts:
+    """``texts`` and the ``negative`` prompt encoded once by ``pipeline``'s own ``encode_prompt`` (``options``: more
+    of its arguments, e.g. ``max_sequence_length``)."""
+    rows, null = adapter.encode_prompts(pipeline, list(texts), negative, **options)
     return Prompts(list(texts), {k: v for k, v in rows.items() if v is not None},
                    None if null is None else {k: v for k, v in null.items() if v is not None})

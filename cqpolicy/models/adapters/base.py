@@ -101,9 +101,9 @@ class ModelAdapter:
         """Set ``scheduler``'s timesteps for ``steps`` steps as the model's diffusers pipeline does."""
         scheduler.set_timesteps(steps, device=device)
 
-    def encode_prompts(self, pipeline, prompts: list[str], negative: str) -> tuple[dict, dict]:
+    def encode_prompts(self, pipeline, prompts: list[str], negative: str, **options) -> tuple[dict, dict]:
         """``(rows, null)``: the condition dicts of ``prompts`` (one row each) and of ``negative`` (one row),
-        encoded by ``pipeline``'s own ``encode_prompt`` (text-conditioned models)."""
+        encoded by ``pipeline``'s own ``encode_prompt`` with ``options`` (text-conditioned models)."""
         raise ValueError(f"{self.model_class} is not conditioned on prompts")
 
     def unconditional_rows(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -94,9 +94,9 @@ class FluxAdapter(TextAdapter):
         scheduler.set_timesteps(steps if sigmas is None else None, device=device, sigmas=sigmas,
                                 mu=calculate_shift(seq_len, config))
 
-    def encode_prompts(self, pipeline, prompts, negative):
+    def encode_prompts(self, pipeline, prompts, negative, **options):
         embeds, pooled, _ = pipeline.encode_prompt(prompts, prompt_2=None, device=pipeline.device,
-                                                   num_images_per_prompt=1)
+                                                   num_images_per_prompt=1, **options)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None
 
     def latent_shape(self, model):

@@ -36,9 +36,9 @@ class PixArtAdapter(TextAdapter, TransformerBlocksAdapter):
                      encoder_attention_mask=cond.get("encoder_attention_mask"), timestep=timesteps,
                      added_cond_kwargs=self.added_conditions(model, x)).sample
 
-    def encode_prompts(self, pipeline, prompts, negative):
+    def encode_prompts(self, pipeline, prompts, negative, **options):
         embeds, mask, null, null_mask = pipeline.encode_prompt(
             prompts, do_classifier_free_guidance=True, negative_prompt=[negative] * len(prompts),
-            device=pipeline.device, clean_caption=False)
+            device=pipeline.device, clean_caption=False, **options)
         return ({"encoder_hidden_states": embeds, "encoder_attention_mask": mask},
                 {"encoder_hidden_states": null[:1], "encoder_attention_mask": null_mask[:1]})

@@ -47,9 +47,9 @@ class SD3Adapter(TextAdapter, TransformerBlocksAdapter):
         else:
             scheduler.set_timesteps(steps, device=device)
 
-    def encode_prompts(self, pipeline, prompts, negative):
+    def encode_prompts(self, pipeline, prompts, negative, **options):
         embeds, null, pooled, null_pooled = pipeline.encode_prompt(
             prompts, prompt_2=None, prompt_3=None, device=pipeline.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=[negative] * len(prompts))
+            do_classifier_free_guidance=True, negative_prompt=[negative] * len(prompts), **options)
         return ({"encoder_hidden_states": embeds, "pooled_projections": pooled},
                 {"encoder_hidden_states": null[:1], "pooled_projections": null_pooled[:1]})

@@ -46,10 +46,10 @@ class UNet2DConditionAdapter(TextAdapter, UNet2DAdapter):
 
     call_inputs = UNet2DAdapter.call_inputs  # (sample, timestep, encoder_hidden_states), positional or not
 
-    def encode_prompts(self, pipeline, prompts, negative):
+    def encode_prompts(self, pipeline, prompts, negative, **options):
         positive, null = pipeline.encode_prompt(prompts, device=pipeline.device, num_images_per_prompt=1,
                                                 do_classifier_free_guidance=True,
-                                                negative_prompt=[negative] * len(prompts))
+                                                negative_prompt=[negative] * len(prompts), **options)
         return {"encoder_hidden_states": positive}, {"encoder_hidden_states": null[:1]}
 
     def unit_patterns(self, names):
