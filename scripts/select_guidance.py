@@ -3,9 +3,9 @@
 
     python scripts/select_guidance.py --model fmnist-dit --scales 1.5 2 2.5 3 --num-samples 500
 
-Every scale samples the same selection seeds (40,000,000 + i, class i mod 10; ``cqpolicy/seeds.py``), so the
-scales are compared on the same noise. Prints a markdown table of FID, KID and class accuracy per scale and the
-scale with the lowest FID; ``--json`` keeps the rows.
+Every scale samples the same selection seeds (40,000,000 + i, class i mod 10 or prompt i mod prompts, with the
+model's own scheduler; ``cqpolicy/seeds.py``), so the scales are compared on the same noise. Prints a markdown table
+of FID, KID and class accuracy per scale and the scale with the lowest FID; ``--json`` keeps the rows.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cqpolicy import seeds
 from cqpolicy.evaluation.evaluate import evaluate
 from cqpolicy.models import load_model
 from cqpolicy.sampling import SampleSettings
+from cqpolicy.sampling.sampler import scheduler_for
 
 
 def main(argv=None) -> int:
@@ -34,13 +35,14 @@ def main(argv=None) -> int:
     start = seeds.start("selection")
     rows = []
     for g in args.scales:
-        settings = SampleSettings(steps=args.steps, guidance_scale=g, batch_size=args.batch_size)
+        settings = SampleSettings(steps=args.steps, guidance_scale=g, batch_size=args.batch_size,
+                                  scheduler=scheduler_for(model, None))
         m = evaluate(model, settings, args.num_samples, seed=start, fid=True).metrics
         rows.append({"guidance_scale": g, "fid": m["fid"], "kid": m.get("kid"), "class_accuracy": m["class_accuracy"]})
         print(f"guidance {g:g}: FID {m['fid']:.2f}, KID {m.get('kid', float('nan')):.3f}, "
               f"accuracy {m['class_accuracy']:.3f}", flush=True)
     best = min(rows, key=lambda r: r["fid"])
-    print(f"\n{args.model}, {args.steps} DDIM steps, N = {args.num_samples} selection samples "
+    print(f"\n{args.model}, {args.steps} {settings.scheduler} steps, N = {args.num_samples} selection samples "
           f"(seeds {start}+)\n")
     print("| guidance | FID | KID | class accuracy |\n|---|---|---|---|")
     for r in rows:

@@ -178,15 +178,16 @@ class ForecastPolicy(Policy):
         if not history:
             return cached
         if not self.config.verify:
-            return self._forecast(query, cached)
+            return self._forecast(query, cached, in_place=True)  # the runtime's ``cached`` is a fresh tensor
         out = self._forecast(query, _read(history[-1]).to(cached.dtype))
         fresh = self._fresh.get((query.block, query.unit))
         if fresh is not None:  # rows that computed off the schedule reuse that newer output
             out = torch.where(fresh[0], fresh[1].to(out.dtype), out)
         return out
 
-    def _forecast(self, query: UnitQuery, cached: torch.Tensor) -> torch.Tensor:
-        """The fitted forecast for ``query``'s cell; ``cached`` is the newest computed output."""
+    def _forecast(self, query: UnitQuery, cached: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """The fitted forecast for ``query``'s cell; ``cached`` is the newest computed output (``in_place``: a
+        float32 tensor no one else holds, so the weighted sum accumulates into it rather than a new tensor)."""
         history = self._history[(query.block, query.unit)]
         inputs = [cached.float(), *(_read(history[-1 - j]).float()
                                     for j in range(1, min(self.order, len(history))))]
@@ -198,7 +199,7 @@ class ForecastPolicy(Policy):
             return forecast_by_channel(by_channel[query.step], inputs, self.channel_dim, self.order).to(cached.dtype)
         w = self._w[query.step][query.block][self._unit[query.unit]]
         self.executed_macs += len(inputs) * cached.numel()
-        out = inputs[0] * w[0]
+        out = inputs[0].mul_(w[0]) if in_place and cached.dtype == torch.float32 else inputs[0] * w[0]
         for j in range(1, len(inputs)):
             out.add_(inputs[j], alpha=w[j])
         return out.to(cached.dtype)
