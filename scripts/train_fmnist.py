@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from cqpolicy.data import load_fashion_mnist
 from cqpolicy.models import EMBEDDED
+from cqpolicy.models.training import atomic_save, learning_rate
 from cqpolicy.tracking import start_run
 
 
@@ -53,21 +54,6 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--export-only", action="store_true")
     return p.parse_args()
-
-
-def atomic_save(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def learning_rate(args, step: int) -> float:
-    """Linear warm-up, then constant, then (with --decay-from) a cosine tail to --lr-final at --max-steps."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-    if args.decay_from is not None and step >= args.decay_from:
-        done = min(1.0, (step - args.decay_from) / max(1, args.max_steps - args.decay_from))
-        lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + np.cos(np.pi * done))
-    return float(lr)
 
 
 def export(ema, embedded, export_dir: Path):

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from cqpolicy.data import load_fashion_mnist
 from cqpolicy.models import fmnist_sd3
+from cqpolicy.models.training import atomic_save, learning_rate
 from cqpolicy.tracking import start_run
 
 ZERO_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero rows of a missing T5
@@ -68,21 +69,6 @@ def parse_args(argv=None):
     args.max_steps = defaults[0] if args.max_steps is None else args.max_steps
     args.lr = defaults[1] if args.lr is None else args.lr
     return args
-
-
-def atomic_save(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def learning_rate(args, step: int) -> float:
-    """Linear warm-up, then constant, then (with --decay-from) a cosine tail to --lr-final at --max-steps."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-    if args.decay_from is not None and step >= args.decay_from:
-        done = min(1.0, (step - args.decay_from) / max(1, args.max_steps - args.decay_from))
-        lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * done))
-    return float(lr)
 
 
 def pixels(split: str):
