@@ -101,13 +101,8 @@ def save_artifact(out_dir: str | os.PathLike, meta: dict, tensors: dict[str, tor
     trash = None
     try:
         _write_file(stage / WEIGHTS_FILE, weights)
-        if kind == "scheduler":
-            from cqpolicy.policies.families.schedule import save_schedule
-
-            if "table" not in tensors:
-                raise ArtifactError("a scheduler artifact needs a 'table' tensor [steps, blocks, units]")
-            save_schedule(table_to_schedule(tensors["table"], meta["model"]["units"]), stage / SCHEDULE_FILE,
-                          num_blocks=int(meta["model"]["num_blocks"]))
+        if kind in _KIND_FILES:
+            _KIND_FILES[kind](stage, meta, tensors)
         _write_file(stage / POLICY_FILE, text.encode())
         _fsync_dir(stage)
         if out.exists():
@@ -161,19 +156,21 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     return meta, tensors
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_structure(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse, in one line, a ``policy.json`` that a policy could not be built from or would fail on mid-run
-    (the weights hash does not cover a hand-edited ``policy.json``)."""
+    (the weights hash does not cover a hand-edited ``policy.json``): the common fields, then the kind's own."""
     where = path / POLICY_FILE
 
     def bad(what: str):
         return ArtifactError(f"{where}: {what} (a damaged or hand-edited artifact; retrain it with `cqpolicy train`)")
-
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     model = meta["model"]
     if not isinstance(model, dict):
@@ -182,7 +179,7 @@ def _check_structure(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -
         if not isinstance(model.get(key), str):
             raise bad(f"model.{key} is missing or not a string")
     for key in ("num_blocks", "steps"):
-        if not is_int(model.get(key)) or model[key] < 1:
+        if not _is_int(model.get(key)) or model[key] < 1:
             raise bad(f"model.{key} is missing or not a positive integer")
     units = model.get("units")
     if (not isinstance(units, list) or not units or not all(isinstance(u, str) and u for u in units)
@@ -190,72 +187,98 @@ def _check_structure(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -
         raise bad("model.units is missing or not a list of distinct unit names")
     if model.get("model_hash") is not None and not isinstance(model["model_hash"], str):
         raise bad("model.model_hash is not a string")  # absent or null: check_fits asks for a retrain
-    kind = meta["kind"]
-    if kind == "mlp":
-        from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
+    _KIND_CHECKS[meta["kind"]](meta, tensors, bad)
 
-        features = meta.get("features")
-        if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
-            raise bad("features is missing or not a list of feature names")
-        unknown = [f for f in features if f not in set(RUNTIME_FEATURES) | set(STEP_FEATURES)]
-        if unknown:
-            raise bad(f"feature {unknown[0]!r} is not one a deployed policy computes")
-        if not is_int(meta.get("hidden")) or meta["hidden"] < 1:
-            raise bad("hidden is missing or not a positive integer")
-        norm = meta.get("normalization")
-        if not isinstance(norm, dict):
-            raise bad("normalization is missing")
-        for key in ("mean", "std"):
-            values = norm.get(key)
-            if not isinstance(values, list) or len(values) != len(features) or not all(map(is_number, values)):
-                raise bad(f"normalization.{key} is not {len(features)} finite numbers (one per feature)")
-        if not all(v > 0 for v in norm["std"]):
-            raise bad("normalization.std holds a value that is not positive")
-        if not is_number(meta.get("default_threshold")) or meta["default_threshold"] <= 0:
-            raise bad("default_threshold is missing or not a positive number")
-    elif kind == "gates":
-        from cqpolicy.policies.gates import GATE_FEATURES
 
-        if meta.get("features") != list(GATE_FEATURES):
-            raise bad(f"features is not {list(GATE_FEATURES)}")
-        norm = meta.get("normalization")
-        if not isinstance(norm, dict) or not all(
-                isinstance(norm.get(k), list) and len(norm[k]) == len(GATE_FEATURES) and all(map(is_number, norm[k]))
-                for k in ("mean", "std")) or not all(v > 0 for v in norm["std"]):
-            raise bad(f"normalization is not {len(GATE_FEATURES)} finite means and positive stds")
-        if not is_int(meta.get("hidden")) or meta["hidden"] < 1:
-            raise bad("hidden is missing or not a positive integer")
-        budgets = meta.get("budget_range")
-        if (not isinstance(budgets, list) or len(budgets) != 2 or not all(map(is_number, budgets))
-                or not 0 < budgets[0] < budgets[1] <= 1):
-            raise bad("budget_range is not [low, high] with 0 < low < high <= 1")
-        if not is_number(meta.get("row_macs")) or meta["row_macs"] <= 0:
-            raise bad("row_macs is missing or not positive")
-        macs = tensors.get("unit_macs")
-        if macs is None or tuple(macs.shape) != (model["num_blocks"], len(units)):
-            raise bad(f"its unit_macs are not [blocks, units] = {[model['num_blocks'], len(units)]}")
-    elif kind == "forecast":
-        table, weights = tensors.get("table"), tensors.get("weights")
-        shape = (model["steps"], model["num_blocks"], len(units))
-        if table is None or tuple(table.shape) != shape:
-            raise bad(f"its table is not [steps, blocks, units] = {list(shape)}")
-        if weights is None or weights.ndim != 4 or tuple(weights.shape[:3]) != shape or weights.shape[3] < 1:
-            raise bad(f"its weights are not [steps, blocks, units, K] = {list(shape)} + [K]")
-        if meta.get("channel_dim") is not None:  # per-channel fits: [steps, C, K + 1] per (block, unit)
-            for key, w in tensors.items():
-                parts = key.split(".")
-                if key.startswith("channel.") and (
-                        len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= model["num_blocks"]
-                        or parts[2] not in units or w.ndim != 3 or w.shape[0] != model["steps"]
-                        or w.shape[2] != weights.shape[3] + 1):
-                    raise bad(f"its per-channel weights {key!r} are not [steps, C, K + 1] for a block and unit")
-    elif kind == "scheduler":
-        table = tensors.get("table")
-        shape = (model["steps"], model["num_blocks"], len(units))
-        if table is None:
-            raise ArtifactError(f"policy artifact {path}: {WEIGHTS_FILE} holds no 'table'")
-        if tuple(table.shape) != shape:
-            raise bad(f"its table is {list(table.shape)}, not [steps, blocks, units] = {list(shape)}")
+def _check_mlp(meta: dict, tensors: dict, bad) -> None:
+    from cqpolicy.policies.features import RUNTIME_FEATURES, STEP_FEATURES
+
+    features = meta.get("features")
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+        raise bad("features is missing or not a list of feature names")
+    unknown = [f for f in features if f not in set(RUNTIME_FEATURES) | set(STEP_FEATURES)]
+    if unknown:
+        raise bad(f"feature {unknown[0]!r} is not one a deployed policy computes")
+    if not _is_int(meta.get("hidden")) or meta["hidden"] < 1:
+        raise bad("hidden is missing or not a positive integer")
+    norm = meta.get("normalization")
+    if not isinstance(norm, dict):
+        raise bad("normalization is missing")
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if not isinstance(values, list) or len(values) != len(features) or not all(map(_is_number, values)):
+            raise bad(f"normalization.{key} is not {len(features)} finite numbers (one per feature)")
+    if not all(v > 0 for v in norm["std"]):
+        raise bad("normalization.std holds a value that is not positive")
+    if not _is_number(meta.get("default_threshold")) or meta["default_threshold"] <= 0:
+        raise bad("default_threshold is missing or not a positive number")
+
+
+def _check_gates(meta: dict, tensors: dict, bad) -> None:
+    from cqpolicy.policies.gates import GATE_FEATURES
+
+    model, n = meta["model"], len(GATE_FEATURES)
+    if meta.get("features") != list(GATE_FEATURES):
+        raise bad(f"features is not {list(GATE_FEATURES)}")
+    norm = meta.get("normalization")
+    if not isinstance(norm, dict) or not all(
+            isinstance(norm.get(k), list) and len(norm[k]) == n and all(map(_is_number, norm[k]))
+            for k in ("mean", "std")) or not all(v > 0 for v in norm["std"]):
+        raise bad(f"normalization is not {n} finite means and positive stds")
+    if not _is_int(meta.get("hidden")) or meta["hidden"] < 1:
+        raise bad("hidden is missing or not a positive integer")
+    budgets = meta.get("budget_range")
+    if (not isinstance(budgets, list) or len(budgets) != 2 or not all(map(_is_number, budgets))
+            or not 0 < budgets[0] < budgets[1] <= 1):
+        raise bad("budget_range is not [low, high] with 0 < low < high <= 1")
+    if not _is_number(meta.get("row_macs")) or meta["row_macs"] <= 0:
+        raise bad("row_macs is missing or not positive")
+    macs = tensors.get("unit_macs")
+    if macs is None or tuple(macs.shape) != (model["num_blocks"], len(model["units"])):
+        raise bad(f"its unit_macs are not [blocks, units] = {[model['num_blocks'], len(model['units'])]}")
+
+
+def _check_forecast(meta: dict, tensors: dict, bad) -> None:
+    model = meta["model"]
+    table, weights = tensors.get("table"), tensors.get("weights")
+    shape = (model["steps"], model["num_blocks"], len(model["units"]))
+    if table is None or tuple(table.shape) != shape:
+        raise bad(f"its table is not [steps, blocks, units] = {list(shape)}")
+    if weights is None or weights.ndim != 4 or tuple(weights.shape[:3]) != shape or weights.shape[3] < 1:
+        raise bad(f"its weights are not [steps, blocks, units, K] = {list(shape)} + [K]")
+    if meta.get("channel_dim") is not None:  # per-channel fits: [steps, C, K + 1] per (block, unit)
+        for key, w in tensors.items():
+            parts = key.split(".")
+            if key.startswith("channel.") and (
+                    len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= model["num_blocks"]
+                    or parts[2] not in model["units"] or w.ndim != 3 or w.shape[0] != model["steps"]
+                    or w.shape[2] != weights.shape[3] + 1):
+                raise bad(f"its per-channel weights {key!r} are not [steps, C, K + 1] for a block and unit")
+
+
+def _check_scheduler(meta: dict, tensors: dict, bad) -> None:
+    model = meta["model"]
+    table = tensors.get("table")
+    shape = (model["steps"], model["num_blocks"], len(model["units"]))
+    if table is None:
+        raise bad(f"{WEIGHTS_FILE} holds no 'table'")
+    if tuple(table.shape) != shape:
+        raise bad(f"its table is {list(table.shape)}, not [steps, blocks, units] = {list(shape)}")
+
+
+def _write_schedule(stage: Path, meta: dict, tensors: dict) -> None:
+    """A scheduler's table as a SmoothCache schedule beside the weights (``schedule:path=...`` reads it)."""
+    from cqpolicy.policies.families.schedule import save_schedule
+
+    if "table" not in tensors:
+        raise ArtifactError("a scheduler artifact needs a 'table' tensor [steps, blocks, units]")
+    save_schedule(table_to_schedule(tensors["table"], meta["model"]["units"]), stage / SCHEDULE_FILE,
+                  num_blocks=int(meta["model"]["num_blocks"]))
+
+
+# per kind: the structure check on load, and what else its folder holds besides policy.json and the weights
+_KIND_CHECKS = {"mlp": _check_mlp, "scheduler": _check_scheduler, "gates": _check_gates, "forecast": _check_forecast}
+_KIND_FILES = {"scheduler": _write_schedule}
 
 
 def transfers_across_steps(meta: dict) -> bool:

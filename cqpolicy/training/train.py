@@ -135,6 +135,59 @@ def _label_metrics(dm) -> dict:
                                  "spearman_weighted_vs_downstream") if k in info}
 
 
+class _MLP:
+    """``mlp``: a per-cell reuse-impact regressor; the checkpoint kept is the best by held-out loss."""
+
+    monitor = "val_loss"
+
+    @staticmethod
+    def build(dm: TraceDataModule, options: dict):
+        module = ReusePolicyModule(dm.in_features, hidden=options["hidden"], tolerance=options["tolerance"],
+                                   harm_weight=options["harm_weight"], input_range=dm.input_range,
+                                   target_mean=float(dm.split["train"]["y"].mean()))
+        return module, dm, {"hidden": options["hidden"], "harm_weight": options["harm_weight"]}
+
+    @staticmethod
+    def finish(module, dm: TraceDataModule, checkpoint, options: dict) -> dict:
+        best = checkpoint.best_model_path
+        if best and Path(best).is_file():
+            module = ReusePolicyModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+        module = module.cpu().eval()
+        score = checkpoint.best_model_score
+        metrics = {"tolerance": options["tolerance"], **_label_metrics(dm), **mlp_metrics(module, dm, "val"),
+                   "best_val_loss": float(score) if score is not None else math.nan,
+                   "train_rows": int(len(dm.split["train"]["y"])), "train_seeds": len(dm.train_seeds)}
+        return {"metrics": metrics, "features": list(dm.features), "normalization": dm.normalization,
+                "default_threshold": options["tolerance"], "hidden": options["hidden"],
+                "tensors": {k: v.detach().cpu() for k, v in module.state_dict().items() if k.startswith("mlp.")}}
+
+
+class _Scheduler:
+    """``scheduler``: a learned step x block x unit table under a compute budget; the last epoch is kept."""
+
+    monitor = None
+
+    @staticmethod
+    def build(dm: TraceDataModule, options: dict):
+        table = dm.impact_table("train")
+        module = LayerSchedulerModule(table, compute_budget=options["compute_budget"])
+        data = ImpactTableDataModule(table, steps_per_epoch=options["steps_per_epoch"])
+        return module, data, {"compute_budget": options["compute_budget"],
+                              "steps_per_epoch": options["steps_per_epoch"]}
+
+    @staticmethod
+    def finish(module, dm: TraceDataModule, checkpoint, options: dict) -> dict:
+        compute = module.cpu().table()
+        metrics = {"compute_budget": options["compute_budget"], **_label_metrics(dm),
+                   **scheduler_metrics(compute, dm)}
+        return {"metrics": metrics, "features": [], "normalization": {"mean": [], "std": []},
+                "default_threshold": 0.5, "hidden": 0,
+                "tensors": {"table": compute.to(torch.uint8), "logits": module.logits.detach().cpu()}}
+
+
+_NETS = {"mlp": _MLP, "scheduler": _Scheduler}  # trained through Lightning; "intervals" is fitted in closed form
+
+
 def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_dir: str | os.PathLike = "out/policy",
                  max_epochs: int = 20, seed: int = 0, hidden: int = 64, compute_budget: float = 0.5,
                  overwrite: bool = False, progress: bool = True, *, batch_size: int = 4096,
@@ -160,18 +213,19 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
 
     from cqpolicy.tracking.mlflow_store import tracking_uri
 
-    if kind not in ("mlp", "scheduler", "intervals"):
-        raise ValueError(f"unknown policy kind {kind!r}; choose mlp, scheduler or intervals")
     if kind == "intervals":
         return _fit_interval_artifact(run_dirs, out_dir, compute_budget, intervals, seed, val_fraction, label,
                                       overwrite)
+    if kind not in _NETS:
+        raise ValueError(f"unknown policy kind {kind!r}; choose mlp, scheduler or intervals")
+    net = _NETS[kind]
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive int, got {max_epochs!r}")
     if not 0 < compute_budget <= 1:
         raise ValueError(f"compute_budget must lie in (0, 1], got {compute_budget}")
     if not 0 < tolerance_quantile < 1:
         raise ValueError(f"tolerance_quantile must lie in (0, 1), got {tolerance_quantile}")
-    if chain and kind != "mlp":
+    if chain and net is not _MLP:
         raise ValueError("chain rows train the mlp (a scheduler prices cells from one-reuse labels)")
     if features not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {features!r}; choose from {', '.join(FEATURE_SETS)}")
@@ -184,17 +238,11 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     dm = TraceDataModule(run_dirs, features=FEATURE_SETS[features], val_fraction=val_fraction,
                          batch_size=batch_size, seed=seed, label=label, chain=chain)
     tolerance = dm.tolerance(tolerance_quantile)
+    options = {"hidden": hidden, "harm_weight": harm_weight, "tolerance": tolerance,
+               "compute_budget": compute_budget, "steps_per_epoch": steps_per_epoch}
+    module, data, settings = net.build(dm, options)
     config = {"kind": kind, "seed": seed, "data": dm.fingerprint(), "batch_size": batch_size,
-              "val_fraction": val_fraction, "tolerance_quantile": tolerance_quantile}
-    if kind == "mlp":
-        config.update(hidden=hidden, harm_weight=harm_weight)
-        module = ReusePolicyModule(dm.in_features, hidden=hidden, tolerance=tolerance, harm_weight=harm_weight,
-                                   target_mean=float(dm.split["train"]["y"].mean()), input_range=dm.input_range)
-        data = dm
-    else:
-        config.update(compute_budget=compute_budget, steps_per_epoch=steps_per_epoch)
-        module = LayerSchedulerModule(dm.impact_table("train"), compute_budget=compute_budget)
-        data = ImpactTableDataModule(dm.impact_table("train"), steps_per_epoch=steps_per_epoch)
+              "val_fraction": val_fraction, "tolerance_quantile": tolerance_quantile, **settings}
 
     last = ckpt_dir / LAST
     resuming = last.is_file()
@@ -207,7 +255,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
                           run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
     run_id = logger.run_id  # creates the run now, so a killed training can continue it
     (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
-    if kind == "scheduler":
+    if data is not dm:  # the Lightning module does not see the traces: record them here
         logger.log_hyperparams({"traces": dm.run_dirs, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds})
 
     class _EpochCounter(Callback):  # and last.ckpt after every epoch (after its validation): ModelCheckpoint's
@@ -217,8 +265,8 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
             self.epochs_run += 1
             trainer.save_checkpoint(last, weights_only=False)  # the full state: a resume continues from it
 
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}" if kind == "mlp" else "{epoch:03d}",
-                                 monitor="val_loss" if kind == "mlp" else None, mode="min", save_top_k=1)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}" if net.monitor else "{epoch:03d}",
+                                 monitor=net.monitor, mode="min", save_top_k=1)
     counter = _EpochCounter()
     trainer = L.Trainer(deterministic=True, accelerator="cuda" if torch.cuda.is_available() else "cpu",
                         devices="auto", max_epochs=max_epochs, logger=logger, callbacks=[checkpoint, counter],
@@ -234,33 +282,20 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
         return {}  # multi-device (DDP) training: rank 0 alone evaluates and writes the artifact
 
     best = checkpoint.best_model_path
-    if kind == "mlp":
-        if best and Path(best).is_file():
-            module = ReusePolicyModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
-        module = module.cpu().eval()
-        metrics = {"tolerance": tolerance, **_label_metrics(dm), **mlp_metrics(module, dm, "val"),
-                   "best_val_loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None
-                   else math.nan, "train_rows": int(len(dm.split["train"]["y"])), "train_seeds": len(dm.train_seeds)}
-        tensors = {k: v.detach().cpu() for k, v in module.state_dict().items() if k.startswith("mlp.")}
-        features, normalization, default_threshold = dm.features, dm.normalization, tolerance
-    else:
-        module = module.cpu()
-        compute = module.table()
-        metrics = {"compute_budget": compute_budget, **_label_metrics(dm), **scheduler_metrics(compute, dm)}
-        tensors = {"table": compute.to(torch.uint8), "logits": module.logits.detach().cpu()}
-        features, normalization, default_threshold = [], {"mean": [], "std": []}, 0.5
+    out_fields = net.finish(module, dm, checkpoint, options)
+    metrics = out_fields["metrics"]
 
-    meta = {"format_version": 1, "kind": kind, "features": list(features), "normalization": normalization,
-            "target": "log_impact", "label": dm.label_info, "tolerance": tolerance,
-            "default_threshold": default_threshold,
-            "hidden": hidden if kind == "mlp" else 0, "model": dm.model_meta(), "metrics": metrics,
+    meta = {"format_version": 1, "kind": kind, "features": out_fields["features"],
+            "normalization": out_fields["normalization"], "target": "log_impact", "label": dm.label_info,
+            "tolerance": tolerance, "default_threshold": out_fields["default_threshold"],
+            "hidden": out_fields["hidden"], "model": dm.model_meta(), "metrics": metrics,
             "traces": [str(d) for d in dm.run_dirs],
             "training": {"seed": seed, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds,  # what it saw
                          "max_epochs": max_epochs, "epochs": int(trainer.current_epoch),
                          "global_step": int(trainer.global_step), "epochs_run": counter.epochs_run,
                          "resumed_from_epoch": resumed_from, "best_checkpoint": Path(best).name if best else None,
                          "checkpoint_dir": str(ckpt_dir), "mlflow_run_id": run_id}}
-    meta = save_artifact(out, meta, tensors, overwrite=overwrite)
+    meta = save_artifact(out, meta, out_fields["tensors"], overwrite=overwrite)
 
     # the trainer has finished (and closed) the run; the held-out numbers and the artifact go to it directly
     from mlflow.entities import Metric
