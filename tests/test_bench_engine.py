@@ -184,6 +184,23 @@ def test_artifact_seed_records_are_read_and_test_seeds_refused(tiny_dit_dir, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_selection_record_is_kept_once_and_refuses_scoring_on_the_seeds_it_chose_on(tmp_path):
+    from cqpolicy.policies.artifact import record_selection
+
+    chosen = _artifact(tmp_path / "c", training={"calibration_seeds": [10_000_000, 64]})
+    for _ in range(2):  # the same record twice is kept once
+        record_selection(chosen, 60_100_000, 250, "rule A")
+    meta = json.loads((chosen / "policy.json").read_text())
+    assert meta["selected_on"] == [{"seeds": [60_100_000, 250], "by": "rule A"}] and meta["kind"] == "forecast"
+    assert engine.recorded_seeds(chosen)[0] == [(10_000_000, 64), (60_100_000, 250)]
+    assert engine.check_artifact(f"forecast:path={chosen}", "test") is True
+    with pytest.raises(engine.BenchError, match="records validation seeds"):
+        engine.check_artifact(f"forecast:path={chosen}", "validation")
+    record_selection(chosen, 2_000_000, 10, "a mistake")
+    with pytest.raises(engine.BenchError, match="records test seeds"):
+        engine.check_artifact(f"forecast:path={chosen}", "test")
+
+
 def test_the_shipped_artifacts_record_no_test_seeds(request):
     root = Path(request.config.rootpath) / "docs" / "results" / "paper" / "policies"
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):

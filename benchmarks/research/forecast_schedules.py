@@ -22,6 +22,9 @@ measure against) and, on the DiT, FORA 4-6 and TaylorSeer 4-6 for context. The r
     python benchmarks/research/forecast_schedules.py --model fmnist-unet --out docs/results/forecast-schedules-unet \
         --journal docs/results/forecast-schedules-unet/work/journal.log
 
+A finished choice is final: each searched candidate's artifact then records the search and validation samples it was
+scored on (``selected_on``), and the engine refuses to score it on validation replicates again.
+
 Writes OUT/validation/ (an engine folder) and OUT/choice.json; the chosen methods are then scored on the paper
 table's test replicates: add them to the model's paper config and
 ``cqpolicy bench --config configs/fmnist-{dit,unet}-paper.yaml --out docs/results/paper[-unet] --only <chosen>``.
@@ -42,6 +45,7 @@ from cqpolicy.evaluation.engine import BenchError, parse_config, run_bench
 PROFILES = {
     "fmnist-dit": {
         "paper": Path("docs/results/paper/policies"), "study": "dit-forecast", "min_speedup": 3.0,
+        "space": "configs/search/fmnist-dit-forecast.yaml",
         "static": [f"forecast-fora-{k}" for k in (4, 5, 6, 7)],
         "verified": [f"{name},verify=0.2,check=attn1" for name in ("forecast-fora-6", "forecast-fora-7")],
         "opponents": [f"fora:interval={k}" for k in (4, 5, 6)] + [f"taylorseer:interval={k},order=1" for k in (4, 5, 6)],
@@ -49,6 +53,7 @@ PROFILES = {
     },
     "fmnist-unet": {
         "paper": Path("docs/results/paper-unet/policies"), "study": "unet-forecast", "min_speedup": 2.0,
+        "space": "configs/search/fmnist-unet-forecast.yaml",
         "static": ["forecast-fora-layer-3", "forecast-fora-layer-3-affine", "forecast-fora-layer-5",
                    "forecast-fora-layer-5-affine"],
         "verified": [f"forecast-fora-layer-5,verify={tau},check=layer" for tau in (0.1, 0.2)],
@@ -60,12 +65,16 @@ COMMON = {"steps": 50, "guidance_scale": None, "batch_size": 64, "repeats": 0,
           "experiment": "cqpolicy-bench-forecast-schedules"}
 
 
-def searched_front(journal: Path, study: str, min_speedup: float, limit: int, paper: Path) -> list[str]:
+def searched_front(journal: Path, study: str, min_speedup: float, limit: int, paper: Path, space: str) -> list[str]:
     """The study's Pareto trials at >= ``min_speedup``, fastest first (at most ``limit``; a schedule drawn twice
-    once), frozen under ``paper``."""
+    once), frozen under ``paper``, each recording the search seeds it was chosen on."""
     import optuna
 
+    from cqpolicy.policies.artifact import record_selection
+    from cqpolicy.search.space import load_space
     from cqpolicy.search.study import make_storage
+
+    searched = load_space(space)
 
     trials = optuna.load_study(study_name=study, storage=make_storage(str(journal))).best_trials
     front = sorted((t for t in trials if t.values[0] >= min_speedup), key=lambda t: (-t.values[0], t.number))
@@ -76,6 +85,7 @@ def searched_front(journal: Path, study: str, min_speedup: float, limit: int, pa
         target = paper / f"search-trial-{t.number}"
         if not target.exists():
             shutil.copytree(source, target)
+        record_selection(target, searched.seed, searched.num_samples, f"search trial {t.number} of study {study}")
         specs.append(f"forecast:path={target}")
     return specs
 
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
     static = [f"forecast:path={paper / name}" for name in profile["static"]]
     verified = [f"forecast:path={paper / name}" for name in profile["verified"]]
     searched = [] if args.fixed_only else searched_front(Path(args.journal), args.study or profile["study"],
-                                                         profile["min_speedup"], 5, paper)
+                                                         profile["min_speedup"], 5, paper, profile["space"])
     methods = static + profile["opponents"] + searched + verified
     validation = parse_config({**COMMON, "model": args.model, "num_samples": args.validation_samples, "methods": methods,
                                "replicates": {"role": "validation", "ids": args.validation}}, "validation")
@@ -147,6 +157,16 @@ def main(argv=None) -> int:
         "C_searched": min(searched, key=lambda m: np.nan_to_num(margins[m], nan=np.inf)) if searched else None,
     }
     (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
+    from cqpolicy import seeds
+    from cqpolicy.policies.artifact import record_selection
+    from cqpolicy.policies.registry import parse_spec
+
+    # each searched candidate was scored here to be chosen or not: its artifact says on which samples (a verified
+    # candidate is an option of a shared artifact, its threshold set off the replicates: nothing to record)
+    for spec in searched:
+        for k in args.validation:
+            record_selection(parse_spec(spec)[1]["path"], seeds.replicate_start("validation", k),
+                             args.validation_samples, f"forecast_schedules.py candidates ({args.model})")
     print(json.dumps(choice, indent=2))
     return 0
 

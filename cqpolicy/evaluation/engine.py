@@ -306,7 +306,8 @@ def freeze(spec: str, run_dir: Path, frozen: Path) -> str:
 def recorded_seeds(path) -> tuple[list[tuple[int, int]], bool]:
     """The ``(first seed, count)`` ranges an artifact records it was fitted or selected on, read-only, and whether
     its records are complete. ``policy.json`` of ``cqpolicy train``: ``training.calibration_seeds`` / ``val_seeds``
-    (forecast) and ``rollout_seeds`` (gates) as ``[first, count]``, the interval fit's ``train_seeds`` /
+    (forecast) and ``rollout_seeds`` (gates) as ``[first, count]``, ``selected_on`` (search trials, validation
+    choices: ``artifact.record_selection``), the interval fit's ``train_seeds`` /
     ``val_seeds`` as lists, and the trace runs it read (``traces``, gates' ``warm_start.traces``) whose shard names
     hold their seeds. A file (a table or schedule) or a trace run that is gone records nothing."""
     from cqpolicy.policies.artifact import POLICY_FILE
@@ -327,6 +328,8 @@ def recorded_seeds(path) -> tuple[list[tuple[int, int]], bool]:
             ranges.append((int(value[0]), int(value[1])))
         elif isinstance(value, list):
             ranges += [(int(s), 1) for s in value]
+    for record in meta.get("selected_on") or []:  # scored to be chosen (``artifact.record_selection``)
+        ranges.append((int(record["seeds"][0]), int(record["seeds"][1])))
     warm = meta.get("warm_start") if isinstance(meta.get("warm_start"), dict) else {}
     traces = [meta.get("traces"), warm.get("traces")]
     for run in [t for entry in traces for t in (entry if isinstance(entry, list) else [entry]) if t]:

@@ -28,7 +28,7 @@ SCHEDULE_FILE = "schedule.json"
 KINDS = ("mlp", "scheduler", "gates", "forecast")
 
 __all__ = ["FORMAT_VERSION", "POLICY_FILE", "WEIGHTS_FILE", "SCHEDULE_FILE", "ArtifactError", "save_artifact",
-           "load_artifact", "check_fits", "transfers_across_steps", "table_to_schedule"]
+           "load_artifact", "record_selection", "check_fits", "transfers_across_steps", "table_to_schedule"]
 
 
 class ArtifactError(ValueError):
@@ -121,6 +121,21 @@ def save_artifact(out_dir: str | os.PathLike, meta: dict, tensors: dict[str, tor
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     return meta
+
+
+def record_selection(path: str | os.PathLike, first_seed: int, count: int, by: str) -> None:
+    """Add to the artifact's ``selected_on`` that it was scored, to be chosen or not, on samples ``first_seed ..
+    first_seed + count - 1`` (``by``: what chose); a bench refuses to score it on a role those seeds belong to.
+    ``policy.json`` is rewritten atomically (the weights hash does not cover it)."""
+    meta_file = Path(path) / POLICY_FILE
+    meta = read_json(meta_file, ArtifactError, f"{path} is not a policy artifact (no {POLICY_FILE})")
+    record = {"seeds": [int(first_seed), int(count)], "by": str(by)}
+    if record in meta.setdefault("selected_on", []):
+        return
+    meta["selected_on"].append(record)
+    tmp = meta_file.with_name(f".{POLICY_FILE}.{secrets.token_hex(4)}.tmp")
+    _write_file(tmp, (json.dumps(_jsonable(meta), indent=2, allow_nan=False) + "\n").encode())
+    os.replace(tmp, meta_file)
 
 
 def load_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -135,6 +135,11 @@ def _objective(space: SearchSpace, evaluator: Evaluator, parent_run_id: str | No
         trial.set_user_attr("cache_dtype", cache_format)
         trial.set_user_attr("weights", weights)
         result = evaluator(spec, cache_format, weights)
+        if space.forecast is not None:  # the trial's artifact was scored on the search seeds: it says so
+            from cqpolicy.policies.artifact import record_selection
+
+            record_selection(artifacts / f"trial-{trial.number}", space.seed, space.num_samples,
+                             f"search trial {trial.number} of study {trial.study.study_name}")
         for key, value in result.items():
             trial.set_user_attr(key, float(value))
         if space.min_psnr is not None:
