@@ -19,13 +19,16 @@ log n: training draws n per image (0, 256 or uniform in 1..256) and runs one suc
 pipeline's default and ``max_sequence_length=0`` (what cqpolicy samples with: 256 fewer tokens a call) alike.
 
 Checkpoints (``--ckpt-dir``, default ``checkpoints/fmnist-sd3``, outside git) are written atomically every
-``--save-minutes``; the exported pipeline (EMA weights, fp16 safetensors, diffusers ``save_pretrained`` layout) goes
-to the package's ``fmnist-sd3`` folder, or ``--export-dir``.
+``--save-minutes``; the exported pipeline (EMA weights, fp16 safetensors, diffusers ``save_pretrained`` layout, and
+``training.json``: the step and minutes they come from) goes to the package's ``fmnist-sd3`` folder, or
+``--export-dir``, at the same times. Without a checkpoint (another machine, a lost folder) the flow phase starts from
+those shipped weights at their step, with a fresh optimizer.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import shutil
@@ -44,6 +47,8 @@ from cqpolicy.models.training import atomic_save, learning_rate
 from cqpolicy.tracking import start_run
 
 ZERO_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero rows of a missing T5
+LATENTS = "latents.safetensors"  # the training set's posteriors, in the checkpoint folder
+PROGRESS = "training.json"  # beside the shipped weights: the step and minutes they come from
 
 
 def parse_args(argv=None):
@@ -148,7 +153,7 @@ class _Trainer:
 
 
 # -- phase 1: the autoencoder -------------------------------------------------------------------------------------
-def train_vae(args, ckpt_dir: Path) -> None:
+def train_vae(args, ckpt_dir: Path, export_dir: Path) -> None:
     x_all, _ = pixels("train")
     trainer = _Trainer(args, "vae", {"vae": fmnist_sd3.build_vae()}, ckpt_dir / "vae.pt")
     vae = trainer.modules["vae"]
@@ -162,21 +167,20 @@ def train_vae(args, ckpt_dir: Path) -> None:
 
     trainer.run(loss_fn)
     if trainer.step >= args.max_steps:
-        finish_vae(trainer.ema["vae"], x_all, ckpt_dir)
+        finish_vae(trainer.ema["vae"], x_all, ckpt_dir, export_dir)
 
 
 @torch.no_grad()
-def finish_vae(vae, x_all, ckpt_dir: Path) -> None:
-    """SD3's latent normalisation from the training posteriors' means, and the posteriors cached for phase 2."""
-    vae.eval()
-    means, stds = [], []
-    for start in tqdm(range(0, len(x_all), 500), desc="encode the training set"):
-        posterior = vae.encode(x_all[start:start + 500]).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-    mean, std = torch.cat(means), torch.cat(stds)
+def finish_vae(vae, x_all, ckpt_dir: Path, export_dir: Path) -> None:
+    """The EMA rounded to the fp16 it ships in; SD3's latent normalisation from the training posteriors' means; the
+    VAE shipped into ``export_dir/vae`` (so the flow phase, and a later session, start from what ships) and the
+    posteriors cached for phase 2."""
+    vae = vae.half().float().eval()
+    mean, _ = encode_training_set(vae, x_all)
     vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1.0 / mean.std()))
-    vae.save_pretrained(ckpt_dir / "vae-final")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(export_dir / "vae", ignore_errors=True)
+    copy.deepcopy(vae).half().save_pretrained(export_dir / "vae")
     fid = reconstruction_fid(vae)
     import mlflow
 
@@ -184,10 +188,27 @@ def finish_vae(vae, x_all, ckpt_dir: Path) -> None:
         mlflow.log_metrics({**fid, "shift_factor": vae.config.shift_factor,
                             "scaling_factor": vae.config.scaling_factor})
     print(f"vae: classifier FID of the test images reconstructed (the floor under samples' FID): {fid}")
+    cache_latents(vae, x_all, ckpt_dir)
+    print(f"vae: shift {vae.config.shift_factor:.4f}, scale {vae.config.scaling_factor:.4f}; shipped to "
+          f"{export_dir / 'vae'}, latents cached")
+
+
+@torch.no_grad()
+def encode_training_set(vae, x_all) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and stds of every training image."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(x_all), 500), desc="encode the training set"):
+        posterior = vae.encode(x_all[start:start + 500]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def cache_latents(vae, x_all, ckpt_dir: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({"mean": mean.half().contiguous(), "std": std.half().contiguous()}, str(ckpt_dir / "latents.safetensors"))
-    print(f"vae: shift {vae.config.shift_factor:.4f}, scale {vae.config.scaling_factor:.4f}; latents cached")
+    mean, std = encode_training_set(vae, x_all)
+    save_file({"mean": mean.half().contiguous(), "std": std.half().contiguous()}, str(ckpt_dir / LATENTS))
 
 
 @torch.no_grad()
@@ -264,27 +285,33 @@ def zero_rows(batch: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(u < 0.5, 0, torch.where(u < 0.75, ZERO_ROWS, uniform))
 
 
-def train_flow(args, ckpt_dir: Path, export_only: bool = False) -> None:
+def train_flow(args, ckpt_dir: Path, export_dir: Path, export_only: bool = False) -> None:
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
-    if not (ckpt_dir / "latents.safetensors").is_file():
-        sys.exit(f"train_fmnist_sd3: error: no cached latents in {ckpt_dir}: run --phase vae first")
-    vae = AutoencoderKL.from_pretrained(ckpt_dir / "vae-final")
+    if not (export_dir / "vae" / "config.json").is_file():
+        sys.exit(f"train_fmnist_sd3: error: no trained VAE in {export_dir}: run --phase vae first")
+    vae = AutoencoderKL.from_pretrained(export_dir / "vae").float().eval()  # what ships: latents as sampled
     tokenizer = fmnist_sd3.build_tokenizer()
-    trainer = _Trainer(args, "flow", {"transformer": fmnist_sd3.build_denoiser(),
-                                      "text_encoder": fmnist_sd3.build_text_encoder(tokenizer),
-                                      "text_encoder_2": fmnist_sd3.build_text_encoder(tokenizer)},
-                       ckpt_dir / "flow.pt")
+    torch.manual_seed(args.seed)
+    modules = {"transformer": fmnist_sd3.build_denoiser(), "text_encoder": fmnist_sd3.build_text_encoder(tokenizer),
+               "text_encoder_2": fmnist_sd3.build_text_encoder(tokenizer)}
+    trainer = _Trainer(args, "flow", modules, ckpt_dir / "flow.pt")
+    if trainer.step == 0 and (export_dir / PROGRESS).is_file():
+        resume_from_shipped(trainer, export_dir)
 
     def ship():
-        export(trainer.ema, vae, tokenizer, Path(args.export_dir or fmnist_sd3.SHIPPED_DIR))
+        export(trainer.ema, vae, tokenizer, export_dir)
+        (export_dir / PROGRESS).write_text(json.dumps({"step": trainer.step, "minutes": trainer.elapsed / 60,
+                                                       "batch_size": args.batch_size}) + "\n")
 
     if export_only:
         ship()
         print(f"exported the EMA of step {trainer.step}")
         return
-    cached = load_file(str(ckpt_dir / "latents.safetensors"))
+    if not (ckpt_dir / LATENTS).is_file():
+        cache_latents(vae, pixels("train")[0], ckpt_dir)
+    cached = load_file(str(ckpt_dir / LATENTS))
     mean, std = cached["mean"].float(), cached["std"].float()
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     _, labels_all = pixels("train")
@@ -315,6 +342,24 @@ def train_flow(args, ckpt_dir: Path, export_only: bool = False) -> None:
     ship()
 
 
+def resume_from_shipped(trainer: "_Trainer", export_dir: Path) -> None:
+    """No checkpoint (another machine, a lost folder): start from the shipped EMA weights, model and EMA alike, at
+    the step they record; the optimizer starts afresh."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    shipped = {"transformer": SD3Transformer2DModel.from_pretrained(export_dir / "transformer"),
+               "text_encoder": CLIPTextModelWithProjection.from_pretrained(export_dir / "text_encoder"),
+               "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(export_dir / "text_encoder_2")}
+    for name, module in shipped.items():
+        state = {k: v.float() for k, v in module.state_dict().items()}
+        trainer.modules[name].load_state_dict(state)
+        trainer.ema[name].load_state_dict(state)
+    progress = json.loads((export_dir / PROGRESS).read_text())
+    trainer.step, trainer.elapsed = int(progress["step"]), float(progress["minutes"]) * 60
+    print(f"no checkpoint: starting from the shipped weights of step {trainer.step} in {export_dir}")
+
+
 def export(ema, vae, tokenizer, export_dir: Path) -> None:
     """The EMA pipeline in fp16, diffusers layout, written to a temporary folder and then moved into place."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
@@ -335,14 +380,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    ckpt_dir = Path(args.ckpt_dir)
+    ckpt_dir, export_dir = Path(args.ckpt_dir), Path(args.export_dir or fmnist_sd3.SHIPPED_DIR)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if args.phase == "vae":
-        train_vae(args, ckpt_dir)
-    elif args.phase == "flow":
-        train_flow(args, ckpt_dir)
+        train_vae(args, ckpt_dir, export_dir)
     else:
-        train_flow(args, ckpt_dir, export_only=True)
+        train_flow(args, ckpt_dir, export_dir, export_only=args.phase == "export")
 
 
 if __name__ == "__main__":

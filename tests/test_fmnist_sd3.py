@@ -120,3 +120,29 @@ def test_a_shipped_pipeline_folder_loads_samples_and_is_scored_by_class(tiny_pip
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
     model.use_prompts(["a lighthouse"])
     assert not is_fashion_mnist_like(model)  # no class to score against
+
+
+def test_without_a_checkpoint_the_flow_phase_starts_from_the_shipped_weights_at_their_step(tmp_path):
+    """A later session that lost the checkpoint folder resumes from what ships (weights and training.json)."""
+    import json
+    from types import SimpleNamespace
+
+    script = load_script("train_fmnist_sd3")
+    tokenizer = fmnist_sd3.build_tokenizer()
+
+    def parts():
+        return torch.nn.ModuleDict({"transformer": fmnist_sd3.build_denoiser(),
+                                    "text_encoder": fmnist_sd3.build_text_encoder(tokenizer),
+                                    "text_encoder_2": fmnist_sd3.build_text_encoder(tokenizer)})
+
+    torch.manual_seed(1)
+    trained = parts()
+    script.export(trained, fmnist_sd3.build_vae(), tokenizer, tmp_path / "ship")
+    (tmp_path / "ship" / script.PROGRESS).write_text(json.dumps({"step": 1200, "minutes": 30.0, "batch_size": 128}))
+    fresh = SimpleNamespace(modules=parts(), ema=parts(), step=0, elapsed=0.0)
+    script.resume_from_shipped(fresh, tmp_path / "ship")
+    assert fresh.step == 1200 and fresh.elapsed == 1800.0
+    for name in ("transformer", "text_encoder_2"):
+        for mine, shipped in zip(fresh.modules[name].parameters(), trained[name].parameters()):
+            assert torch.equal(mine, shipped.half().float())  # the fp16 it shipped in
+        assert all(torch.equal(a, b) for a, b in zip(fresh.ema[name].parameters(), fresh.modules[name].parameters()))
