@@ -366,7 +366,10 @@ def export(ema, vae, tokenizer, export_dir: Path) -> None:
 
     parts = copy.deepcopy(ema).to(torch.float16)
     parts["transformer"].set_attn_processor(JointAttnProcessor2_0())  # the stock one: nothing of training ships
-    pipe = fmnist_sd3.build_pipeline(parts["transformer"], copy.deepcopy(vae).to(torch.float16), tokenizer,
+    # a VAE rebuilt from its config: one loaded from disk would ship the folder it came from (_name_or_path)
+    shipped_vae = type(vae).from_config({k: v for k, v in vae.config.items() if not k.startswith("_")})
+    shipped_vae.load_state_dict(vae.state_dict())
+    pipe = fmnist_sd3.build_pipeline(parts["transformer"], shipped_vae.to(torch.float16), tokenizer,
                                      parts["text_encoder"], parts["text_encoder_2"])
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
