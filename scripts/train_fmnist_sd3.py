@@ -110,8 +110,7 @@ class _Trainer:
             import mlflow
 
             if self.run_id is None:
-                mlflow.log_params({**{k: v for k, v in vars(args).items()},
-                                   "n_params": sum(p.numel() for p in self.modules.parameters())})
+                mlflow.log_params({**vars(args), "n_params": sum(p.numel() for p in self.modules.parameters())})
             self.run_id = run.info.run_id
             gen = torch.Generator().manual_seed(args.seed + self.step)  # a resumed run: fresh, reproducible batches
             start = last_save = time.time()
@@ -176,7 +175,7 @@ def finish_vae(vae, x_all, ckpt_dir: Path, export_dir: Path) -> None:
     VAE shipped into ``export_dir/vae`` (so the flow phase, and a later session, start from what ships) and the
     posteriors cached for phase 2."""
     vae = vae.half().float().eval()
-    mean, _ = encode_training_set(vae, x_all)
+    mean, std = encode_training_set(vae, x_all)
     vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1.0 / mean.std()))
     export_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(export_dir / "vae", ignore_errors=True)
@@ -188,7 +187,7 @@ def finish_vae(vae, x_all, ckpt_dir: Path, export_dir: Path) -> None:
         mlflow.log_metrics({**fid, "shift_factor": vae.config.shift_factor,
                             "scaling_factor": vae.config.scaling_factor})
     print(f"vae: classifier FID of the test images reconstructed (the floor under samples' FID): {fid}")
-    cache_latents(vae, x_all, ckpt_dir)
+    cache_latents(ckpt_dir, mean, std)
     print(f"vae: shift {vae.config.shift_factor:.4f}, scale {vae.config.scaling_factor:.4f}; shipped to "
           f"{export_dir / 'vae'}, latents cached")
 
@@ -204,10 +203,9 @@ def encode_training_set(vae, x_all) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def cache_latents(vae, x_all, ckpt_dir: Path) -> None:
+def cache_latents(ckpt_dir: Path, mean: torch.Tensor, std: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    mean, std = encode_training_set(vae, x_all)
     save_file({"mean": mean.half().contiguous(), "std": std.half().contiguous()}, str(ckpt_dir / LATENTS))
 
 
@@ -310,7 +308,7 @@ def train_flow(args, ckpt_dir: Path, export_dir: Path, export_only: bool = False
         print(f"exported the EMA of step {trainer.step}")
         return
     if not (ckpt_dir / LATENTS).is_file():
-        cache_latents(vae, pixels("train")[0], ckpt_dir)
+        cache_latents(ckpt_dir, *encode_training_set(vae, pixels("train")[0]))
     cached = load_file(str(ckpt_dir / LATENTS))
     mean, std = cached["mean"].float(), cached["std"].float()
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
