@@ -90,6 +90,10 @@ class RunConfig:
     model: str = defaults.MODEL
     steps: int = defaults.STEPS
     guidance_scale: float | None = None  # None: the model's default
+    prompts: str | None = None  # text-conditioned models: a prompt file (sample i: line i mod lines); None: the
+    #   embedded model's training prompts (a diffusers SD3 / PixArt / FLUX folder needs one); relative paths are
+    #   read from the working directory, else from the config's folder
+    negative_prompt: str = ""  # the unconditional branch
     retrain: bool = False  # trace under the learned policy and retrain on both runs
     seeds: dict = field(default_factory=dict)  # role -> first seed, for the movable roles (SEED_KEYS)
     trace: TraceConfig = TraceConfig()
@@ -170,7 +174,12 @@ def parse_run_config(mapping, source: str = "<config>", quick: bool = False) -> 
     else:  # the overrides are checked all the same: a typo there must not wait for the first --quick run
         _build(RunConfig, {**mapping, **{k: {**(mapping.get(k) or {}), **v} if isinstance(v, dict) else v
                                          for k, v in overrides.items()}}, source)
-    return dataclasses.replace(_build(RunConfig, mapping, source), source=source)
+    config = _build(RunConfig, mapping, source)
+    prompts = config.prompts
+    if prompts is not None and not Path(prompts).is_absolute() and not Path(prompts).exists() \
+            and (Path(source).parent / prompts).exists():
+        prompts = str(Path(source).parent / prompts)
+    return dataclasses.replace(config, source=source, prompts=prompts)
 
 
 def packaged_configs() -> list[str]:

@@ -112,18 +112,17 @@ def run_pipeline(config: RunConfig, out: str | Path, progress: bool = True) -> d
     import mlflow
 
     from cqpolicy.models import load_model
-    from cqpolicy.sampling import SampleSettings
+    from cqpolicy.sampling.sampler import settings_for
     from cqpolicy.tracking import start_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from cqpolicy.defaults import guidance_for
-
-    model = load_model(config.model)
-    settings = SampleSettings(steps=config.steps, guidance_scale=guidance_for(model, config.guidance_scale))
+    model = load_model(config.model, prompts=config.prompts, negative_prompt=config.negative_prompt)
+    settings = settings_for(model, steps=config.steps, guidance_scale=config.guidance_scale)  # the model's scheduler
     timings, results = {}, {}
     with start_run("cqpolicy-run", run_name=f"run-{out.name}"):
-        mlflow.log_params({"config": config.source, "model": model.name, "steps": settings.steps})
+        mlflow.log_params({"config": config.source, "model": model.name, "steps": settings.steps,
+                           "prompts": config.prompts or ""})
         for name in STAGES:
             stage = Stage(out, name)
             if stage.done:
@@ -192,7 +191,7 @@ def stage_train(config, model, settings, stage_dir, results, progress):
 
         gates = str(stage_dir / "gates")
         train_gates(config.model, gates, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                    budget_range=g.budget_range, train_samples=g.train_samples, val_samples=g.val_samples,
+                    scheduler=settings.scheduler, prompts=config.prompts, budget_range=g.budget_range, train_samples=g.train_samples, val_samples=g.val_samples,
                     batch_size=g.batch_size, max_epochs=g.max_epochs, max_minutes=g.max_minutes, seed=t.seed,
                     overwrite=True, progress=progress)
     forecasts = {}
@@ -203,6 +202,7 @@ def stage_train(config, model, settings, stage_dir, results, progress):
         name = re.sub(r"[^\w.+-]", "_", spec.replace(":", "-").replace("=", "").replace(",", "-"))  # offsets=1/0
         out = stage_dir / f"forecast-{name}"
         fit_forecast(config.model, spec, out, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                     scheduler=settings.scheduler, prompts=config.prompts, negative_prompt=config.negative_prompt,
                      samples=f.samples, val_samples=f.val_samples, order=f.order, batch_size=f.batch_size,
                      overwrite=True, progress=progress)
         forecasts[spec] = str(out)
@@ -236,6 +236,7 @@ def stage_search(config, model, settings, stage_dir, results, progress):
     default = float(load_artifact(mlp)[0]["default_threshold"])
     lo, hi = (default * v for v in s.threshold_factor)
     space = parse_space({"model": config.model, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+                         "scheduler": settings.scheduler, "prompts": config.prompts,
                          "num_samples": s.num_samples, "batch_size": s.batch_size,
                          "seed": seed_start(config, "search"), "objectives": ["macs_speedup", "fid"],
                          "proxy": s.proxy, "min_psnr": s.min_psnr,
@@ -262,7 +263,7 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
             {"macs_speedup": 1 / budget, "cache_dtype": "fp16"} for budget in gate_budgets]:
         interval = _matched_interval(p["macs_speedup"], settings.steps)
         matched = (interval_spec(interval, model.adapter.default_units), p["cache_dtype"])
-        if interval > 1 and matched not in baselines:
+        if interval > 1 and _ran_as(matched, model) not in {_ran_as(m, model) for m in baselines}:
             baselines.append(matched)
     from cqpolicy.evaluation.engine import parse_config, run_bench
 
@@ -274,13 +275,25 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
     bench = parse_config({"model": config.model, "steps": settings.steps,
                           "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
                           "batch_size": b.batch_size, "num_samples": b.num_samples, "seeds": list(b.seeds),
-                          "repeats": b.repeats,
+                          "repeats": b.repeats, "prompts": config.prompts, "negative_prompt": config.negative_prompt,
                           "methods": [{"policy": spec, "cache": fmt} if spec != "none" else spec
                                       for spec, fmt in learned + baselines],
                           "experiment": f"cqpolicy-bench-{stage_dir.parent.name}"}, f"{config.source} bench")
     rows = run_bench(bench, stage_dir, model=model, progress=progress, tags={BENCH_TAG: bench_id})
     (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
+
+
+def _ran_as(method: tuple[str, str], model) -> tuple:
+    """What a ``(spec, cache format)`` runs on ``model``: a family's default units spelled out (``fora:interval=2``
+    and ``fora:interval=2,unit=<the model's default units>`` are one method)."""
+    from cqpolicy.policies import make_policy
+
+    policy = make_policy(method[0])
+    config = getattr(policy, "config", None)
+    if config is not None and getattr(config, "unit", None) == "":
+        config = replace(config, unit="+".join(model.adapter.default_units))
+    return policy.name, config, method[1]
 
 
 def learned_methods(config: RunConfig, results: dict, max_pareto: int | None = None) -> tuple[list, list]:

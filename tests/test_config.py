@@ -1,4 +1,6 @@
 """The typed run config: packaged configs by name from any folder, defaults in one place, bad keys one line."""
+from pathlib import Path
+
 import pytest
 
 from cqpolicy import defaults
@@ -47,3 +49,14 @@ def test_run_refuses_a_bad_config_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trace num_samples must be int" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_prompt_file_is_read_from_the_config_folder_when_not_in_the_working_directory(tmp_path,
+                                                                                                monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "prompts.txt").write_text("a bag\n")
+    (tmp_path / "cfg" / "run.yaml").write_text("model: fmnist-sd3\nprompts: prompts.txt\n")
+    monkeypatch.chdir(tmp_path)
+    assert Path(load_run_config("cfg/run.yaml").prompts).resolve() == tmp_path / "cfg" / "prompts.txt"
+    (tmp_path / "prompts.txt").write_text("a coat\n")  # the working directory's comes first
+    assert load_run_config("cfg/run.yaml").prompts == "prompts.txt"

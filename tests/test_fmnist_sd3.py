@@ -146,3 +146,48 @@ def test_without_a_checkpoint_the_flow_phase_starts_from_the_shipped_weights_at_
         for mine, shipped in zip(fresh.modules[name].parameters(), trained[name].parameters()):
             assert torch.equal(mine, shipped.half().float())  # the fp16 it shipped in
         assert all(torch.equal(a, b) for a, b in zip(fresh.ema[name].parameters(), fresh.modules[name].parameters()))
+
+
+def test_an_empty_prompt_is_the_unconditional_branch_and_unknown_words_encode(tiny_pipeline, tmp_path):
+    from cqpolicy.models import load_model
+
+    tiny_pipeline.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), prompts=["", "a zebra in ünïcode 🦓", "a photo of a bag"])
+    for key, null in model.prompts.null.items():
+        assert torch.equal(model.prompts.rows[key][0], null[0]), key
+        assert torch.isfinite(model.prompts.rows[key]).all()
+
+
+def test_the_shipped_prompt_files_are_the_templates():
+    from pathlib import Path
+
+    folder = Path(fmnist_sd3.__file__).parents[1] / "configs" / "prompts"
+    for name, templates in (("train", fmnist_sd3.TRAIN_TEMPLATES), ("held-out", fmnist_sd3.HELD_OUT_TEMPLATES)):
+        assert (folder / f"fmnist-sd3-{name}.txt").read_text().splitlines() == fmnist_sd3.prompts(templates)
+
+
+def test_the_main_job_runs_a_flow_matching_model_with_its_own_scheduler(tiny_pipeline, tmp_path, request):
+    """`cqpolicy run --quick` with the shipped fmnist-sd3 config on a tiny pipeline of its layout: every stage
+    samples with flow matching (the model's scheduler), prompted by the training prompts."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from cqpolicy.cli import main
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    config = yaml.safe_load((Path(request.config.rootpath) / "configs/fmnist-sd3.yaml").read_text())
+    config["model"] = str(tmp_path / "model")  # a diffusers folder: prompted by a file, here the packaged one
+    config["prompts"] = str(Path(fmnist_sd3.__file__).parents[1] / "configs" / "prompts" / "fmnist-sd3-train.txt")
+    config["quick"].update(steps=4, search={"n_trials": 2, "num_samples": 4, "batch_size": 4, "min_psnr": None})
+    config["quick"]["bench"].update(num_samples=4, batch_size=4, repeats=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "run.yaml"), "--quick", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench" / "rows.json").read_text())
+    assert {r["scheduler"] for r in rows} == {"flow"} and any(r["policy"] == "fora:interval=2" for r in rows)
+    # FORA at a learned point's MACs is added once: `fora:interval=2` already runs the model's default units
+    assert not any(r["policy"] == "fora:interval=2,unit=attn+ff+ff_context" for r in rows)
+    manifest = json.loads((out / "traces" / "none" / "manifest.json").read_text())
+    assert manifest["scheduler"] == "flow"
