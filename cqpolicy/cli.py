@@ -5,6 +5,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -210,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_device(name: str | None) -> str:
     import torch
 
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    from cqpolicy.distributed import device_for
+
+    if name is not None and name.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {name}: no CUDA device is available")
-    return name
+    return device_for(name)  # under torchrun, a bare cuda is the rank's own GPU
 
 
 def _load_npz_images(path: str, key: str = "images"):
@@ -252,7 +253,8 @@ def cmd_sample(args) -> int:
     if args.compare:
         compare = _load_npz_images(f"{args.compare}/samples.npz")
     fid_reference = _load_npz_images(args.fid_reference)["images"] if args.fid_reference else None
-    out = OutputDir(args.out, overwrite=args.overwrite)  # checks --out before the long part
+    out = OutputDir(args.out, overwrite=args.overwrite, across_ranks=True)  # checks --out before the long part
+    main = out.main  # under torchrun the ranks share the batches; rank 0 writes and reports
     with out:
         model = load_model(args.model, dtype=getattr(torch, args.dtype), device=_resolve_device(args.device),
                            prompts=args.prompts, negative_prompt=args.negative_prompt,
@@ -268,20 +270,23 @@ def cmd_sample(args) -> int:
                 raise CliError(f"--compare {args.compare} used other seeds; paired metrics need the same seeds")
             metrics.update({f"{k}_vs_compare": v for k, v in
                             paired_fidelity(result.images, compare["images"]).items()})
-        save_grid(result.images, out.file("grid.png"))
-        np.savez_compressed(out.file("samples.npz"), images=result.images.numpy(),
-                            labels=result.labels.numpy(), seeds=np.asarray(result.seeds))
-        out.file("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if main:
+            save_grid(result.images, out.file("grid.png"))
+            np.savez_compressed(out.file("samples.npz"), images=result.images.numpy(),
+                                labels=result.labels.numpy(), seeds=np.asarray(result.seeds))
+            out.file("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         final = out.commit()
-    _log_sample_run(args.experiment, metrics, final)
-    _print_metrics(metrics)
-    print(f"wrote {final}/grid.png, samples.npz, metrics.json")
+    if main:
+        _log_sample_run(args.experiment, metrics, final)
+        _print_metrics(metrics)
+        print(f"wrote {final}/grid.png, samples.npz, metrics.json")
     return 0
 
 
 def cmd_bench(args, parser=None) -> int:
     import shutil
 
+    from cqpolicy.distributed import world
     from cqpolicy.evaluation.bench import log_bench_rows, markdown_table
     from cqpolicy.evaluation.engine import load_config, override, parse_config, run_bench
     from cqpolicy.outputs import OutputDir
@@ -324,21 +329,26 @@ def cmd_bench(args, parser=None) -> int:
         out = Path(args.out or f"out/bench/{Path(args.config).stem}")
         run_bench(config, out, only=args.only, retime=args.retime, table_only=args.table_only,
                   recount=args.recount_macs)
-        print((out / "leaderboard.md").read_text())
-        print(f"wrote {out}/leaderboard.md, leaderboard.csv, pareto.png")
+        if world().main:
+            print((out / "leaderboard.md").read_text())
+            print(f"wrote {out}/leaderboard.md, leaderboard.csv, pareto.png")
         return 0
-    with OutputDir(args.out, overwrite=args.overwrite) as out:  # a new --out (and its MLflow runs), complete or absent
+    main = world().main  # under torchrun, rank 0 writes and reports
+    # a new --out (and its MLflow runs), complete or absent
+    with OutputDir(args.out, overwrite=args.overwrite, across_ranks=True) as out:
         rows = run_bench(config, out.staging, log=False)
         table = markdown_table(rows)
-        out.file("results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-        out.file("results.md").write_text(table + "\n")
-        for name in ("rows", "wall", "work"):  # --overwrite: this run's folders replace an earlier run's
-            if (out.path / name).is_dir():
-                shutil.rmtree(out.path / name)
+        if main:
+            out.file("results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+            out.file("results.md").write_text(table + "\n")
+            for name in ("rows", "wall", "work"):  # --overwrite: this run's folders replace an earlier run's
+                if (out.path / name).is_dir():
+                    shutil.rmtree(out.path / name)
         final = out.commit()
-    log_bench_rows(config.experiment, rows, artifact=final / "results.json")
-    print(table)
-    print(f"wrote {final}/results.json, results.md, leaderboard.md, leaderboard.csv, pareto.png")
+    if main:
+        log_bench_rows(config.experiment, rows, artifact=final / "results.json")
+        print(table)
+        print(f"wrote {final}/results.json, results.md, leaderboard.md, leaderboard.csv, pareto.png")
     return 0
 
 
@@ -350,6 +360,7 @@ def cmd_trace(args) -> int:
     from cqpolicy.policies import make_policy
     from cqpolicy.sampling import SampleSettings
     from cqpolicy.sampling.sampler import settings_for
+    from cqpolicy.distributed import FolderLock, world
     from cqpolicy.tracing.collect import collect, heatmaps, local_vs_downstream, parse_probes
     from cqpolicy.tracing.store import TraceReader
     from cqpolicy.tracking import start_run
@@ -362,8 +373,14 @@ def cmd_trace(args) -> int:
                        prompts=args.prompts, negative_prompt=args.negative_prompt,
                            resolution=args.resolution)
     settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
-    summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
-                      probes=probes)
+    if world().size > args.num_samples:
+        raise CliError(f"{world().size} ranks for {args.num_samples} samples: launch at most {args.num_samples}")
+    # workers on disjoint seed ranges may share --out; one launch per range
+    with FolderLock(args.out, f".cqpolicy-trace-{args.seed}-{args.num_samples}.lock"):
+        summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
+                          probes=probes)
+    if not world().main:  # under torchrun: rank 0 reads every rank's shards and reports
+        return 0
     table = TraceReader([args.out]).table()
     plots = Path(args.out) / "plots"
     plots.mkdir(exist_ok=True)
@@ -694,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.leave = False
             bar.close()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"cqpolicy {args.command}: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
+            print(f"cqpolicy {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -21,17 +21,30 @@ class OutputDir:
     """Stage files in a sibling temporary folder; ``commit`` moves them into ``path``.
 
     An existing non-empty ``path`` is refused unless ``overwrite``. On any error the staging folder is
-    removed and ``path`` is left as it was.
+    removed and ``path`` is left as it was. ``across_ranks`` (every rank of a ``torchrun`` launch makes it
+    together): rank 0 makes, commits or removes the one staging folder every rank writes into.
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, across_ranks: bool = False):
+        from cqpolicy.distributed import World, agree, broadcast_text, world
+
         self.path = check_out_dir(path, overwrite)
-        parent = self.path.resolve().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
-        except OSError as exc:
-            raise PermissionError(f"--out {self.path} is not writable ({exc.strerror})") from exc
+        self.world = world() if across_ranks else World()
+        self.main = self.world.main
+        parent, error = self.path.resolve().parent, ""
+        if self.main:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                staging = tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent)
+            except OSError as exc:
+                staging, error = "", f"--out {self.path} is not writable ({exc.strerror})"
+        if self.world.size == 1:
+            if error:
+                raise PermissionError(error)
+            self.staging = Path(staging)
+            return
+        agree(not error, error or f"--out {self.path} is not writable", PermissionError)
+        self.staging = Path(broadcast_text(staging if self.main else None))
 
     def __enter__(self):
         return self
@@ -40,14 +53,21 @@ class OutputDir:
         return self.staging / name
 
     def commit(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        for item in self.staging.iterdir():
-            os.replace(item, self.path / item.name)
-        self.staging.rmdir()
+        from cqpolicy.distributed import barrier
+
+        if self.world.size > 1:
+            barrier()  # every rank has written its part
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for item in self.staging.iterdir():
+                os.replace(item, self.path / item.name)
+            self.staging.rmdir()
+        if self.world.size > 1:
+            barrier()
         return self.path
 
     def __exit__(self, exc_type, *exc):
-        if exc_type is not None:
+        if exc_type is not None and self.main:
             shutil.rmtree(self.staging, ignore_errors=True)
         return False
 

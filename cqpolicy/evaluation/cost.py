@@ -248,7 +248,31 @@ class MeasuredRun:
 
 def measured_sample(model, policy, cache_format, labels, seeds, settings, progress: bool = False) -> MeasuredRun:
     """Sample under ``policy`` (None: the plain model, no hooks) and return the images with the exact MACs and
-    the wall time of this very run. ``policy`` must already be prepared."""
+    the wall time of this very run. ``policy`` must already be prepared. Under ``torchrun`` each rank samples its
+    share of the batches and every rank returns the whole run (``cqpolicy.distributed``): the same images and MACs,
+    the slowest rank's wall time."""
+    from cqpolicy.distributed import all_max, all_sum, gather_rows, world
+
+    w = world()
+    if w.size == 1:
+        return _measured_sample(model, policy, cache_format, labels, seeds, settings, progress)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    index = [i for start, end in w.batches(len(seeds), settings.batch_size) for i in range(start, end)]
+    if index:
+        run = _measured_sample(model, policy, cache_format, labels[index], [seeds[i] for i in index], settings,
+                               progress and w.main)
+    else:  # more ranks than batches: this one only joins the gathering
+        run = MeasuredRun(torch.empty((0, *model.image_shape)), 0, 0.0, None, None,
+                          "plain model" if policy is None else "runtime counts")
+    images = gather_rows(run.images.float(), index, len(seeds))
+    macs, policy_macs = all_sum([run.macs, run.policy_macs], exact=True)
+    reused = all_sum([(run.reuse_ratio or 0.0) * len(index), float(run.reuse_ratio is not None) * len(index)])
+    wall_s, cache_bytes, held = all_max([run.wall_s, float(run.cache_bytes or 0), float(run.cache_bytes is not None)])
+    return MeasuredRun(images, int(macs), wall_s, reused[0] / reused[1] if reused[1] else None,
+                       int(cache_bytes) if held else None, run.macs_source, int(policy_macs))
+
+
+def _measured_sample(model, policy, cache_format, labels, seeds, settings, progress: bool = False) -> MeasuredRun:
     from cqpolicy.runtime import enable
     from cqpolicy.sampling import sample
 

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from cqpolicy import defaults
 from cqpolicy import seeds as seed_roles
+from cqpolicy.distributed import FolderLock, broadcast_text, check_shared, device_for, main_writes, world
 from cqpolicy.evaluation.bench import BASELINE
 
 EXPERIMENT = "cqpolicy-bench-paper"
@@ -296,7 +297,9 @@ def freeze(spec: str, run_dir: Path, frozen: Path) -> str:
     source = Path(match.group(1))
     target = frozen / "-".join(source.resolve().relative_to(run_dir.resolve()).parts)
     if not target.exists():
-        shutil.copytree(source, target)
+        with main_writes() as mine:
+            if mine:
+                shutil.copytree(source, target)
     elif tree_digest(target) != tree_digest(source):
         raise BenchError(f"{target} holds another artifact than {source}: bench into a new --out")
     return spec.replace(match.group(0), f"path={target}")
@@ -379,7 +382,11 @@ def run_bench(config: BenchConfig, out, *, model=None, only=None, retime=None, t
     out = Path(out)
     if table_only:
         return write_table(out, config.num_samples, config.experiment)
-    return _Bench(config, out, model, progress, tags, log).run(only, retime, recount)
+    w = world()
+    if w.size > config.num_samples:
+        raise BenchError(f"{w.size} ranks for {config.num_samples} samples per replicate: launch at most "
+                         f"{config.num_samples} (--nproc_per_node x --nnodes)")
+    return _Bench(config, out, model, progress and w.main, tags, log).run(only, retime, recount)
 
 
 class _Bench:
@@ -391,14 +398,14 @@ class _Bench:
 
         self.config, self.out, self.progress, self.tags, self.log = config, out, progress, tags, log
         if model is None:
-            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(config.model, dtype=getattr(torch, config.dtype), device=device,
+            model = load_model(config.model, dtype=getattr(torch, config.dtype), device=device_for(config.device),
                                prompts=config.prompts, negative_prompt=config.negative_prompt,
                                resolution=config.resolution)
         self.model = model
         self.settings = settings_for(model, steps=config.steps, batch_size=config.batch_size,
                                      scheduler=config.scheduler, guidance_scale=config.guidance_scale)
-        self.run_id = uuid.uuid4().hex  # the wall timings of this process: their plain times are the reference
+        # the wall timings of this launch: their plain times are the reference (rank 0's id on every rank)
+        self.run_id = broadcast_text(uuid.uuid4().hex if world().main else None)
 
     def seeds(self, k: int, n: int | None = None) -> list[int]:
         first = seed_roles.replicate_start(self.config.role, k)
@@ -456,17 +463,22 @@ class _Bench:
                 "batch_size": s.batch_size, "num_samples": self.config.num_samples, "role": self.config.role}
 
     def run(self, only, retime, recount: bool = False) -> list[dict]:
+        methods, self.recorded = self.methods(only)
+        check_shared(self.out)  # checked and locked before the first write; bad input above leaves no folder
+        with FolderLock(self.out):
+            if retime:
+                return self.retime(methods, retime)
+            if recount:
+                return self.recount(methods)
+            return self.bench(methods)
+
+    def bench(self, methods: list[tuple]) -> list[dict]:
         from tqdm.auto import tqdm
 
         from cqpolicy.evaluation.cost import model_costs
         from cqpolicy.evaluation.evaluate import default_labels, is_fashion_mnist_like, sample_classes
         from cqpolicy.quantization import fp_weights_info
 
-        methods, self.recorded = self.methods(only)
-        if retime:
-            return self.retime(methods, retime)
-        if recount:
-            return self.recount(methods)
         self.check_resume(methods)
         config, model = self.config, self.model
         (self.out / "work").mkdir(parents=True, exist_ok=True)
@@ -533,7 +545,9 @@ class _Bench:
             self.bar.set_postfix_str(f"replicate {k}: plain model")
             run = self.sample(self.model, None, "none", self.seeds(k))
             images = images_to_uint8(run.images).numpy()
-            np.savez_compressed(plain_file, images=images)
+            with main_writes() as mine:
+                if mine:
+                    np.savez_compressed(plain_file, images=images)
             row = {**self.score(BASELINE, "none", run, None),
                    "images_sha256": hashlib.sha256(images.tobytes()).hexdigest(), **self.fp_weights,
                    "seeds_recorded": None}
@@ -594,8 +608,9 @@ class _Bench:
         from cqpolicy.evaluation.bench import log_bench_rows
 
         write_json(path, row)
-        if self.log:
-            log_bench_rows(self.config.experiment, [row], self.tags)
+        with main_writes() as mine:
+            if mine and self.log:
+                log_bench_rows(self.config.experiment, [row], self.tags)
         self.bar.update(1)
 
     def recount(self, methods: list[tuple]) -> list[dict]:
@@ -748,7 +763,9 @@ def write_table(out: Path, num_samples: int, experiment: str = EXPERIMENT) -> li
     df["method"] = df["policy_config"]
     df["experiment"] = experiment
     df["run_id"] = [f"{r['seed']}-{slug(r['policy'], r['cache_dtype'], r.get('weights_digest'))}" for r in rows]
-    write_leaderboard(leaderboard(df), out, overwrite=True)
+    with main_writes() as mine:
+        if mine:
+            write_leaderboard(leaderboard(df), out, overwrite=True)
     return rows
 
 
@@ -765,6 +782,9 @@ def plain_matches(images_file: Path, row_file: Path) -> bool:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Atomically, by rank 0 of a ``torchrun`` launch (every rank waits for it)."""
+    with main_writes() as mine:
+        if mine:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+            os.replace(tmp, path)

@@ -47,7 +47,9 @@ class ClassifierFID:
         directory = classifier_dir or SHIPPED_DIR
         self.classifier = load_classifier(directory)
         stats = load_reference_stats(directory)
-        self.metric = FrechetInceptionDistance(feature=frozen(self.classifier), reset_real_features=False)
+        # every rank of a torchrun launch scores the whole gathered run: no syncing of features across ranks
+        self.metric = FrechetInceptionDistance(feature=frozen(self.classifier), reset_real_features=False,
+                                               sync_on_compute=False)
         n = int(stats["num_samples"])
         mean, cov = stats["mean"].double(), stats["cov"].double()
         # torchmetrics keeps sums; rebuild them from the shipped mean / covariance.

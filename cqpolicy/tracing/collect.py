@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cqpolicy import seeds as seed_roles
+from cqpolicy.distributed import all_sum, world
 from cqpolicy.models.adapters import cache_blocks
 from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.policies import make_policy
@@ -133,10 +134,11 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
     cfg = uses_cfg(settings.guidance_scale, model)
     channels = model.latent_shape[0]
     timing = {"record_s": 0.0, "downstream_s": 0.0, "batches": 0, "rows": 0, "skipped_batches": 0}
-    batches = [(start, min(start + settings.batch_size, num_samples))
-               for start in range(0, num_samples, settings.batch_size)]
-    bar = tqdm(total=len(batches) * settings.steps, desc=f"trace {model.name}", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    # under torchrun each rank records its share of the batches into its own shards (one manifest, the same rows)
+    w = world()
+    batches = w.batches(num_samples, settings.batch_size)
+    bar = tqdm(total=len(batches) * settings.steps, desc=f"trace {model.name}", unit="step",
+               disable=not (progress and w.main), dynamic_ncols=True)
     try:
         for start, end in batches:
             seeds = [seed + i for i in range(start, end)]
@@ -179,6 +181,11 @@ def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: in
             timing["rows"] += table.num_rows
     finally:
         bar.close()
+    if w.size > 1:  # every rank's counts, once all shards are published
+        keys = ("record_s", "downstream_s", "batches", "rows", "skipped_batches")
+        timing = {**dict(zip(keys, all_sum([timing[k] for k in keys]))), "ranks": w.size}
+        for key in ("batches", "rows", "skipped_batches"):
+            timing[key] = int(timing[key])
     return {"run_dir": str(out_dir), "manifest": writer.manifest, **timing}
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from cqpolicy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""Data-parallel sampling under torchrun (2 gloo processes on CPU) gives what one process gives: the same bench rows
+(images, FID, KID, MACs), trace rows and samples; bad launches stop with one line and leave nothing behind; a
+killed launch resumes without duplicating a row."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SAMPLING = ["--num-samples", "6", "--batch-size", "2", "--steps", "3"]  # 3 batches over 2 ranks: uneven shares
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same kernels in every process
+
+
+def cqpolicy(*args, ranks: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    result = subprocess.run([*launcher, "-m", "cqpolicy", *map(str, args)], capture_output=True, text=True,
+                            env=_env(), timeout=300, **popen)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+SAME = ("fid", "kid", "macs_per_image", "psnr_vs_baseline", "reuse_ratio", "cache_bytes", "bit_identical",
+        "class_accuracy", "policy_config")
+
+
+def test_two_ranks_bench_the_same_rows_as_one_process(tiny_dit_dir, tmp_path):
+    policies = ["--policies", "fora:interval=2", "teacache:threshold=0.3", "--model", tiny_dit_dir, *SAMPLING,
+                "--fid"]
+    cqpolicy("bench", *policies, "--out", tmp_path / "one")
+    cqpolicy("bench", *policies, "--out", tmp_path / "two", ranks=2)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert [r["policy"] for r in one] == [r["policy"] for r in two] and len(one) == 3
+    for a, b in zip(one, two):
+        assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}, a["policy"]
+    assert one[0]["images_sha256"] == two[0]["images_sha256"]
+    with np.load(tmp_path / "one" / "work" / "plain-0-6.npz") as a, np.load(tmp_path / "two" / "work" /
+                                                                            "plain-0-6.npz") as b:
+        assert np.array_equal(a["images"], b["images"])
+    assert not list(tmp_path.glob(".two.partial-*"))  # rank 0 committed the one staging folder
+
+
+def test_two_ranks_trace_and_sample_what_one_process_does(tiny_dit_dir, tmp_path):
+    import pandas.testing
+    import pyarrow.compute as pc
+
+    from cqpolicy.tracing.store import TraceReader
+
+    trace = ["trace", "--model", tiny_dit_dir, *SAMPLING, "--probes", "local,downstream"]
+    cqpolicy(*trace, "--out", tmp_path / "t1")
+    cqpolicy(*trace, "--out", tmp_path / "t2", ranks=2)
+    keys = [("seed", "ascending"), ("cfg_branch", "ascending"), ("step", "ascending"), ("block", "ascending"),
+            ("unit", "ascending")]
+    one, two = (TraceReader([tmp_path / t]).table() for t in ("t1", "t2"))
+    one, two = (t.take(pc.sort_indices(t, sort_keys=keys)).to_pandas() for t in (one, two))
+    assert len(one) > 0
+    pandas.testing.assert_frame_equal(one, two, check_exact=True)  # NaN (not probed) where one process has it
+    assert len(list((tmp_path / "t2").glob("shard-*.parquet"))) == 3
+
+    sample = ["sample", "--model", tiny_dit_dir, *SAMPLING, "--policy", "fora:interval=2"]
+    cqpolicy(*sample, "--out", tmp_path / "s1")
+    cqpolicy(*sample, "--out", tmp_path / "s2", ranks=2)
+    with np.load(tmp_path / "s1" / "samples.npz") as a, np.load(tmp_path / "s2" / "samples.npz") as b:
+        assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["seeds"], b["seeds"])
+    m1, m2 = (json.loads((tmp_path / s / "metrics.json").read_text()) for s in ("s1", "s2"))
+    assert m1["macs"] == m2["macs"] and m1["reuse_ratio"] == m2["reuse_ratio"]
+
+
+def test_more_ranks_than_samples_or_a_folder_another_launch_writes_stop_in_one_line(tiny_dit_dir, tmp_path):
+    few = cqpolicy("bench", "--policies", "fora:interval=2", "--model", tiny_dit_dir, "--num-samples", "1",
+                   "--steps", "2", "--out", tmp_path / "few", ranks=2, check=False)
+    assert few.returncode != 0 and not (tmp_path / "few").exists()
+    errors = [line for line in few.stderr.splitlines() if line.startswith("cqpolicy bench: error:")]
+    assert errors == ["cqpolicy bench: error: 2 ranks for 1 samples per replicate: launch at most 1 "
+                      "(--nproc_per_node x --nnodes)"]
+
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"model: {tiny_dit_dir}\nsteps: 2\nnum_samples: 4\nbatch_size: 2\nseeds: [0]\nrepeats: 0\n"
+                      f"fid: false\nmethods: [fora:interval=2]\n")
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".cqpolicy.lock", "a+") as held:  # another launch is writing there
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = cqpolicy("bench", "--config", config, "--out", out, check=False)
+    assert busy.returncode == 2 and "is being written by another launch" in busy.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".cqpolicy.lock"]  # nothing written
+
+
+def test_a_killed_launch_resumes_without_duplicating_a_row(tiny_dit_dir, tmp_path):
+    config = tmp_path / "bench.yaml"
+    methods = ["fora:interval=2", "fora:interval=3", "teacache:threshold=0.3", "taylorseer:interval=2"]
+    config.write_text(f"model: {tiny_dit_dir}\nsteps: 3\nnum_samples: 6\nbatch_size: 2\nseeds: [0, 1]\nrepeats: 0\n"
+                      f"methods: {json.dumps(methods)}\n")
+    out = tmp_path / "killed"
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "cqpolicy", "bench", "--config", str(config), "--out", str(out)],
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while len(list((out / "rows").glob("*/*.json"))) < 3 and time.time() < deadline and launch.poll() is None:
+        time.sleep(0.2)
+    os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    launch.wait()
+    partial = len(list((out / "rows").glob("*/*.json")))
+    assert 3 <= partial < 2 * (1 + len(methods)), "the launch finished before it could be killed"
+    cqpolicy("bench", "--config", config, "--out", out, ranks=2)  # resumes
+    cqpolicy("bench", "--config", config, "--out", tmp_path / "whole")
+    rows = {p.relative_to(out / "rows"): json.loads(p.read_text()) for p in (out / "rows").glob("*/*.json")}
+    whole = {p.relative_to(tmp_path / "whole" / "rows"): json.loads(p.read_text())
+             for p in (tmp_path / "whole" / "rows").glob("*/*.json")}
+    assert rows.keys() == whole.keys() and len(rows) == 2 * (1 + len(methods))
+    for name, row in rows.items():
+        assert {k: row[k] for k in SAME} == {k: whole[name][k] for k in SAME}, name
+    board = (out / "leaderboard.csv").read_text().splitlines()
+    assert len(board) == 1 + 1 + len(methods)  # one leaderboard row per method: none counted twice
+
+
+@pytest.mark.parametrize("size, rank, spans", [(1, 0, [(0, 2), (2, 4), (4, 5)]), (2, 0, [(0, 2), (4, 5)]),
+                                               (2, 1, [(2, 4)]), (4, 3, [])])
+def test_ranks_take_whole_batches_in_turn(size, rank, spans):
+    from cqpolicy.distributed import World
+
+    assert World(rank=rank, size=size).batches(5, 2) == spans
+
+
+def test_one_process_gathers_rows_in_place():
+    import torch
+
+    from cqpolicy.distributed import gather_rows
+
+    rows = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(gather_rows(rows, [2, 0, 1], 3), rows[[1, 2, 0]])
+
+
+def test_outside_torchrun_nothing_starts_a_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from cqpolicy.distributed import World, world
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world() == World() and not dist.is_initialized()
