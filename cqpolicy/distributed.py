@@ -12,6 +12,7 @@ same output folder afterwards, which must lie on storage all ranks see (one mach
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import fcntl
 import os
@@ -56,7 +57,16 @@ def world() -> World:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        atexit.register(_leave)
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave() -> None:
+    """Close the process group before the interpreter tears its threads down (else gloo may abort the exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for(requested: str | None) -> str:

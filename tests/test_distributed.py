@@ -151,3 +151,41 @@ def test_outside_torchrun_nothing_starts_a_process_group(monkeypatch):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert world() == World() and not dist.is_initialized()
+
+
+TRAIN_SCRIPT = """
+import sys
+from cqpolicy.training.train import train_policy
+for kind in ("mlp", "scheduler"):
+    train_policy([sys.argv[1]], kind=kind, out_dir=f"{sys.argv[2]}/{kind}", max_epochs=2, batch_size=16,
+                 steps_per_epoch=4, progress=False)
+"""
+
+
+def test_ddp_training_on_two_ranks_writes_the_one_process_artifact(tiny_dit_dir, tmp_path):
+    """The MLP (each rank a share of every batch, the loss divided by the whole batch's weight) and the layer
+    scheduler (one impact table, on every rank) come out as one process trains them, up to float rounding."""
+    import torch
+    from safetensors.torch import load_file
+
+    cqpolicy("trace", "--model", tiny_dit_dir, *SAMPLING, "--out", tmp_path / "traces")
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    for ranks, out in ((1, "one"), (2, "two")):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+            if ranks > 1 else [sys.executable]
+        result = subprocess.run([*launcher, str(script), str(tmp_path / "traces"), str(tmp_path / out)],
+                                capture_output=True, text=True, env=_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("mlp", "scheduler"):
+        one, two = (load_file(tmp_path / out / kind / "weights.safetensors") for out in ("one", "two"))
+        assert one.keys() == two.keys()
+        for name in one:
+            assert torch.allclose(one[name].float(), two[name].float(), atol=1e-6), (kind, name)
+        meta = [json.loads((tmp_path / out / kind / "policy.json").read_text()) for out in ("one", "two")]
+        assert meta[0]["training"]["global_step"] == meta[1]["training"]["global_step"] >= 2
+        numbers = [{k: v for k, v in m["metrics"].items() if isinstance(v, float)} for m in meta]
+        assert numbers[0] == pytest.approx(numbers[1], rel=1e-5)
+    assert meta[0]["training"]["global_step"] == 2 * 4  # the scheduler: steps_per_epoch x epochs
+    mlp = json.loads((tmp_path / "one" / "mlp" / "policy.json").read_text())
+    assert mlp["training"]["global_step"] >= 2 * 3  # several batches an epoch, each shared by the ranks

@@ -51,24 +51,29 @@ __all__ = ["LABEL", "LABEL_KINDS", "LOG_EPS", "fit_step_weight", "DERIVED_FEATUR
            "ImpactTableDataModule", "EpochSampler"]
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffle that depends only on ``(seed, epoch)``: a resumed run sees the same batches as an unbroken one.
+class EpochSampler(Sampler[list[int]]):
+    """Batches of a shuffle that depends only on ``(seed, epoch)``: a resumed run sees the same batches as an
+    unbroken one. Under DDP (``ranks`` > 1) every rank takes its contiguous share of each of those batches (the
+    shares of one batch make the batch one process would see; a rank's share may be empty), so every rank takes the
+    same number of steps.
 
     Lightning calls ``set_epoch`` at the start of every training epoch (also after restoring a checkpoint).
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, int(seed), 0
+    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, ranks: int = 1):
+        self.n, self.seed, self.batch_size, self.rank, self.ranks, self.epoch = n, int(seed), batch_size, rank, ranks, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g)
+        for batch in order.split(self.batch_size):
+            yield batch.tensor_split(self.ranks)[self.rank].tolist()
 
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n / self.batch_size)
 
 
 def fit_step_weight(progress: np.ndarray, local: np.ndarray, downstream: np.ndarray, degree: int = 2) -> dict:
@@ -306,7 +311,10 @@ class TraceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), self.seed))
+        from cqpolicy.distributed import world
+
+        w = world()
+        return DataLoader(ds, batch_sampler=EpochSampler(len(ds), self.seed, self.batch_size, w.rank, w.size))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), batch_size=self.batch_size, shuffle=False)

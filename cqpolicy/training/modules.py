@@ -34,10 +34,11 @@ __all__ = ["ReuseMLP", "ReusePolicyModule", "LayerSchedulerModule", "weighted_ms
 
 
 def weighted_mse(pred: torch.Tensor, y: torch.Tensor, impact: torch.Tensor, tolerance: float,
-                 harm_weight: float) -> torch.Tensor:
-    """MSE where rows with ``impact > tolerance`` weigh ``harm_weight`` times more (weighted mean)."""
+                 harm_weight: float, total_weight=None) -> torch.Tensor:
+    """MSE where rows with ``impact > tolerance`` weigh ``harm_weight`` times more (weighted mean);
+    ``total_weight(w)``: the weight sum to divide by (under DDP, every rank's share of the batch)."""
     w = torch.where(impact > tolerance, torch.full_like(pred, harm_weight), torch.ones_like(pred))
-    return (w * (pred - y).pow(2)).sum() / w.sum()
+    return (w * (pred - y).pow(2)).sum() / (w.sum() if total_weight is None else total_weight(w))
 
 
 def harm_scores(pred: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -61,20 +62,28 @@ class ReusePolicyModule(L.LightningModule):
             if input_range is not None:  # the training split's normalised min / max per feature
                 self.mlp.low.copy_(torch.tensor(input_range[0]))
                 self.mlp.high.copy_(torch.tensor(input_range[1]))
-        self.val_auroc = BinaryAUROC()
-        self.val_ap = BinaryAveragePrecision()
+        # every DDP rank validates on the whole validation split: nothing to sync
+        self.val_auroc = BinaryAUROC(sync_on_compute=False)
+        self.val_ap = BinaryAveragePrecision(sync_on_compute=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x).squeeze(1)
 
-    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(self, batch, total_weight=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y, impact = batch[0], batch[1], batch[2]
         pred = self(x)
-        return weighted_mse(pred, y, impact, self.hparams.tolerance, self.hparams.harm_weight), pred, impact
+        return (weighted_mse(pred, y, impact, self.hparams.tolerance, self.hparams.harm_weight, total_weight),
+                pred, impact)
 
     def training_step(self, batch, batch_idx):
-        loss, _, _ = self._loss(batch)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=len(batch[0]))
+        ranks = self.trainer.world_size if self._trainer is not None else 1
+        if ranks == 1:
+            loss, _, _ = self._loss(batch)
+        else:  # each rank holds a share of the batch: divide by the whole batch's weight, times the ranks DDP
+            #      averages over, so the averaged gradient is the one-process gradient
+            loss, _, _ = self._loss(batch, lambda w: self.all_gather(w.sum().detach()).sum() / ranks)
+        self.log("train_loss", loss * ranks, on_step=True, on_epoch=True, batch_size=max(1, len(batch[0])),
+                 reduce_fx="mean", sync_dist=ranks > 1)
         return loss
 
     def validation_step(self, batch, batch_idx):

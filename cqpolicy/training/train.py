@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cqpolicy.distributed import barrier, main_writes, world
 from cqpolicy.policies.features import FEATURE_SETS
 from cqpolicy.policies.artifact import ArtifactError, check_target, save_artifact
 from cqpolicy.training.data import LOG_EPS, ImpactTableDataModule, TraceDataModule
@@ -244,17 +245,23 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     config = {"kind": kind, "seed": seed, "data": dm.fingerprint(), "batch_size": batch_size,
               "val_fraction": val_fraction, "tolerance_quantile": tolerance_quantile, **settings}
 
+    w = world()  # under torchrun: DDP, each rank a share of every batch; rank 0 writes
     last = ckpt_dir / LAST
     resuming = last.is_file()
-    _check_resume_config(ckpt_dir, config, resuming)
+    barrier()  # every rank has looked for a checkpoint before rank 0 writes into the folder
+    with main_writes() as mine:
+        if mine or resuming:
+            _check_resume_config(ckpt_dir, config, resuming)
     resumed_from = _checkpoint_epoch(last) if resuming else None
 
     uri = tracking_uri()
     logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_name=f"train-{kind}-{out.name}",
                           artifact_location=_artifact_location(),
                           run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
-    run_id = logger.run_id  # creates the run now, so a killed training can continue it
-    (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
+    run_id = logger.run_id  # creates the run now (rank 0), so a killed training can continue it
+    with main_writes() as mine:
+        if mine:
+            (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
     if data is not dm:  # the Lightning module does not see the traces: record them here
         logger.log_hyperparams({"traces": dm.run_dirs, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds})
 
@@ -269,9 +276,9 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
                                  monitor=net.monitor, mode="min", save_top_k=1)
     counter = _EpochCounter()
     trainer = L.Trainer(deterministic=True, accelerator="cuda" if torch.cuda.is_available() else "cpu",
-                        devices="auto", max_epochs=max_epochs, logger=logger, callbacks=[checkpoint, counter],
-                        enable_progress_bar=progress, enable_model_summary=progress, log_every_n_steps=1,
-                        default_root_dir=str(ckpt_dir))
+                        **lightning_devices(w), max_epochs=max_epochs, logger=logger, callbacks=[checkpoint, counter],
+                        enable_progress_bar=progress and w.main, enable_model_summary=progress and w.main,
+                        log_every_n_steps=1, default_root_dir=str(ckpt_dir))
     with warnings.catch_warnings():
         # our own files (config, run id) live next to the checkpoints; one process loads data in memory
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
@@ -279,7 +286,8 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
         warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
-        return {}  # multi-device (DDP) training: rank 0 alone evaluates and writes the artifact
+        barrier()  # DDP: rank 0 alone evaluates and writes the artifact; the others wait for it
+        return {}
 
     best = checkpoint.best_model_path
     out_fields = net.finish(module, dm, checkpoint, options)
@@ -305,7 +313,20 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     client = logger.experiment
     client.log_batch(run_id, metrics=final, synchronous=True)
     client.log_artifacts(run_id, str(out), artifact_path="policy")
+    barrier()
     return meta
+
+
+def lightning_devices(w) -> dict:
+    """The Trainer's devices: one process here, or under torchrun DDP over its ranks (the loaders shard the batches
+    themselves, ``EpochSampler``, so Lightning's distributed sampler stays off)."""
+    if w.size == 1:
+        return {"devices": 1}
+    from lightning.pytorch.strategies import DDPStrategy
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
+    return {"devices": per_node, "num_nodes": w.size // per_node, "strategy": DDPStrategy(),
+            "use_distributed_sampler": False}
 
 
 def _finite_numbers(metrics: dict) -> dict:
