@@ -360,7 +360,7 @@ def cmd_trace(args) -> int:
     from cqpolicy.policies import make_policy
     from cqpolicy.sampling import SampleSettings
     from cqpolicy.sampling.sampler import settings_for
-    from cqpolicy.distributed import FolderLock, world
+    from cqpolicy.distributed import world
     from cqpolicy.tracing.collect import collect, heatmaps, local_vs_downstream, parse_probes
     from cqpolicy.tracing.store import TraceReader
     from cqpolicy.tracking import start_run
@@ -375,10 +375,8 @@ def cmd_trace(args) -> int:
     settings = settings_for(model, args.steps, args.scheduler, args.batch_size, args.guidance_scale)
     if world().size > args.num_samples:
         raise CliError(f"{world().size} ranks for {args.num_samples} samples: launch at most {args.num_samples}")
-    # workers on disjoint seed ranges may share --out; one launch per range
-    with FolderLock(args.out, f".cqpolicy-trace-{args.seed}-{args.num_samples}.lock"):
-        summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
-                          probes=probes)
+    summary = collect(model, settings, args.out, args.num_samples, seed=args.seed, policy=args.policy,
+                      probes=probes)
     if not world().main:  # under torchrun: rank 0 reads every rank's shards and reports
         return 0
     table = TraceReader([args.out]).table()

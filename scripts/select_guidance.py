@@ -2,6 +2,7 @@
 """Pick a model's default guidance scale by FID on model-selection samples (never on test samples).
 
     python scripts/select_guidance.py --model fmnist-dit --scales 1.5 2 2.5 3 --num-samples 500
+    torchrun --standalone --nproc_per_node 2 scripts/select_guidance.py ...   # the samples shared by 2 processes
 
 Every scale samples the same selection seeds (40,000,000 + i, class i mod 10 or prompt i mod prompts, with the
 model's own scheduler; ``cqpolicy/seeds.py``), so the scales are compared on the same noise. Prints a markdown table
@@ -13,6 +14,7 @@ import argparse
 import json
 
 from cqpolicy import seeds
+from cqpolicy.distributed import world
 from cqpolicy.evaluation.evaluate import evaluate
 from cqpolicy.models import load_model
 from cqpolicy.sampling import SampleSettings
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
         p.error("guidance scales must be non-negative and --num-samples at least 2")
 
     model = load_model(args.model)
+    main = world().main  # under torchrun, rank 0 reports
     start = seeds.start("selection")
     rows = []
     for g in args.scales:
@@ -39,9 +42,12 @@ def main(argv=None) -> int:
                                   scheduler=scheduler_for(model, None))
         m = evaluate(model, settings, args.num_samples, seed=start, fid=True).metrics
         rows.append({"guidance_scale": g, "fid": m["fid"], "kid": m.get("kid"), "class_accuracy": m["class_accuracy"]})
-        print(f"guidance {g:g}: FID {m['fid']:.2f}, KID {m.get('kid', float('nan')):.3f}, "
-              f"accuracy {m['class_accuracy']:.3f}", flush=True)
+        if main:
+            print(f"guidance {g:g}: FID {m['fid']:.2f}, KID {m.get('kid', float('nan')):.3f}, "
+                  f"accuracy {m['class_accuracy']:.3f}", flush=True)
     best = min(rows, key=lambda r: r["fid"])
+    if not main:
+        return 0
     print(f"\n{args.model}, {args.steps} {settings.scheduler} steps, N = {args.num_samples} selection samples "
           f"(seeds {start}+)\n")
     print("| guidance | FID | KID | class accuracy |\n|---|---|---|---|")

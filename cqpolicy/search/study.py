@@ -27,11 +27,13 @@ from cqpolicy.search.space import FP_WEIGHTS, SearchSpace, suggest, suggest_weig
 
 RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+HEARTBEAT_S = 60  # RDB storages: a running trial's worker records a heartbeat this often
+RETRIES = 2  # a trial whose worker died is run again this many times at most
 
 
 def make_storage(storage: str | None):
     """An Optuna storage for ``storage`` (see module doc); unreachable ones fail here, before any trial."""
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     url = storage or DEFAULT_STORAGE
@@ -39,7 +41,11 @@ def make_storage(storage: str | None):
         if url.startswith(RDB_PREFIXES):
             if url.startswith("sqlite:///"):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+            # a worker that dies mid-trial stops beating: its trial is failed after the grace period and re-queued
+            # (up to RETRIES times) for any worker, instead of staying RUNNING forever
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                              heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                              failed_trial_callback=RetryFailedTrialCallback(max_retry=RETRIES))
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cqpolicy import seeds as seed_roles
-from cqpolicy.distributed import all_sum, world
+from cqpolicy.distributed import FolderLock, all_sum, world
 from cqpolicy.models.adapters import cache_blocks
 from cqpolicy.models.fingerprint import model_fingerprint
 from cqpolicy.policies import make_policy
@@ -114,12 +114,18 @@ def _attach_downstream(cols: dict, result: dict, seeds) -> None:
 def collect(model, settings: SampleSettings, out_dir, num_samples: int, seed: int = seed_roles.start("trace"),
             policy: str = "none", probes: tuple[str, ...] = ("local",), progress: bool = True) -> dict:
     """Record traces of ``num_samples`` samples (seeds ``seed .. seed+num_samples-1``) into ``out_dir``."""
-    from cqpolicy import __version__
-
     settings.validate()
     if num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
     make_policy(policy).prepare(model, settings)  # a bad spec, or one refused for this model, fails before any file
+    # workers on disjoint seed ranges may share out_dir; one launch per range
+    with FolderLock(out_dir, f".cqpolicy-trace-{seed}-{num_samples}.lock"):
+        return _collect(model, settings, out_dir, num_samples, seed, policy, probes, progress)
+
+
+def _collect(model, settings, out_dir, num_samples, seed, policy, probes, progress) -> dict:
+    from cqpolicy import __version__
+
     num_blocks = len(cache_blocks(model.transformer))
     info = RunInfo(model_id=model.name, model_hash=model_fingerprint(model), scheduler=settings.scheduler,
                    steps=settings.steps, guidance_scale=settings.guidance_scale, policy=policy,
