@@ -191,3 +191,25 @@ def test_the_main_job_runs_a_flow_matching_model_with_its_own_scheduler(tiny_pip
     assert not any(r["policy"] == "fora:interval=2,unit=attn+ff+ff_context" for r in rows)
     manifest = json.loads((out / "traces" / "none" / "manifest.json").read_text())
     assert manifest["scheduler"] == "flow"
+
+
+def test_the_shipped_model_samples_prompted_images_in_the_stock_pipeline_and_the_sampler():
+    """The shipped weights, end to end: the sampler (its training prompts, its guidance) and the unmodified
+    StableDiffusion3Pipeline under a cache policy."""
+    from diffusers import StableDiffusion3Pipeline
+
+    import cqpolicy
+    from cqpolicy.models import load_model
+    from cqpolicy.sampling import sample
+    from cqpolicy.sampling.sampler import settings_for
+
+    model = load_model("fmnist-sd3")
+    assert model.default_guidance_scale == fmnist_sd3.DEFAULT_GUIDANCE_SCALE and len(model.prompts.texts) == 120
+    images = sample(model, [7, 9], [0, 1], settings_for(model, steps=4, batch_size=2), progress=False)
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+    pipe = StableDiffusion3Pipeline.from_pretrained(fmnist_sd3.SHIPPED_DIR, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    with cqpolicy.enable(pipe, "fora:interval=2") as handle:
+        out = pipe(["a photo of a sneaker"], num_inference_steps=4, output_type="np").images
+    assert out.shape == (1, 28, 28, 1) and handle.reuse_ratio == 0.5
