@@ -95,25 +95,21 @@ def barrier() -> None:
 
 def all_sum(values: list[float], exact: bool = False) -> list:
     """Element-wise sums over the ranks (``exact``: as 64-bit integers, for counts such as MACs)."""
-    if world().size == 1:
-        return list(values)
-    import torch
-    import torch.distributed as dist
-
-    dtype = torch.int64 if exact else torch.float64
-    t = torch.tensor(values, dtype=dtype, device=_device())
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+    return _all_reduce(values, "SUM", exact)
 
 
 def all_max(values: list[float]) -> list[float]:
+    return _all_reduce(values, "MAX", False)
+
+
+def _all_reduce(values: list[float], op: str, exact: bool) -> list:
     if world().size == 1:
         return list(values)
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(values, dtype=torch.int64 if exact else torch.float64, device=_device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.cpu().tolist()
 
 
