@@ -196,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default out/run or out/run-quick)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("tracking-server", help="an MLflow tracking server that many processes and hosts log to",
+                       description="Serve MLflow's tracking API (mlflow server) on --host:--port over a database, so "
+                                   "that every worker, rank or host logs into one store: point them at it with "
+                                   "MLFLOW_TRACKING_URI=http://HOST:PORT. The database must answer before the "
+                                   "server starts. Binds 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--backend-store-uri", default=None,
+                   help="where runs are stored: postgresql://USER@HOST[:PORT]/DB (needs psycopg: pip install "
+                        "'cqpolicy[postgres]'), mysql://..., or sqlite:///FILE (default sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--artifacts-destination", default=None,
+                   help="folder or object-store URI the server keeps artifacts in (default mlruns/artifacts)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    p.set_defaults(func=cmd_tracking_server)
+
     p = sub.add_parser("docs", help="regenerate the tables in README.md and docs/ from docs/results",
                        description="Rewrite every generated table block (<!-- table: SOURCE options --> ... "
                                    "<!-- /table -->) in README.md and docs/**/*.md from its source file under "
@@ -588,6 +603,10 @@ def cmd_leaderboard(args) -> int:
 def cmd_run(args) -> int:
     from cqpolicy.pipeline import load_config, run_pipeline
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # its search and report stages are one process; the stages that sample shard as their own commands
+        raise CliError("cqpolicy run is one process: launch it without torchrun, and shard its sampling stages as "
+                       "torchrun ... -m cqpolicy trace / train / bench (docs/training.md, Scaling out)")
     config = load_config(args.config, quick=args.quick)
     out = args.out or ("out/run-quick" if args.quick else "out/run")
     summary = run_pipeline(config, out)
@@ -611,6 +630,31 @@ def cmd_docs(args) -> int:
         print(f"rewrote: {block}")
     print(f"rewrote {len(changed)} table block(s) in {len(paths)} file(s)")
     return 0
+
+
+def cmd_tracking_server(args) -> int:
+    from cqpolicy.tracking.mlflow_store import DEFAULT_DIR, check_reachable
+
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    if args.workers < 1:
+        raise CliError(f"--workers must be at least 1, got {args.workers}")
+    backend = args.backend_store_uri or f"sqlite:///{DEFAULT_DIR / 'mlflow.db'}"
+    if backend.startswith("sqlite:///"):
+        Path(backend.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(backend)
+    artifacts = args.artifacts_destination or str((DEFAULT_DIR / "artifacts").resolve())
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+               "--artifacts-destination", artifacts, "--host", args.host, "--port", str(args.port),
+               "--workers", str(args.workers)]
+    print(f"MLflow tracking server on http://{args.host}:{args.port} (store {backend}); "
+          f"workers log to it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
+    import subprocess
+
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_quantize(args) -> int:
@@ -699,6 +743,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.device(args.device)
             except RuntimeError:
                 raise CliError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if "experiment" in vars(args) or args.command in ("run", "leaderboard"):
+            # a tracking server or database that does not answer fails here, not after the work it would record
+            from cqpolicy.tracking.mlflow_store import check_reachable, tracking_uri
+
+            check_reachable(tracking_uri())
         return args.func(args)
     except (CliError, ValueError, OSError, ModelLoadError, DatasetMissingError, TraceError, PipelineError,
             StepMismatchError) as exc:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +188,37 @@ def test_ddp_training_on_two_ranks_writes_the_one_process_artifact(tiny_dit_dir,
     assert meta[0]["training"]["global_step"] == 2 * 4  # the scheduler: steps_per_epoch x epochs
     mlp = json.loads((tmp_path / "one" / "mlp" / "policy.json").read_text())
     assert mlp["training"]["global_step"] >= 2 * 3  # several batches an epoch, each shared by the ranks
+
+
+def test_ddp_gates_training_on_two_ranks_writes_the_one_process_artifact(tiny_dit_dir, tmp_path):
+    """The gate net rolls out through the sampler; each rank rolls out half of every batch and divides its loss by
+    the whole batch's, so the averaged gradient is the one-process gradient of log(loss)."""
+    import torch
+    from safetensors.torch import load_file
+
+    for ranks, out in ((1, "one"), (2, "two")):
+        cqpolicy("train", "gates", "--model", tiny_dit_dir, "--steps", 6, "--budget-range", 0.3, 0.8,
+                 "--train-samples", 8, "--batch-size", 4, "--max-epochs", 2, "--out", tmp_path / out, ranks=ranks)
+    one, two = (load_file(tmp_path / out / "weights.safetensors") for out in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name].float(), two[name].float(), atol=1e-5), name
+    meta = [json.loads((tmp_path / out / "policy.json").read_text()) for out in ("one", "two")]
+    assert meta[0]["training"]["global_step"] == meta[1]["training"]["global_step"] == 2 * 2
+    numbers = [{k: v for k, v in m["metrics"].items() if isinstance(v, float) and k != "train_minutes"}
+               for m in meta]
+    assert numbers[0] == pytest.approx(numbers[1], rel=1e-4)
+    result = cqpolicy("train", "gates", "--model", tiny_dit_dir, "--steps", 6, "--train-samples", 8,
+                      "--batch-size", 3, "--out", tmp_path / "odd", ranks=2, check=False)
+    assert result.returncode != 0 and "must be a multiple of the 2 ranks" in result.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+def test_the_main_job_under_torchrun_is_one_line_naming_the_sharded_commands(monkeypatch, tmp_path, capsys):
+    from cqpolicy.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing starts before the refusal
+    assert main(["run", "--quick", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "launch it without torchrun" in err[0] and "cqpolicy trace / train / bench" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -99,15 +99,42 @@ def test_two_workers_on_one_journal_record_every_trial_once(tiny_dit_dir, tmp_pa
 
 def test_a_killed_study_resumes_with_its_trials_intact(tiny_dit_dir, tmp_path, capsys):
     space = tiny_space(tiny_dit_dir, tmp_path)
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = str(tmp_path / "journal.log")  # no heartbeats: a RUNNING trial at launch was left by a killed one
     run_study(space, n_trials=2, storage=storage, study_name="k", progress=False)
     import optuna
-    study = optuna.load_study(study_name="k", storage=storage)
+    study = optuna.load_study(study_name="k", storage=make_storage(storage))
     study.ask()  # a worker that was killed mid-trial leaves it RUNNING
     summary = run_study(space, n_trials=1, storage=storage, study_name="k", progress=False)
-    states = [t.state.name for t in optuna.load_study(study_name="k", storage=storage).get_trials()]
+    states = [t.state.name for t in optuna.load_study(study_name="k", storage=make_storage(storage)).get_trials()]
     assert summary["stale_marked_failed"] == 1
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1
+
+
+def test_a_database_study_fails_and_retries_only_trials_whose_heartbeat_stopped(tiny_dit_dir, tmp_path, monkeypatch):
+    import time
+
+    import optuna
+
+    from cqpolicy.search import study as study_module
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_S", 1)  # grace period 3 s
+    space = tiny_space(tiny_dit_dir, tmp_path)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run_study(space, n_trials=1, storage=storage, study_name="h", progress=False)
+    study = optuna.load_study(study_name="h", storage=make_storage(storage))
+    dead = study.ask({"family": optuna.distributions.CategoricalDistribution(["fora", "teacache"])})
+    study._storage.record_heartbeat(dead._trial_id)  # a worker that died mid-trial: its last heartbeat
+    time.sleep(4)
+    alive = study.ask()  # another host's trial in flight, beating
+    study._storage.record_heartbeat(alive._trial_id)
+    summary = run_study(space, n_trials=1, storage=storage, study_name="h", progress=False)
+    trials = optuna.load_study(study_name="h", storage=make_storage(storage)).get_trials()
+    by_state = {s: [t.number for t in trials if t.state.name == s] for s in ("COMPLETE", "FAIL", "RUNNING")}
+    assert summary["stale_marked_failed"] == 0  # Optuna's heartbeat check, not the launch, failed it
+    assert by_state["FAIL"] == [dead.number] and by_state["RUNNING"] == [alive.number]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert retried[0].params["family"] == dead.params["family"]  # re-run with the dead trial's drawn values
 
 
 def test_search_cli_quick_and_bad_storage(tiny_dit_dir, tmp_path, capsys):

@@ -18,22 +18,30 @@ the trial's ``policy`` is that spec (what the bench deploys), its ``schedule`` t
 from __future__ import annotations
 
 import math
+import random
+import time
+import warnings
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.storages._heartbeat import is_heartbeat_enabled  # noqa: PLC2701 - no public equivalent
 
 from cqpolicy.search.space import FP_WEIGHTS, SearchSpace, suggest, suggest_weights
+from cqpolicy.tracking.mlflow_store import database_connect_args
 
 RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 HEARTBEAT_S = 60  # RDB storages: a running trial's worker records a heartbeat this often
 RETRIES = 2  # a trial whose worker died is run again this many times at most
+PARENT_WAIT_S = 30  # a launch that joins a study waits this long for its creator's MLflow parent run
+SCHEMA_TRIES = 5  # workers that open an empty database together: tries to find its tables made
 
 
 def make_storage(storage: str | None):
     """An Optuna storage for ``storage`` (see module doc); unreachable ones fail here, before any trial."""
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    import sqlalchemy
     from optuna.storages.journal import JournalFileBackend
 
     url = storage or DEFAULT_STORAGE
@@ -43,9 +51,21 @@ def make_storage(storage: str | None):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             # a worker that dies mid-trial stops beating: its trial is failed after the grace period and re-queued
             # (up to RETRIES times) for any worker, instead of staying RUNNING forever
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                              heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=RETRIES))
+            engine_kwargs = None if url.startswith("sqlite") else {
+                "pool_pre_ping": True, "connect_args": database_connect_args(url)}
+            for attempt in range(SCHEMA_TRIES):
+                try:
+                    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=(
+                                              RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)))
+                except sqlalchemy.exc.IntegrityError:
+                    # workers started together on an empty database race to create Optuna's tables (PostgreSQL:
+                    # duplicate pg_type rows); the loser finds them made on its next try
+                    if attempt == SCHEMA_TRIES - 1:
+                        raise
+                    time.sleep(0.5 + random.random())
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -172,6 +192,19 @@ def _mark_stale_running_trials_failed(study: optuna.Study) -> int:
     return len(stale)
 
 
+def _creators_parent_run(study_name: str, storage: str | None) -> str | None:
+    """The parent run id that the launch which created the study records moments after creating it (None when
+    that launch died first: this launch then opens the parent run)."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        parent_id = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs.get(
+            "mlflow_parent_run_id")
+        if parent_id is not None:
+            return parent_id
+    return None
+
+
 def run_worker(space: SearchSpace, storage: str | None, study_name: str, n_trials: int, experiment: str,
                parent_run_id: str | None, seed: int | None, progress: bool = True,
                artifacts: Path | None = None) -> None:
@@ -200,12 +233,22 @@ def run_study(space: SearchSpace, n_trials: int, storage: str | None = None, stu
         raise ValueError("--n-trials and --workers must be at least 1")
     study_name = study_name or Path(space.source).stem or "cqpolicy-search"
     artifacts = Path(artifacts or Path("out/search") / study_name) if space.forecast is not None else None
-    study = optuna.create_study(study_name=study_name, storage=make_storage(storage), directions=space.directions,
-                                sampler=make_sampler(space, seed), load_if_exists=True)
+    try:  # the storage names one creator even when several hosts start together: it opens the MLflow parent run
+        study = optuna.create_study(study_name=study_name, storage=make_storage(storage),
+                                    directions=space.directions, sampler=make_sampler(space, seed))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
+                                  sampler=make_sampler(space, seed))
+        created = False
     if study.directions != [optuna.study.StudyDirection[d.upper()] for d in space.directions]:
         raise ValueError(f"study {study_name!r} exists with other objectives; choose another --study-name")
-    failed_stale = _mark_stale_running_trials_failed(study)
+    # RDB storages fail a dead worker's trials by their heartbeats, leaving other hosts' running trials alone;
+    # a journal has no heartbeats: what is RUNNING when a launch starts was left by a killed one
+    failed_stale = 0 if is_heartbeat_enabled(study._storage) else _mark_stale_running_trials_failed(study)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    if parent_id is None and not created:
+        parent_id = _creators_parent_run(study_name, storage)
     with start_run(experiment, run_name=f"study-{study_name}", run_id=parent_id) as parent:
         if parent_id is None:
             study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)

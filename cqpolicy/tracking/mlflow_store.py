@@ -1,7 +1,9 @@
 """Where MLflow runs go.
 
 MLflow 3.17 refuses a plain ``./mlruns`` file store, so the default is ``sqlite:///mlruns/mlflow.db``
-with artifacts in ``mlruns/artifacts``, relative to the working directory.
+with artifacts in ``mlruns/artifacts``, relative to the working directory. Many processes or hosts share one
+store through a tracking server (``cqpolicy tracking-server``, ``MLFLOW_TRACKING_URI=http://...``) or a database
+URL (``postgresql://...``); ``check_reachable`` fails in one line before any work when such a store does not answer.
 """
 from __future__ import annotations
 
@@ -10,6 +12,32 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_DIR = Path("mlruns")
+CONNECT_TIMEOUT_S = 10  # a server or database that does not answer in this time is an error, not a hang
+
+
+def database_connect_args(url: str) -> dict:
+    """SQLAlchemy ``connect_args`` that bound the wait for a database server that does not answer."""
+    return {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith(("postgresql", "mysql")) else {}
+
+
+def check_reachable(uri: str) -> None:
+    """Raise ValueError (one line) when a tracking server or database ``uri`` does not answer; files always do."""
+    try:
+        if uri.startswith(("http://", "https://")):
+            import urllib.request
+
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
+        elif "://" in uri and not uri.startswith(("sqlite:", "file:")):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, connect_args=database_connect_args(uri))
+            try:
+                engine.connect().close()
+            finally:
+                engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - drivers and sockets raise many types; the user needs one line
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{uri!r} does not answer: {type(exc).__name__}: {detail}") from None
 
 
 def tracking_uri() -> str:
@@ -29,7 +57,13 @@ def _experiment_id(name: str) -> str:
     artifact_location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         artifact_location = (DEFAULT_DIR / "artifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException as exc:  # another process or host created it first
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise exc
+        return experiment.experiment_id
 
 
 @contextmanager

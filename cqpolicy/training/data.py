@@ -60,8 +60,9 @@ class EpochSampler(Sampler[list[int]]):
     Lightning calls ``set_epoch`` at the start of every training epoch (also after restoring a checkpoint).
     """
 
-    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, ranks: int = 1):
+    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, ranks: int = 1, drop_last: bool = False):
         self.n, self.seed, self.batch_size, self.rank, self.ranks, self.epoch = n, int(seed), batch_size, rank, ranks, 0
+        self.drop_last = drop_last  # leave out a last batch smaller than batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -70,10 +71,12 @@ class EpochSampler(Sampler[list[int]]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g)
         for batch in order.split(self.batch_size):
+            if self.drop_last and len(batch) < self.batch_size:
+                break
             yield batch.tensor_split(self.ranks)[self.rank].tolist()
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
 
 def fit_step_weight(progress: np.ndarray, local: np.ndarray, downstream: np.ndarray, degree: int = 2) -> dict:

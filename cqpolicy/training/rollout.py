@@ -34,6 +34,7 @@ import torch
 
 from cqpolicy import defaults
 from cqpolicy import seeds as seed_roles
+from cqpolicy.distributed import all_sum, barrier, main_writes, world
 from cqpolicy.policies.artifact import check_target, save_artifact
 from cqpolicy.policies.base import Policy
 from cqpolicy.policies.gates import GATE_FEATURES, GateNet, gate_inputs, min_budget, plan
@@ -191,7 +192,7 @@ class GateRolloutModule(L.LightningModule):
     """The gate net and its optimiser; each training step is one rollout at a budget drawn from the range."""
 
     def __init__(self, cells: int, hidden: int, mean: list, std: list, budget_range: tuple, tau: float,
-                 lr: float, feature_weight: float, val_budgets: list):
+                 lr: float, feature_weight: float, val_budgets: list, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net = GateNet(cells, hidden)
@@ -203,12 +204,21 @@ class GateRolloutModule(L.LightningModule):
 
     def training_step(self, index, batch_idx):
         low, high = self.hparams.budget_range
-        budget = low + (high - low) * float(torch.rand(()))
+        # the budget of a step depends on (seed, step) only: every DDP rank and a resumed run draw the same one
+        draw = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.global_step))
+        budget = low + (high - low) * float(torch.rand((), generator=draw))
         out = self.rollout_loss(index, budget, train=True)
+        loss = out["loss"]
+        w = world()
+        whole = all_sum([float(loss)])[0] / w.size if w.size > 1 else float(loss)  # the batch's loss, all shares
+        out["loss"] = torch.tensor(whole)
         self.log_dict({f"train_{k}": float(torch.as_tensor(v).detach()) for k, v in out.items()},
                       batch_size=len(index))
         self.log("train_budget", budget, batch_size=len(index))
-        return torch.log(out["loss"])  # relative changes: low budgets' larger losses do not drown the others
+        # minimise log(loss) (relative changes: low budgets' larger losses do not drown the others): its gradient
+        # is grad(loss) / loss, and with each rank's share divided by the whole batch's loss the gradients DDP
+        # averages over equal shares are the one-process gradient; the value shown is log(loss)
+        return loss / whole + (math.log(whole) - 1)
 
     def validation_step(self, index, batch_idx):
         logs = []
@@ -279,8 +289,10 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     from cqpolicy.models.fingerprint import model_fingerprint
     from cqpolicy.sampling.sampler import settings_for
     from cqpolicy.tracking.mlflow_store import tracking_uri
+    from cqpolicy.training.data import EpochSampler
     from cqpolicy.training.train import (LAST, RUN_FILE, _artifact_location, _check_resume_config,
-                                         _checkpoint_epoch, _finite_numbers, _previous_run_id, checkpoint_dir)
+                                         _checkpoint_epoch, _finite_numbers, _previous_run_id, checkpoint_dir,
+                                         lightning_devices)
 
     low, high = (float(b) for b in budget_range)
     if not 0 < low < high <= 1:
@@ -296,6 +308,9 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
         raise ValueError(f"rollout_traces {rollout_traces} x 3 budgets exceeds the {train_samples} training rollouts")
     if (init_mlp is None) != (init_traces is None):
         raise ValueError("a warm start needs both init_mlp (an mlp artifact) and init_traces (its trace run)")
+    w = world()  # under torchrun: DDP, each rank rolls out an equal share of every batch; rank 0 writes
+    if batch_size % w.size:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {w.size} ranks (equal shares)")
     out = check_target(out_dir, overwrite)
     ckpt_dir = checkpoint_dir(out)
     keep_freed_memory()
@@ -321,11 +336,15 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
               "feature_weight": feature_weight, "seed": seed, "init_mlp": init_mlp, "init_traces": init_traces}
     last = ckpt_dir / LAST
     resuming = last.is_file()
-    _check_resume_config(ckpt_dir, config, resuming)
+    barrier()  # every rank has looked for a checkpoint before rank 0 writes into the folder
+    with main_writes() as mine:
+        if mine or resuming:
+            _check_resume_config(ckpt_dir, config, resuming)
     resumed_from = _checkpoint_epoch(last) if resuming else None
 
-    module = GateRolloutModule(cells=rollouts.unit_macs.numel(), hidden=hidden, mean=mean, std=std, budget_range=(low, high),
-                    tau=tau, lr=lr, feature_weight=feature_weight, val_budgets=val_budgets)
+    module = GateRolloutModule(cells=rollouts.unit_macs.numel(), hidden=hidden, mean=mean, std=std,
+                               budget_range=(low, high), tau=tau, lr=lr, feature_weight=feature_weight,
+                               val_budgets=val_budgets, seed=seed)
     module.rollouts = rollouts
     init = None
     if init_mlp and not resuming:
@@ -337,22 +356,28 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
         init = {"mlp": str(init_mlp), "traces": str(init_traces), "resumed": True}  # the start is in last.ckpt
     train_index = torch.arange(train_samples)
     val_index = torch.arange(train_samples, train_samples + val_samples)
-    loaders = (torch.utils.data.DataLoader(train_index, batch_size=batch_size, shuffle=True, drop_last=True),
-               torch.utils.data.DataLoader(val_index, batch_size=batch_size))
+    loaders = (torch.utils.data.DataLoader(train_index, batch_sampler=EpochSampler(
+                   train_samples, seed, batch_size, w.rank, w.size, drop_last=True)),
+               torch.utils.data.DataLoader(val_index, batch_size=batch_size))  # every rank validates all of it
 
     uri = tracking_uri()
     logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_name=f"train-gates-{out.name}",
                           artifact_location=_artifact_location(),
                           run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
-    run_id = logger.run_id
-    (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
+    run_id = logger.run_id  # creates the run now (rank 0), so a killed training can continue it
+    with main_writes() as mine:
+        if mine:
+            (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
     class _EpochLine(Callback):  # one line per validation, readable in a log file; last.ckpt after each
         def on_validation_end(self, trainer, pl_module):
             # the full state, every time (ModelCheckpoint's save_last follows its monitor: only on improvement)
-            trainer.save_checkpoint(last, weights_only=False)
-            spent.write_text(f"{elapsed()}\n")
+            trainer.save_checkpoint(last, weights_only=False)  # every rank calls it, rank 0 writes
+            if trainer.is_global_zero:
+                spent.write_text(f"{elapsed()}\n")
 
         def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.is_global_zero:
+                return
             values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
             print(f"gates epoch {trainer.current_epoch} step {trainer.global_step} "
                   f"{elapsed():.1f} min: "
@@ -360,8 +385,9 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val_log_loss",
                                  mode="min", save_top_k=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=logger, callbacks=[checkpoint, _EpochLine()],
-                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1,
+    trainer = L.Trainer(accelerator="cpu", **lightning_devices(w), max_epochs=max_epochs, logger=logger,
+                        callbacks=[checkpoint, _EpochLine()], enable_progress_bar=progress and w.main,
+                        enable_model_summary=False, log_every_n_steps=1,
                         default_root_dir=str(ckpt_dir), num_sanity_val_steps=0,
                         max_time={"minutes": max_minutes} if max_minutes else None)
     def held_out(prefix: str) -> dict:
@@ -381,13 +407,16 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
         return before + (time.perf_counter() - start) / 60
 
     try:
-        initial = held_out("init_val") if not resuming else {}
+        initial = held_out("init_val") if not resuming and w.main else {}
         if initial:
             print("gates init: " + " ".join(f"{k}={v:.4f}" for k, v in initial.items() if "_loss_" in k), flush=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
             warnings.filterwarnings("ignore", message=r".*does not have many workers")
             trainer.fit(module, *loaders, ckpt_path=str(last) if resuming else None)
+        if not trainer.is_global_zero:
+            barrier()  # DDP: rank 0 alone evaluates and writes the artifact; the others wait for it
+            return {}
         minutes = elapsed()
         best = checkpoint.best_model_path
         if best and Path(best).is_file():
@@ -428,4 +457,5 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
         summaries = trace_rollouts(model, settings, out, rollout_traces, val_budgets, progress=progress)
         meta["rollout_traces"] = [s["run_dir"] for s in summaries]
         client.log_param(run_id, "rollout_traces", ",".join(meta["rollout_traces"]))
+    barrier()
     return meta
