@@ -561,10 +561,20 @@ TRAINERS = {"gates": _train_gates, "forecast": _train_forecast, "mlp": _train_on
             "scheduler": _train_on_traces, "intervals": _train_on_traces}
 
 
+DDP_KINDS = ("mlp", "scheduler", "gates")  # under torchrun these train with DDP; the closed-form fits run on rank 0
+
+
 def cmd_train(args) -> int:
-    meta, spec = TRAINERS[args.kind](args)
-    print(json.dumps(meta.get("metrics", {}), indent=2))
-    print(f"wrote {args.kind} artifact {args.out}: deploy with --policy {spec}")
+    from cqpolicy.distributed import main_alone, world
+
+    if args.kind in DDP_KINDS:
+        meta, spec = TRAINERS[args.kind](args)
+    else:
+        with main_alone() as mine:
+            meta, spec = TRAINERS[args.kind](args) if mine else ({}, "")
+    if world().main:
+        print(json.dumps(meta.get("metrics", {}), indent=2))
+        print(f"wrote {args.kind} artifact {args.out}: deploy with --policy {spec}")
     return 0
 
 
@@ -603,14 +613,11 @@ def cmd_leaderboard(args) -> int:
 def cmd_run(args) -> int:
     from cqpolicy.pipeline import load_config, run_pipeline
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # its search and report stages are one process; the stages that sample shard as their own commands
-        raise CliError("cqpolicy run is one process: launch it without torchrun, and shard its sampling stages as "
-                       "torchrun ... -m cqpolicy trace / train / bench (docs/training.md, Scaling out)")
     config = load_config(args.config, quick=args.quick)
     out = args.out or ("out/run-quick" if args.quick else "out/run")
     summary = run_pipeline(config, out)
-    print(json.dumps(summary, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

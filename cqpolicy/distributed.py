@@ -43,10 +43,13 @@ class World:
         return spans[self.rank::self.size]
 
 
+_alone = False  # inside ``main_alone`` on rank 0: this process works as if it were the only one
+
+
 def world() -> World:
     """This process's place in a ``torchrun`` launch (the process group starts on the first call)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if size <= 1 or _alone:
         return World()
     import torch
     import torch.distributed as dist
@@ -163,6 +166,20 @@ def gather_rows(rows, index: list[int], total: int):
             != list(range(total)):
         raise RuntimeError(f"the ranks sampled {filled} of {total} rows, not each once")
     return out
+
+
+@contextmanager
+def main_alone():
+    """Run the block on rank 0 as the only process (its sampling unsharded, its files and MLflow runs its own):
+    ``with main_alone() as mine: if mine: ...``; the other ranks skip it and wait. For work that does not shard."""
+    global _alone
+    w = world()
+    _alone = w.size > 1 and w.main
+    try:
+        yield w.main
+    finally:
+        _alone = False
+        barrier()
 
 
 @contextmanager

@@ -12,6 +12,10 @@ Stages (each writes ``OUT/<stage>/done.json`` when complete; a re-run skips comp
                  under ``OUT/bench/rows``, resumable; one MLflow run per row and replicate)
 6. ``report``    leaderboard (md, csv), Pareto plot, heatmap of the learned policy's reuse decisions,
                  sample grids (uncached vs the best policies), summary
+
+Under ``torchrun`` every rank runs the pipeline: the traces and the bench shard their samples over the ranks, the
+MLP, the scheduler and the gates train with DDP, and the rest (interval and forecast fits, the study, the report)
+runs on rank 0 alone while the others wait; rank 0's result of each stage is every rank's, and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ import math
 import re
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 from cqpolicy.config import GatesConfig, RunConfig
+from cqpolicy.distributed import broadcast_text, main_alone, main_writes, world
 
 DEFAULT_CONFIG = "fmnist-dit"  # a packaged config (cqpolicy/configs/)
 STAGES = ("traces", "train", "retrain", "search", "bench", "report")
@@ -116,28 +122,43 @@ def run_pipeline(config: RunConfig, out: str | Path, progress: bool = True) -> d
     from cqpolicy.tracking import start_run
 
     out = Path(out)
+    w = world()
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(config.model, prompts=config.prompts, negative_prompt=config.negative_prompt)
     settings = settings_for(model, steps=config.steps, guidance_scale=config.guidance_scale)  # the model's scheduler
     timings, results = {}, {}
-    with start_run("cqpolicy-run", run_name=f"run-{out.name}"):
-        mlflow.log_params({"config": config.source, "model": model.name, "steps": settings.steps,
-                           "prompts": config.prompts or ""})
+    say = print if w.main else (lambda *a, **k: None)
+    with start_run("cqpolicy-run", run_name=f"run-{out.name}") if w.main else nullcontext():
+        if w.main:
+            mlflow.log_params({"config": config.source, "model": model.name, "steps": settings.steps,
+                               "prompts": config.prompts or ""})
         for name in STAGES:
             stage = Stage(out, name)
             if stage.done:
                 results[name] = stage.result()
-                print(f"[{name}] done earlier: skipped", flush=True)
+                say(f"[{name}] done earlier: skipped", flush=True)
                 continue
             stage.dir.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
-            print(f"[{name}] ...", flush=True)
-            results[name] = stage.finish(STAGE_FUNCS[name](config, model, settings, stage.dir, results, progress))
+            say(f"[{name}] ...", flush=True)
+            if name in ONE_PROCESS_STAGES:
+                with main_alone() as mine:
+                    result = STAGE_FUNCS[name](config, model, settings, stage.dir, results, progress) if mine else None
+            else:
+                result = STAGE_FUNCS[name](config, model, settings, stage.dir, results, progress and w.main)
+            # rank 0's result is every rank's (the others' train calls return no metrics); rank 0 records it
+            result = json.loads(broadcast_text(json.dumps(result, default=str) if w.main else None))
+            with main_writes() as mine:
+                if mine:
+                    stage.finish(result)
+            results[name] = result
             timings[name] = time.perf_counter() - started
-            mlflow.log_metric(f"stage_{name}_s", timings[name])
-            print(f"[{name}] {timings[name]:.0f} s", flush=True)
+            if w.main:
+                mlflow.log_metric(f"stage_{name}_s", timings[name])
+            say(f"[{name}] {timings[name]:.0f} s", flush=True)
         summary = results["report"]
-        mlflow.log_artifacts(str(out / "report"), artifact_path="report")
+        if w.main:
+            mlflow.log_artifacts(str(out / "report"), artifact_path="report")
     return {"timings": timings, **summary}
 
 
@@ -178,12 +199,11 @@ def stage_train(config, model, settings, stage_dir, results, progress):
     # phase-locked interval schedules, fitted on the fresh-cache labels of the first traces only (the chain
     # cost model sums one-step drifts; the retrain traces' labels are of stale caches)
     t = config.train
-    intervals = {}
-    for budget in t.interval_budgets:
-        out = stage_dir / f"intervals-{budget:g}"
-        train_policy([results["traces"]["run_dir"]], kind="intervals", out_dir=out, compute_budget=budget,
-                     seed=t.seed, overwrite=True, label=t.label)
-        intervals[f"{budget:g}"] = str(out)
+    intervals = {f"{budget:g}": str(stage_dir / f"intervals-{budget:g}") for budget in t.interval_budgets}
+    with main_alone() as mine:  # closed-form fits: one process
+        for budget in t.interval_budgets if mine else ():
+            train_policy([results["traces"]["run_dir"]], kind="intervals", out_dir=intervals[f"{budget:g}"],
+                         compute_budget=budget, seed=t.seed, overwrite=True, label=t.label)
     gates = None
     g = t.gates
     if g:  # trained through the sampler: one artifact, benched at several budgets
@@ -191,7 +211,8 @@ def stage_train(config, model, settings, stage_dir, results, progress):
 
         gates = str(stage_dir / "gates")
         train_gates(config.model, gates, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                    scheduler=settings.scheduler, prompts=config.prompts, budget_range=g.budget_range, train_samples=g.train_samples, val_samples=g.val_samples,
+                    scheduler=settings.scheduler, prompts=config.prompts, budget_range=g.budget_range,
+                    train_samples=g.train_samples, val_samples=g.val_samples,
                     batch_size=g.batch_size, max_epochs=g.max_epochs, max_minutes=g.max_minutes, seed=t.seed,
                     overwrite=True, progress=progress)
     forecasts = {}
@@ -201,10 +222,12 @@ def stage_train(config, model, settings, stage_dir, results, progress):
 
         name = re.sub(r"[^\w.+-]", "_", spec.replace(":", "-").replace("=", "").replace(",", "-"))  # offsets=1/0
         out = stage_dir / f"forecast-{name}"
-        fit_forecast(config.model, spec, out, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                     scheduler=settings.scheduler, prompts=config.prompts, negative_prompt=config.negative_prompt,
-                     samples=f.samples, val_samples=f.val_samples, order=f.order, batch_size=f.batch_size,
-                     overwrite=True, progress=progress)
+        with main_alone() as mine:  # a closed-form fit on a few calibration samples: one process
+            if mine:
+                fit_forecast(config.model, spec, out, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                             scheduler=settings.scheduler, prompts=config.prompts,
+                             negative_prompt=config.negative_prompt, samples=f.samples, val_samples=f.val_samples,
+                             order=f.order, batch_size=f.batch_size, overwrite=True, progress=progress)
         forecasts[spec] = str(out)
     return {**trained, "intervals": intervals, "gates": gates, "forecasts": forecasts}
 
@@ -269,8 +292,9 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
 
     # the report reads exactly these runs, not those of earlier runs into this --out; kept for a resumed bench
     id_file = stage_dir / "bench_id"
-    if not id_file.is_file():
-        id_file.write_text(uuid.uuid4().hex)
+    with main_writes() as mine:
+        if mine and not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex)
     bench_id = id_file.read_text().strip()
     bench = parse_config({"model": config.model, "steps": settings.steps,
                           "guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler,
@@ -280,7 +304,9 @@ def stage_bench(config, model, settings, stage_dir, results, progress):
                                       for spec, fmt in learned + baselines],
                           "experiment": f"cqpolicy-bench-{stage_dir.parent.name}"}, f"{config.source} bench")
     rows = run_bench(bench, stage_dir, model=model, progress=progress, tags={BENCH_TAG: bench_id})
-    (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
+    with main_writes() as mine:
+        if mine:
+            (stage_dir / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     return {"rows": str(stage_dir / "rows.json"), "n_rows": len(rows), "bench_id": bench_id}
 
 
@@ -433,5 +459,6 @@ def _grids(config, model, settings, plain, shown, path):
     save_sample_grids(panels, path)
 
 
+ONE_PROCESS_STAGES = {"search", "report"}  # under torchrun: rank 0 alone (a study's trials, plots and grids)
 STAGE_FUNCS = {"traces": stage_traces, "train": stage_train, "retrain": stage_retrain, "search": stage_search,
                "bench": stage_bench, "report": stage_report}

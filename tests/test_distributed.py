@@ -214,11 +214,33 @@ def test_ddp_gates_training_on_two_ranks_writes_the_one_process_artifact(tiny_di
     assert not (tmp_path / "odd").exists()
 
 
-def test_the_main_job_under_torchrun_is_one_line_naming_the_sharded_commands(monkeypatch, tmp_path, capsys):
-    from cqpolicy.cli import main
+def test_the_main_job_on_two_ranks_gives_the_one_process_result(tiny_dit_dir, tmp_path, request):
+    """`cqpolicy run --quick` under torchrun: traces and bench sharded, MLP / scheduler / gates with DDP, the fits,
+    the study and the report on rank 0; the same bench rows and artifacts as one process."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
 
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing starts before the refusal
-    assert main(["run", "--quick", "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "launch it without torchrun" in err[0] and "cqpolicy trace / train / bench" in err[0]
-    assert not (tmp_path / "run").exists()
+    shipped = yaml.safe_load((request.config.rootpath / "configs/fmnist-dit.yaml").read_text())
+    shipped["model"] = str(tiny_dit_dir)
+    shipped["quick"]["steps"] = 6
+    shipped["quick"]["search"]["min_psnr"] = None
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    for ranks, out in ((1, "one"), (2, "two")):
+        cqpolicy("run", config, "--quick", "--out", tmp_path / out, ranks=ranks, cwd=tmp_path)
+    rows = [json.loads((tmp_path / out / "bench" / "rows.json").read_text()) for out in ("one", "two")]
+    key = ("fid", "kid", "macs_speedup", "reuse_ratio", "psnr_vs_baseline")
+
+    def table(rows, out):
+        return sorted((r["policy"].replace(str(tmp_path / out), ""), r["seed"], *(r.get(k) for k in key))
+                      for r in rows)
+
+    assert table(rows[0], "one") == table(rows[1], "two")
+    for artifact in ("mlp", "scheduler", "gates"):
+        one, two = (load_file(tmp_path / out / "train" / artifact / "weights.safetensors") for out in ("one", "two"))
+        for name in one:
+            assert torch.allclose(one[name].float(), two[name].float(), atol=1e-5), (artifact, name)
+    for stage in ("traces", "train", "retrain", "search", "bench", "report"):
+        assert (tmp_path / "two" / stage / "done.json").is_file(), stage
+    assert (tmp_path / "two" / "report" / "grids.png").stat().st_size > 100
