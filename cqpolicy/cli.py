@@ -640,7 +640,7 @@ def cmd_docs(args) -> int:
 
 
 def cmd_tracking_server(args) -> int:
-    from cqpolicy.tracking.mlflow_store import DEFAULT_DIR, check_reachable
+    from cqpolicy.tracking.mlflow_store import DEFAULT_DIR, check_reachable, shown
 
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be in 1..65535, got {args.port}")
@@ -654,7 +654,7 @@ def cmd_tracking_server(args) -> int:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                "--artifacts-destination", artifacts, "--host", args.host, "--port", str(args.port),
                "--workers", str(args.workers)]
-    print(f"MLflow tracking server on http://{args.host}:{args.port} (store {backend}); "
+    print(f"MLflow tracking server on http://{args.host}:{args.port} (store {shown(backend)}); "
           f"workers log to it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
     import subprocess
 

@@ -162,3 +162,11 @@ def test_a_database_that_does_not_answer_is_one_line_and_exit_2(postgres, tmp_pa
     code = main(["leaderboard", "--out", str(tmp_path / "board")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "does not answer" in err[0] and not (tmp_path / "board").exists()
+
+
+def test_a_password_in_a_database_url_stays_out_of_the_error(capsys, request):
+    space = request.config.rootpath / "configs/search/fmnist-dit.yaml"
+    url = f"postgresql://cqpolicy:s3cret@127.0.0.1:{_free_port()}/optuna"
+    code = main(["search", "--config", str(space), "--n-trials", "1", "--storage", url])
+    err = capsys.readouterr().err
+    assert code == 2 and "s3cret" not in err and "cqpolicy:***@" in err

@@ -28,7 +28,7 @@ import torch
 from optuna.storages._heartbeat import is_heartbeat_enabled  # noqa: PLC2701 - no public equivalent
 
 from cqpolicy.search.space import FP_WEIGHTS, SearchSpace, suggest, suggest_weights
-from cqpolicy.tracking.mlflow_store import database_connect_args
+from cqpolicy.tracking.mlflow_store import database_connect_args, shown
 
 RDB_PREFIXES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -40,8 +40,8 @@ SCHEMA_TRIES = 5  # workers that open an empty database together: tries to find 
 
 def make_storage(storage: str | None):
     """An Optuna storage for ``storage`` (see module doc); unreachable ones fail here, before any trial."""
-    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     import sqlalchemy
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     url = storage or DEFAULT_STORAGE
@@ -70,7 +70,7 @@ def make_storage(storage: str | None):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
-        raise ValueError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: "
+        raise ValueError(f"cannot open Optuna storage {shown(url)!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 

@@ -20,6 +20,13 @@ def database_connect_args(url: str) -> dict:
     return {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith(("postgresql", "mysql")) else {}
 
 
+def shown(uri: str) -> str:
+    """``uri`` as it may appear in a message or log: a password in it replaced by ``***``."""
+    import re
+
+    return re.sub(r"(://[^/:@]+:)[^/@]*@", r"\1***@", uri)
+
+
 def check_reachable(uri: str) -> None:
     """Raise ValueError (one line) when a tracking server or database ``uri`` does not answer; files always do."""
     try:
@@ -37,7 +44,7 @@ def check_reachable(uri: str) -> None:
                 engine.dispose()
     except Exception as exc:  # noqa: BLE001 - drivers and sockets raise many types; the user needs one line
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(f"{uri!r} does not answer: {type(exc).__name__}: {detail}") from None
+        raise ValueError(f"{shown(uri)!r} does not answer: {type(exc).__name__}: {detail}") from None
 
 
 def tracking_uri() -> str:
