@@ -47,7 +47,8 @@ class PeakMemory:
     """Peak memory above the starting level while the block runs.
 
     On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the process's resident set, polled every 5 ms
-    by a thread (torch's CPU allocator has no peak counter); a short spike between polls can be missed.
+    by a thread (torch's CPU allocator has no peak counter); a short spike between polls can be missed, and so can
+    memory the allocator reuses from earlier frees without growing the resident set.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
