@@ -615,8 +615,10 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, quick=args.quick)
     out = args.out or ("out/run-quick" if args.quick else "out/run")
+    from cqpolicy.distributed import world
+
     summary = run_pipeline(config, out)
-    if os.environ.get("RANK", "0") == "0":
+    if world().main:
         print(json.dumps(summary, indent=2, default=str))
     return 0
 
