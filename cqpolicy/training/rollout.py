@@ -22,7 +22,6 @@ recorded by ``cqpolicy.tracing.collect`` in the trace schema, so an MLP can retr
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import os
 import time
@@ -34,7 +33,7 @@ import torch
 
 from cqpolicy import defaults
 from cqpolicy import seeds as seed_roles
-from cqpolicy.distributed import all_sum, barrier, main_writes, world
+from cqpolicy.distributed import all_sum, barrier, world
 from cqpolicy.policies.artifact import check_target, save_artifact
 from cqpolicy.policies.base import Policy
 from cqpolicy.policies.gates import GATE_FEATURES, GateNet, gate_inputs, min_budget, plan
@@ -290,9 +289,9 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     from cqpolicy.sampling.sampler import settings_for
     from cqpolicy.tracking.mlflow_store import tracking_uri
     from cqpolicy.training.data import EpochSampler
-    from cqpolicy.training.train import (LAST, RUN_FILE, _artifact_location, _check_resume_config,
-                                         _checkpoint_epoch, _finite_numbers, _previous_run_id, checkpoint_dir,
-                                         lightning_devices)
+    from cqpolicy.training.train import (LAST, _artifact_location, _checkpoint_epoch, _finite_numbers,
+                                         _previous_run_id, checkpoint_dir, lightning_devices, record_run,
+                                         start_checkpoints)
 
     low, high = (float(b) for b in budget_range)
     if not 0 < low < high <= 1:
@@ -336,10 +335,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
               "feature_weight": feature_weight, "seed": seed, "init_mlp": init_mlp, "init_traces": init_traces}
     last = ckpt_dir / LAST
     resuming = last.is_file()
-    barrier()  # every rank has looked for a checkpoint before rank 0 writes into the folder
-    with main_writes() as mine:
-        if mine or resuming:
-            _check_resume_config(ckpt_dir, config, resuming)
+    start_checkpoints(ckpt_dir, config, resuming)
     resumed_from = _checkpoint_epoch(last) if resuming else None
 
     module = GateRolloutModule(cells=rollouts.unit_macs.numel(), hidden=hidden, mean=mean, std=std,
@@ -365,9 +361,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
                           artifact_location=_artifact_location(),
                           run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
     run_id = logger.run_id  # creates the run now (rank 0), so a killed training can continue it
-    with main_writes() as mine:
-        if mine:
-            (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
+    record_run(ckpt_dir, uri, run_id)
     class _EpochLine(Callback):  # one line per validation, readable in a log file; last.ckpt after each
         def on_validation_end(self, trainer, pl_module):
             # the full state, every time (ModelCheckpoint's save_last follows its monitor: only on improvement)

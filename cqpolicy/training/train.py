@@ -65,6 +65,22 @@ def _previous_run_id(ckpt_dir: Path, uri: str) -> str | None:
     return saved["run_id"]
 
 
+def start_checkpoints(ckpt_dir: Path, config: dict, resuming: bool) -> None:
+    """Check a resumed training's settings, or record a new one's (rank 0, after every rank looked for a
+    checkpoint)."""
+    barrier()
+    with main_writes() as mine:
+        if mine or resuming:
+            _check_resume_config(ckpt_dir, config, resuming)
+
+
+def record_run(ckpt_dir: Path, uri: str, run_id: str) -> None:
+    """Rank 0 records the training's MLflow run, so that a killed training can continue it."""
+    with main_writes() as mine:
+        if mine:
+            (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
+
+
 def _check_resume_config(ckpt_dir: Path, config: dict, resuming: bool) -> None:
     path = ckpt_dir / CONFIG_FILE
     if resuming:
@@ -248,10 +264,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     w = world()  # under torchrun: DDP, each rank a share of every batch; rank 0 writes
     last = ckpt_dir / LAST
     resuming = last.is_file()
-    barrier()  # every rank has looked for a checkpoint before rank 0 writes into the folder
-    with main_writes() as mine:
-        if mine or resuming:
-            _check_resume_config(ckpt_dir, config, resuming)
+    start_checkpoints(ckpt_dir, config, resuming)
     resumed_from = _checkpoint_epoch(last) if resuming else None
 
     uri = tracking_uri()
@@ -259,9 +272,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
                           artifact_location=_artifact_location(),
                           run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
     run_id = logger.run_id  # creates the run now (rank 0), so a killed training can continue it
-    with main_writes() as mine:
-        if mine:
-            (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
+    record_run(ckpt_dir, uri, run_id)
     if data is not dm:  # the Lightning module does not see the traces: record them here
         logger.log_hyperparams({"traces": dm.run_dirs, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds})
 
