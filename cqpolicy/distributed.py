@@ -175,11 +175,13 @@ def main_alone():
     global _alone
     w = world()
     _alone = w.size > 1 and w.main
+    ok = False
     try:
         yield w.main
+        ok = True
     finally:
         _alone = False
-        barrier()
+        _end_together(ok)
 
 
 @contextmanager
@@ -187,10 +189,19 @@ def main_writes():
     """Run the block on rank 0 only (files, MLflow runs): ``with main_writes() as mine: if mine: ...``; every
     rank waits at the end, so all see what rank 0 wrote."""
     w = world()
+    ok = False
     try:
         yield w.main
+        ok = True
     finally:
-        barrier()
+        _end_together(ok)
+
+
+def _end_together(ok: bool) -> None:
+    """Every rank waits here; when the block failed on some rank, the others stop too instead of waiting at their
+    next collective until the timeout (the failed rank's own error goes on as it is)."""
+    if world().size > 1 and all_sum([0.0 if ok else 1.0])[0] and ok:
+        raise DistributedError("another rank failed in a step it ran for all ranks (its error is in its output)")
 
 
 def agree(ok: bool, message: str, error: type[Exception] = DistributedError) -> None:

@@ -152,6 +152,32 @@ def test_outside_torchrun_nothing_starts_a_process_group(monkeypatch):
     assert world() == World() and not dist.is_initialized()
 
 
+FAILING_SCRIPT = """
+import sys
+from cqpolicy.distributed import DistributedError, main_alone, world
+rank = world().rank
+try:
+    with main_alone() as mine:
+        if mine:
+            raise RuntimeError("rank 0 broke")
+except DistributedError as error:
+    print(f"rank {rank}: {error}", flush=True)
+    sys.exit(2)
+"""
+
+
+def test_when_rank_0_fails_in_a_step_it_runs_alone_the_other_ranks_stop_too(tmp_path):
+    """Not at their next collective after the 3 h timeout: they stop with one line, rank 0 with its own error."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILING_SCRIPT)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             script], capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode != 0 and time.monotonic() - start < 100
+    assert "RuntimeError: rank 0 broke" in result.stderr
+    assert "rank 1: another rank failed in a step it ran for all ranks" in result.stdout
+
+
 TRAIN_SCRIPT = """
 import sys
 from cqpolicy.training.train import train_policy
