@@ -38,7 +38,6 @@ from cqpolicy.policies.artifact import check_target, save_artifact
 from cqpolicy.policies.base import Policy
 from cqpolicy.policies.gates import GATE_FEATURES, GateNet, gate_inputs, min_budget, plan
 
-EXPERIMENT = "cqpolicy-train"
 
 __all__ = ["train_gates", "trace_rollouts", "Rollouts", "GateRolloutModule"]
 
@@ -209,7 +208,7 @@ class GateRolloutModule(L.LightningModule):
         out = self.rollout_loss(index, budget, train=True)
         loss = out["loss"]
         w = world()
-        whole = all_sum([float(loss)])[0] / w.size if w.size > 1 else float(loss)  # the batch's loss, all shares
+        whole = all_sum([loss.item()])[0] / w.size if w.size > 1 else loss.item()  # the batch's loss, all shares
         out["loss"] = torch.tensor(whole)
         self.log_dict({f"train_{k}": float(torch.as_tensor(v).detach()) for k, v in out.items()},
                       batch_size=len(index))
@@ -282,16 +281,13 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
     (``trace_rollouts``, into ``<out>.traces``).
     """
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
 
     from cqpolicy.models import load_model
     from cqpolicy.models.fingerprint import model_fingerprint
     from cqpolicy.sampling.sampler import settings_for
-    from cqpolicy.tracking.mlflow_store import tracking_uri
     from cqpolicy.training.data import EpochSampler
-    from cqpolicy.training.train import (LAST, _artifact_location, _checkpoint_epoch, _finite_numbers,
-                                         _previous_run_id, checkpoint_dir, lightning_devices, record_run,
-                                         start_checkpoints)
+    from cqpolicy.training.train import (LAST, _checkpoint_epoch, _finite_numbers, checkpoint_dir, lightning_devices,
+                                         start_checkpoints, training_logger)
 
     low, high = (float(b) for b in budget_range)
     if not 0 < low < high <= 1:
@@ -356,12 +352,7 @@ def train_gates(model_name: str, out_dir: str | os.PathLike, *, steps: int = 50,
                    train_samples, seed, batch_size, w.rank, w.size, drop_last=True)),
                torch.utils.data.DataLoader(val_index, batch_size=batch_size))  # every rank validates all of it
 
-    uri = tracking_uri()
-    logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_name=f"train-gates-{out.name}",
-                          artifact_location=_artifact_location(),
-                          run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
-    run_id = logger.run_id  # creates the run now (rank 0), so a killed training can continue it
-    record_run(ckpt_dir, uri, run_id)
+    logger, run_id = training_logger(ckpt_dir, f"train-gates-{out.name}", resuming)
     class _EpochLine(Callback):  # one line per validation, readable in a log file; last.ckpt after each
         def on_validation_end(self, trainer, pl_module):
             # the full state, every time (ModelCheckpoint's save_last follows its monitor: only on improvement)

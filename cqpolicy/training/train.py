@@ -74,11 +74,22 @@ def start_checkpoints(ckpt_dir: Path, config: dict, resuming: bool) -> None:
             _check_resume_config(ckpt_dir, config, resuming)
 
 
-def record_run(ckpt_dir: Path, uri: str, run_id: str) -> None:
-    """Rank 0 records the training's MLflow run, so that a killed training can continue it."""
+def training_logger(ckpt_dir: Path, run_name: str, resuming: bool):
+    """Lightning's MLflow logger for a training: a resumed training continues its run. Its run starts now (rank 0)
+    and is recorded next to the checkpoints, so that a killed training can continue it too."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from cqpolicy.tracking.mlflow_store import tracking_uri
+
+    uri = tracking_uri()
+    logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_name=run_name,
+                          artifact_location=_artifact_location(),
+                          run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
+    run_id = logger.run_id
     with main_writes() as mine:
         if mine:
             (ckpt_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
+    return logger, run_id
 
 
 def _check_resume_config(ckpt_dir: Path, config: dict, resuming: bool) -> None:
@@ -226,9 +237,6 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     """
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from cqpolicy.tracking.mlflow_store import tracking_uri
 
     if kind == "intervals":
         return _fit_interval_artifact(run_dirs, out_dir, compute_budget, intervals, seed, val_fraction, label,
@@ -267,12 +275,7 @@ def train_policy(run_dirs: Sequence[str | os.PathLike], kind: str = "mlp", out_d
     start_checkpoints(ckpt_dir, config, resuming)
     resumed_from = _checkpoint_epoch(last) if resuming else None
 
-    uri = tracking_uri()
-    logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_name=f"train-{kind}-{out.name}",
-                          artifact_location=_artifact_location(),
-                          run_id=_previous_run_id(ckpt_dir, uri) if resuming else None, synchronous=False)
-    run_id = logger.run_id  # creates the run now (rank 0), so a killed training can continue it
-    record_run(ckpt_dir, uri, run_id)
+    logger, run_id = training_logger(ckpt_dir, f"train-{kind}-{out.name}", resuming)
     if data is not dm:  # the Lightning module does not see the traces: record them here
         logger.log_hyperparams({"traces": dm.run_dirs, "train_seeds": dm.train_seeds, "val_seeds": dm.val_seeds})
 
