@@ -460,6 +460,17 @@ def _beneath_step_hook(model):
             registry.register_hook(hook, STEP_HOOK)
 
 
+def _decide_per_rank() -> None:
+    """cache-dit averages its residual change over every rank of a process group, which serves context parallelism
+    (one sample split over the ranks). Under torchrun our ranks sample different batches, so each decides on its
+    own batch as one process would, and a rank that samples alone (wall timing) waits for no other: only a
+    transformer cache-dit itself parallelised averages."""
+    from cache_dit.caching.cache_blocks.pattern_base import CachedBlocks_Pattern_Base
+
+    CachedBlocks_Pattern_Base._is_parallelized = lambda blocks: bool(
+        getattr(blocks.transformer, "_is_parallelized", False))
+
+
 # cache-dit's block adapters, registered under pipeline-class prefixes; it matches a transformer alone by its own
 # class name, which SD3's (SD3Transformer2DModel) does not start with: each class is looked up by its prefix here
 CACHE_DIT_ADAPTERS = {"DiTTransformer2DModel": "DiT", "PixArtTransformer2DModel": "PixArt",
@@ -498,6 +509,7 @@ class CacheDit(Policy):
         except ImportError:
             raise ValueError("policy 'cache-dit' needs the optional peer: pip install --no-deps cache-dit==1.5.3") \
                 from None
+        _decide_per_rank()
         from cqpolicy.models.adapters import adapter_for
 
         prefix = CACHE_DIT_ADAPTERS.get(type(model).__name__)
