@@ -21,11 +21,24 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same kernels in every process
 
 
-def cqpolicy(*args, ranks: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+def launch(*argv, ranks: int = 1, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """``python argv`` under torchrun with ``ranks`` processes (1: one plain process); past ``timeout`` the
+    launcher and every rank are killed, none left waiting at a collective."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
         if ranks > 1 else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "cqpolicy", *map(str, args)], capture_output=True, text=True,
-                            env=_env(), timeout=300, **popen)
+    with subprocess.Popen([*launcher, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_env(), start_new_session=True, **popen) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def cqpolicy(*args, ranks: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    result = launch("-m", "cqpolicy", *args, ranks=ranks, **popen)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -107,14 +120,14 @@ def test_a_killed_launch_resumes_without_duplicating_a_row(tiny_dit_dir, tmp_pat
     config.write_text(f"model: {tiny_dit_dir}\nsteps: 3\nnum_samples: 6\nbatch_size: 2\nseeds: [0, 1]\nrepeats: 0\n"
                       f"methods: {json.dumps(methods)}\n")
     out = tmp_path / "killed"
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "cqpolicy", "bench", "--config", str(config), "--out", str(out)],
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "cqpolicy", "bench", "--config", str(config), "--out", str(out)],
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while len(list((out / "rows").glob("*/*.json"))) < 3 and time.time() < deadline and launch.poll() is None:
+    while len(list((out / "rows").glob("*/*.json"))) < 3 and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
-    os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    launch.wait()
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    first.wait()
     partial = len(list((out / "rows").glob("*/*.json")))
     assert 3 <= partial < 2 * (1 + len(methods)), "the launch finished before it could be killed"
     cqpolicy("bench", "--config", config, "--out", out, ranks=2)  # resumes
@@ -174,8 +187,7 @@ def test_when_rank_0_fails_in_a_step_it_runs_alone_the_other_ranks_stop_too(tmp_
     script = tmp_path / "fails.py"
     script.write_text(FAILING_SCRIPT)
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             script], capture_output=True, text=True, env=_env(), timeout=120)
+    result = launch(script, ranks=2, timeout=120)
     assert result.returncode != 0 and time.monotonic() - start < 100
     assert "RuntimeError: rank 0 broke" in result.stderr
     assert "rank 1: another rank failed in a step it ran for all ranks" in result.stdout
@@ -200,10 +212,7 @@ def test_ddp_training_on_two_ranks_writes_the_one_process_artifact(tiny_dit_dir,
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     for ranks, out in ((1, "one"), (2, "two")):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
-            if ranks > 1 else [sys.executable]
-        result = subprocess.run([*launcher, str(script), str(tmp_path / "traces"), str(tmp_path / out)],
-                                capture_output=True, text=True, env=_env(), timeout=300)
+        result = launch(script, tmp_path / "traces", tmp_path / out, ranks=ranks)
         assert result.returncode == 0, result.stderr[-3000:]
     for kind in ("mlp", "scheduler"):
         one, two = (load_file(tmp_path / out / kind / "weights.safetensors") for out in ("one", "two"))
