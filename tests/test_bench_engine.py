@@ -273,6 +273,21 @@ def test_a_flagged_wall_timing_reaches_the_row_and_the_leaderboard(tiny_dit_dir,
     assert "| 2.00× (load) |" in lines["teacache:threshold=0.3"] and "(load)" not in lines["fora:interval=2"]
 
 
+def test_a_wall_record_from_before_the_load_checks_serves_a_new_replicate(tiny_dit_dir, tmp_path, monkeypatch):
+    """A method timed by an older bench (no wall_flag, no load_1m) gets its next replicate's row, not a KeyError:
+    the row keeps the record's speedup and, like the method's earlier rows, no flag or load."""
+    monkeypatch.setattr(engine, "time_pair", lambda *args: pytest.fail("the kept timing is not redone"))
+    config = engine.parse_config({"model": str(tiny_dit_dir), "steps": 2, "batch_size": 2, "num_samples": 2,
+                                  "seeds": [0], "methods": ["fora:interval=2"]})
+    out = tmp_path / "b"
+    (out / "wall").mkdir(parents=True)
+    old = {"plain_s": [2.0, 2.0], "method_s": [1.0, 1.0], "settled": True, "pairs_used": 2, "wall_speedup": 2.0,
+           "batch_size": 2, "first_seed": 0}
+    engine.write_json(out / "wall" / f"{engine.method_slug(engine.config_methods(config.methods)[0])}.json", old)
+    rows = {r["family"]: r for r in engine.run_bench(config, out, progress=False)}
+    assert (rows["fora"]["wall_speedup"], rows["fora"]["wall_flag"], rows["fora"]["load_1m"]) == (2.0, None, None)
+
+
 def test_learned_artifacts_are_frozen_once(tmp_path, request):
     """The learned rows name copies under OUT/policies/, listed for a resumed bench without the run; a run with
     other artifacts is refused."""

@@ -593,7 +593,8 @@ class _Bench:
             speedup, flag = base["quality_pass_s"] / row["quality_pass_s"], "quality-pass"
             how = "the quality passes (all samples, plain model and method not interleaved)"
         else:
-            speedup, flag, load = wall["wall_speedup"], wall["wall_flag"], wall["load_1m"]
+            # a record timed before the load checks has no flag or load: None, as its earlier rows have
+            speedup, flag, load = wall["wall_speedup"], wall.get("wall_flag"), wall.get("load_1m")
             how = (f"median of {wall['pairs_used']} of {len(wall['plain_s'])} interleaved runs of one batch of "
                    f"{wall['batch_size']} with the plain model (samples {wall['first_seed']}+)")
         return {**row, "macs_speedup": base["macs_per_image"] / row["macs_per_image"], "wall_speedup": speedup,
